@@ -1,0 +1,229 @@
+//! `pocket-publish`: the build-host side of PocketOS trust.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "pocket-publish", version, about = "Sign what PocketOS boxes trust")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a key pair: DIR/<keyid>.secret and DIR/<keyid>.pub
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Keyrings: the trusted keys of each role
+    Keyring {
+        #[command(subcommand)]
+        cmd: KeyringCmd,
+    },
+    /// Model packs
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Model catalogs
+    Catalog {
+        #[command(subcommand)]
+        cmd: CatalogCmd,
+    },
+    /// Verify a keyring, catalog or model pack against a keyring directory
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyringCmd {
+    /// Create a keyring directory (what daemons take as keyring_dir)
+    Create {
+        #[arg(long, num_args = 1.., required = true)]
+        root: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., required = true)]
+        models: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., required = true)]
+        updates: Vec<PathBuf>,
+        /// ROLE=N, for example models=2 (default 1 per role)
+        #[arg(long, num_args = 1..)]
+        threshold: Vec<String>,
+        /// Root secret keys; for a rotation, a threshold of the current
+        /// root keys and of the new ones
+        #[arg(long, num_args = 1.., required = true)]
+        key: Vec<PathBuf>,
+        /// Keyring version; must grow on every rotation
+        #[arg(long, default_value = "1")]
+        version: String,
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCmd {
+    /// Build a signed model pack
+    Pack {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        /// A file to carry; `PATH` keeps its base name, `NAME=PATH` renames
+        #[arg(long, num_args = 1.., required = true)]
+        file: Vec<String>,
+        /// The file a runtime loads (default: the first .onnx file)
+        #[arg(long)]
+        entry: Option<String>,
+        /// Memory the model needs when loaded (default: twice its size)
+        #[arg(long)]
+        memory_bytes: Option<u64>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long, num_args = 1.., required = true)]
+        key: Vec<PathBuf>,
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Sign a catalog of every *.pack in DIR, laid out for serving
+    Build {
+        #[arg(long)]
+        packs: PathBuf,
+        #[arg(long, num_args = 1.., required = true)]
+        key: Vec<PathBuf>,
+        #[arg(long, default_value = "90d")]
+        expires: String,
+        /// Catalog version (default: now, in seconds since 1970, so that
+        /// every new catalog supersedes the last)
+        #[arg(long)]
+        version: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pocket-publish: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let now = std::time::SystemTime::now();
+    match cli.cmd {
+        Cmd::Keygen { out } => {
+            let key = pocket_trust::SecretKey::generate();
+            let (secret, public) = key.save(&out)?;
+            println!("{}", key.id());
+            eprintln!("wrote {} and {}", secret.display(), public.display());
+        }
+        Cmd::Keyring {
+            cmd:
+                KeyringCmd::Create {
+                    root,
+                    models,
+                    updates,
+                    threshold,
+                    key,
+                    version,
+                    expires,
+                    out,
+                },
+        } => pocket_publish::keyring_create(
+            &[
+                (pocket_trust::Role::Root, root),
+                (pocket_trust::Role::Models, models),
+                (pocket_trust::Role::Updates, updates),
+            ],
+            &threshold,
+            &key,
+            &version,
+            expires.as_deref(),
+            &out,
+            now,
+        )?,
+        Cmd::Model {
+            cmd:
+                ModelCmd::Pack {
+                    name,
+                    version,
+                    file,
+                    entry,
+                    memory_bytes,
+                    description,
+                    key,
+                    expires,
+                    out,
+                },
+        } => {
+            let files = file
+                .iter()
+                .map(|f| match f.split_once('=') {
+                    Some((name, path)) => Ok((name.to_string(), PathBuf::from(path))),
+                    None => {
+                        let p = PathBuf::from(f);
+                        let name = p
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .context("file has no name")?
+                            .to_string();
+                        Ok((name, p))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let spec = pocket_publish::PackSpec {
+                name,
+                version,
+                description,
+                entry,
+                memory_bytes,
+                files,
+            };
+            let manifest = pocket_publish::model_pack(&spec, &key, expires.as_deref(), &out, now)?;
+            eprintln!(
+                "wrote {} ({} {}, {} files, {} bytes)",
+                out.display(),
+                manifest.name,
+                spec.version,
+                manifest.files.len(),
+                manifest.size_bytes()
+            );
+        }
+        Cmd::Catalog {
+            cmd:
+                CatalogCmd::Build {
+                    packs,
+                    key,
+                    expires,
+                    version,
+                    out,
+                },
+        } => {
+            let n = pocket_publish::catalog_build(&packs, &key, &expires, version, &out, now)?;
+            eprintln!("wrote {} with {n} model(s)", out.join("catalog.json").display());
+        }
+        Cmd::Verify { file, keyring } => {
+            let what = pocket_publish::verify(&file, &keyring, now)?;
+            println!("{}: OK, {what}", file.display());
+        }
+    }
+    Ok(())
+}

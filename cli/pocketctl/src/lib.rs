@@ -1,0 +1,290 @@
+//! The commands behind `pocketctl`. Every command takes `--json` (one
+//! document on stdout) and fails with one line on stderr.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use pocket_proto::models::{phase, JobProxy, Models1Proxy};
+use serde_json::json;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "pocketctl", version, about = "Control a PocketOS box")]
+pub struct Cli {
+    /// Machine output: one JSON document on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// What runs on this box
+    Status,
+    /// Install, list and remove models
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelCmd {
+    /// Models offered by the signed catalogs
+    Catalog,
+    /// Installed models
+    List,
+    /// One installed model
+    Info { name: String },
+    /// Install a model from the catalog, or a pack file with --file
+    Install {
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        name: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Remove an installed model (or with --partial, its partial download)
+    Remove {
+        name: String,
+        #[arg(long)]
+        partial: bool,
+    },
+    /// Delete unreferenced blobs and stale partial downloads
+    Gc,
+}
+
+/// An error as one line: a PocketOS D-Bus error shows its message and short
+/// name.
+pub fn one_line(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(zbus::Error::MethodError(name, msg, _)) = cause.downcast_ref::<zbus::Error>() {
+            let short = pocket_proto::short_error_name(name.as_str());
+            return match msg {
+                Some(m) => format!("{m} ({short})"),
+                None => short.to_string(),
+            };
+        }
+    }
+    let mut s = e.to_string();
+    for cause in e.chain().skip(1) {
+        s.push_str(&format!(": {cause}"));
+    }
+    s.replace('\n', " ")
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    let conn = pocket_proto::system_bus()
+        .await
+        .context("cannot reach the system bus")?;
+    match cli.cmd {
+        Cmd::Status => status(&conn, cli.json).await,
+        Cmd::Model { cmd } => model(&conn, cmd, cli.json).await,
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
+    let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+    let mut daemons = serde_json::Map::new();
+    for (short, bus) in [
+        ("modeld", pocket_proto::models::BUS_NAME),
+        ("npud", "org.pocketos.Runtime1"),
+        ("powerd", "org.pocketos.Power1"),
+        ("otad", "org.pocketos.Update1"),
+    ] {
+        let running = dbus
+            .name_has_owner(bus.try_into().expect("valid bus name"))
+            .await
+            .unwrap_or(false);
+        daemons.insert(short.into(), json!({ "bus_name": bus, "running": running }));
+    }
+    let mut models = json!(null);
+    if daemons["modeld"]["running"] == true {
+        let m = Models1Proxy::new(conn).await?;
+        let installed = m.list().await?;
+        daemons["modeld"]["status"] = json!(m.status().await?);
+        daemons["modeld"]["version"] = json!(m.version().await?);
+        models = json!({
+            "installed": installed.iter().map(|i| json!({"name": i.name, "version": i.version})).collect::<Vec<_>>(),
+            "jobs": m.jobs().await?.len(),
+        });
+    }
+    let doc = json!({ "daemons": daemons, "models": models });
+    if json {
+        return print_json(&doc);
+    }
+    for (name, d) in &daemons {
+        let state = if d["running"] == true {
+            d["status"].as_str().unwrap_or("running").to_string()
+        } else {
+            "not running".into()
+        };
+        println!("{name:<8} {state}");
+    }
+    if let Some(list) = doc["models"]["installed"].as_array() {
+        let names: Vec<String> = list
+            .iter()
+            .map(|m| format!("{} {}", m["name"].as_str().unwrap_or(""), m["version"].as_str().unwrap_or("")))
+            .collect();
+        println!("models   {}", if names.is_empty() { "none installed".into() } else { names.join(", ") });
+    }
+    Ok(())
+}
+
+async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()> {
+    let m = Models1Proxy::new(conn)
+        .await
+        .context("modeld is not reachable")?;
+    match cmd {
+        ModelCmd::Catalog => {
+            let cat = m.catalog().await?;
+            if json {
+                return print_json(&cat);
+            }
+            println!("{:<20} {:<10} {:>10}  {:<10} NOTE", "NAME", "VERSION", "SIZE", "INSTALLED");
+            for c in cat {
+                let mut note = Vec::new();
+                if !c.fits_disk {
+                    note.push("does not fit the disk");
+                }
+                if !c.fits_memory {
+                    note.push("does not fit memory");
+                }
+                println!(
+                    "{:<20} {:<10} {:>10}  {:<10} {}",
+                    c.name,
+                    c.version,
+                    human(c.size_bytes),
+                    if c.installed_version.is_empty() { "-" } else { &c.installed_version },
+                    note.join(", ")
+                );
+            }
+        }
+        ModelCmd::List => {
+            let list = m.list().await?;
+            if json {
+                return print_json(&list);
+            }
+            println!("{:<20} {:<10} {:>10}  SHA256", "NAME", "VERSION", "SIZE");
+            for i in list {
+                println!("{:<20} {:<10} {:>10}  {}", i.name, i.version, human(i.size_bytes), &i.sha256[..16.min(i.sha256.len())]);
+            }
+        }
+        ModelCmd::Info { name } => {
+            let i = m.info(&name).await?;
+            if json {
+                return print_json(&i);
+            }
+            println!("name:        {}\nversion:     {}\nsize:        {}\nmemory:      {}\nsha256:      {}\npath:        {}\ninstalled:   {}",
+                i.name, i.version, human(i.size_bytes), human(i.memory_bytes), i.sha256, i.path, i.installed_at);
+            if !i.description.is_empty() {
+                println!("description: {}", i.description);
+            }
+        }
+        ModelCmd::Install { name, file } => {
+            let mut finished = m.receive_install_finished().await?;
+            let path = match (&name, &file) {
+                (Some(n), _) => m.install(n).await?,
+                (None, Some(f)) => {
+                    let pack = std::fs::File::open(f)
+                        .with_context(|| format!("cannot open {}", f.display()))?;
+                    use std::os::fd::AsFd;
+                    m.install_file(zbus::zvariant::Fd::from(pack.as_fd())).await?
+                }
+                (None, None) => bail!("name a model or give --file"),
+            };
+            let job = JobProxy::builder(conn).path(path.clone())?.build().await?;
+            let bar = progress_bar(json);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let result: Result<(), (String, String)> = loop {
+                let ph = job.phase().await?;
+                if phase::is_terminal(&ph) {
+                    break if ph == phase::DONE { Ok(()) } else { Err((job.error_name().await?, job.error_message().await?)) };
+                }
+                if let Some(bar) = &bar {
+                    bar.set_length(job.bytes_total().await?);
+                    bar.set_position(job.bytes_done().await?);
+                    bar.set_message(ph);
+                }
+                tokio::select! {
+                    sig = finished.next() => {
+                        let Some(sig) = sig else { bail!("modeld left the bus during the install") };
+                        let a = sig.args()?;
+                        if a.job.as_str() == path.as_str() {
+                            break if a.success { Ok(()) } else { Err((a.error_name.to_string(), a.error_message.to_string())) };
+                        }
+                    }
+                    _ = tick.tick() => {}
+                    _ = tokio::signal::ctrl_c() => {
+                        let _ = job.cancel().await;
+                    }
+                }
+            };
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            if let Err((name, msg)) = result {
+                return Err(anyhow!("{msg} ({})", pocket_proto::short_error_name(&name)));
+            }
+            let model_name = match name {
+                Some(n) => n,
+                None => job.name().await?,
+            };
+            let info = m.info(&model_name).await?;
+            if json {
+                return print_json(&info);
+            }
+            println!("installed {} {} ({})", info.name, info.version, human(info.size_bytes));
+        }
+        ModelCmd::Remove { name, partial } => {
+            if partial {
+                let freed = m.remove_partial(&name).await?;
+                if json {
+                    return print_json(&json!({ "name": name, "freed_bytes": freed }));
+                }
+                println!("removed the partial download of {name} ({})", human(freed));
+            } else {
+                m.remove(&name).await?;
+                if json {
+                    return print_json(&json!({ "name": name, "removed": true }));
+                }
+                println!("removed {name}");
+            }
+        }
+        ModelCmd::Gc => {
+            let freed = m.gc().await?;
+            if json {
+                return print_json(&json!({ "freed_bytes": freed }));
+            }
+            println!("freed {}", human(freed));
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on a terminal, nothing without one.
+fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(bar)
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}

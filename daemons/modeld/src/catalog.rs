@@ -1,0 +1,205 @@
+//! Catalog sources (HTTP base URLs and local directories such as a mounted
+//! USB stick) and reading bytes from them.
+
+use crate::error::ModelError;
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use pocket_models::{Catalog, CatalogEntry, CATALOG_FILE};
+use pocket_trust::{Envelope, Keyring, VersionFloors, KEYRING_FILE};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, ModelError>> + Send>>;
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    Http(reqwest::Url),
+    Dir(PathBuf),
+}
+
+impl Source {
+    pub fn parse(text: &str) -> Result<Source, ModelError> {
+        if text.starts_with("http://") || text.starts_with("https://") {
+            let mut s = text.to_string();
+            if !s.ends_with('/') {
+                s.push('/');
+            }
+            reqwest::Url::parse(&s)
+                .map(Source::Http)
+                .map_err(|e| ModelError::InvalidArgument(format!("catalog {text:?}: {e}")))
+        } else {
+            Ok(Source::Dir(PathBuf::from(text.strip_prefix("file://").unwrap_or(text))))
+        }
+    }
+
+    fn url(&self, base: &reqwest::Url, rel: &str) -> Result<reqwest::Url, ModelError> {
+        base.join(rel)
+            .map_err(|e| ModelError::InvalidArgument(format!("{rel:?}: {e}")))
+    }
+
+    /// Reads a small file; `None` when the source does not have it.
+    pub async fn read_small(
+        &self,
+        http: &reqwest::Client,
+        rel: &str,
+    ) -> Result<Option<Vec<u8>>, ModelError> {
+        const LIMIT: u64 = 16 << 20;
+        match self {
+            Source::Http(base) => {
+                let url = self.url(base, rel)?;
+                let resp = http.get(url.clone()).send().await.map_err(net(&url))?;
+                if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                    return Ok(None);
+                }
+                let resp = resp.error_for_status().map_err(net(&url))?;
+                if resp.content_length().unwrap_or(0) > LIMIT {
+                    return Err(ModelError::Corrupt(format!("{url} is larger than {LIMIT} bytes")));
+                }
+                Ok(Some(resp.bytes().await.map_err(net(&url))?.to_vec()))
+            }
+            Source::Dir(dir) => {
+                let path = dir.join(rel);
+                match tokio::fs::read(&path).await {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(ModelError::io(format!("reading {}", path.display()), &path, e)),
+                }
+            }
+        }
+    }
+
+    /// Streams `rel` from byte `offset` on (an HTTP Range request).
+    pub async fn open(
+        &self,
+        http: &reqwest::Client,
+        rel: &str,
+        offset: u64,
+    ) -> Result<ByteStream, ModelError> {
+        match self {
+            Source::Http(base) => {
+                let url = self.url(base, rel)?;
+                let mut req = http.get(url.clone());
+                if offset > 0 {
+                    req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+                }
+                let resp = req.send().await.map_err(net(&url))?;
+                let resp = resp.error_for_status().map_err(net(&url))?;
+                if offset > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                    return Err(ModelError::Network(format!(
+                        "{url} does not support resuming (HTTP Range)"
+                    )));
+                }
+                let u = url.clone();
+                Ok(Box::pin(resp.bytes_stream().map(move |r| r.map_err(net(&u)))))
+            }
+            Source::Dir(dir) => {
+                use tokio::io::AsyncSeekExt;
+                let path = dir.join(rel);
+                let mut f = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| ModelError::io(format!("opening {}", path.display()), &path, e))?;
+                f.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| ModelError::io("seeking", &path, e))?;
+                Ok(file_stream(f, path))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Http(u) => u.to_string(),
+            Source::Dir(d) => d.display().to_string(),
+        }
+    }
+}
+
+/// Streams a file in large chunks.
+pub fn file_stream(f: tokio::fs::File, path: PathBuf) -> ByteStream {
+    Box::pin(
+        tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)
+            .map(move |r| r.map_err(|e| ModelError::io("reading", &path, e))),
+    )
+}
+
+fn net(url: &reqwest::Url) -> impl Fn(reqwest::Error) -> ModelError + '_ {
+    move |e| {
+        let mut msg = format!("{url}: {e}");
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        ModelError::Network(msg)
+    }
+}
+
+/// The verified catalogs of every configured source.
+#[derive(Debug, Default, Clone)]
+pub struct Catalogs {
+    pub entries: Vec<(Source, CatalogEntry)>,
+    /// Sources that could not be used, with the reason.
+    pub problems: Vec<String>,
+}
+
+impl Catalogs {
+    pub fn find(&self, name: &str) -> Option<&(Source, CatalogEntry)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.name == name)
+            .max_by(|a, b| a.1.version.cmp(&b.1.version))
+    }
+}
+
+/// Fetches and verifies each source's catalog, rotating the keyring first
+/// when a source offers a newer one that chains from ours.
+pub async fn load(
+    http: &reqwest::Client,
+    sources: &[Source],
+    keyring: &mut Keyring,
+    floors: &VersionFloors,
+) -> Catalogs {
+    let mut out = Catalogs::default();
+    for source in sources {
+        match load_one(http, source, keyring, floors).await {
+            Ok(catalog) => out
+                .entries
+                .extend(catalog.models.into_iter().map(|e| (source.clone(), e))),
+            Err(e) => {
+                tracing::warn!(source = %source.describe(), "catalog refused: {e}");
+                out.problems.push(format!("{}: {e}", source.describe()));
+            }
+        }
+    }
+    out
+}
+
+async fn load_one(
+    http: &reqwest::Client,
+    source: &Source,
+    keyring: &mut Keyring,
+    floors: &VersionFloors,
+) -> Result<Catalog, ModelError> {
+    let now = SystemTime::now();
+    if let Some(bytes) = source.read_small(http, KEYRING_FILE).await? {
+        let env = Envelope::from_bytes("keyring", &bytes)?;
+        let offered = env.peek::<serde_json::Value>()?.version;
+        if offered > *keyring.version() {
+            *keyring = floors.rotate(keyring, env, now)?;
+            tracing::info!(version = %keyring.version(), "keyring rotated");
+        }
+    }
+    let bytes = source
+        .read_small(http, CATALOG_FILE)
+        .await?
+        .ok_or_else(|| ModelError::Network(format!("{} has no {CATALOG_FILE}", source.describe())))?;
+    let env = Envelope::from_bytes("catalog", &bytes)?;
+    let signed = Catalog::verify(keyring, &env, now)?;
+    floors.accept(
+        &format!("catalog:{}", source.describe()),
+        &signed.version,
+        &env.digest(),
+    )?;
+    Ok(signed.body)
+}

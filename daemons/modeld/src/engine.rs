@@ -1,0 +1,607 @@
+//! The core room: catalogs, jobs and the decisions of the model manager.
+//! The D-Bus surface in `interface.rs` is a thin layer over [`Engine`].
+
+use crate::catalog::{self, ByteStream, Catalogs, Source};
+use crate::config::Config;
+use crate::error::ModelError;
+use crate::install::{Limits, PackWriter};
+use crate::store::{InstalledModel, Pending, Store};
+use futures_util::StreamExt;
+use pocket_models::CatalogEntry;
+use pocket_proto::models::{phase, CatalogModel, ModelFile, ModelInfo};
+use pocket_trust::Keyring;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How a job ended: `Ok` or the error's short D-Bus name and message.
+pub type JobOutcome = Result<(), (String, String)>;
+
+/// One install in progress, shared by everyone who asked for it.
+#[derive(Debug)]
+pub struct Job {
+    pub id: u64,
+    name: Mutex<String>,
+    phase: Mutex<&'static str>,
+    pub done: Arc<AtomicU64>,
+    pub total: AtomicU64,
+    cancel: CancellationToken,
+    outcome: watch::Sender<Option<JobOutcome>>,
+    partial: Mutex<Option<PathBuf>>,
+}
+
+impl Job {
+    fn new(id: u64, name: &str) -> Arc<Job> {
+        Arc::new(Job {
+            id,
+            name: Mutex::new(name.to_string()),
+            phase: Mutex::new(phase::QUEUED),
+            done: Arc::new(AtomicU64::new(0)),
+            total: AtomicU64::new(0),
+            cancel: CancellationToken::new(),
+            outcome: watch::channel(None).0,
+            partial: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.name.lock().expect("not poisoned").clone()
+    }
+
+    pub fn phase(&self) -> &'static str {
+        *self.phase.lock().expect("not poisoned")
+    }
+
+    fn set_phase(&self, p: &'static str) {
+        *self.phase.lock().expect("not poisoned") = p;
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    pub fn outcome(&self) -> watch::Receiver<Option<JobOutcome>> {
+        self.outcome.subscribe()
+    }
+}
+
+pub struct Engine {
+    cfg: Config,
+    store: Store,
+    http: reqwest::Client,
+    sources: Vec<Source>,
+    keyring: tokio::sync::Mutex<Option<Keyring>>,
+    keyring_problem: Mutex<Option<String>>,
+    catalogs: tokio::sync::Mutex<Catalogs>,
+    jobs: Mutex<HashMap<String, Arc<Job>>>,
+    limits: Limits,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine({:?})", self.store)
+    }
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ModelError>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| ModelError::State(format!("worker failed: {e}")))?
+    }
+}
+
+enum PumpEnd {
+    /// The stream ended; the writer has every byte it sent.
+    Ended(PackWriter),
+    /// The connection broke; the writer can continue from its position.
+    Interrupted(PackWriter, ModelError),
+    Failed(ModelError),
+}
+
+impl Engine {
+    pub fn new(cfg: Config) -> Result<Arc<Engine>, ModelError> {
+        let store = Store::open(&cfg.data_dir)?;
+        store.reconcile()?;
+        // Local-file installs cannot resume (the caller's file is gone);
+        // what they left behind is dropped now.
+        for p in store.partials_of("")? {
+            crate::store::remove_partial(&p);
+        }
+        let sources = cfg
+            .catalogs
+            .iter()
+            .map(|s| Source::parse(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = SystemTime::now();
+        let (keyring, problem) = match Keyring::load_dir(&cfg.keyring_dir, now) {
+            Ok(base) => (Some(store.floors().current_keyring(base, now)?), None),
+            Err(e) => {
+                tracing::error!("no usable keyring, installs are refused: {e}");
+                (None, Some(format!("keyring: {e}")))
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ModelError::Network(e.to_string()))?;
+        let limits = Limits {
+            mem_total: crate::install::mem_total(&cfg.meminfo),
+            reserve_bytes: cfg.reserve_bytes,
+        };
+        Ok(Arc::new(Engine {
+            cfg,
+            store,
+            http,
+            sources,
+            keyring: tokio::sync::Mutex::new(keyring),
+            keyring_problem: Mutex::new(problem),
+            catalogs: tokio::sync::Mutex::new(Catalogs::default()),
+            jobs: Mutex::new(HashMap::new()),
+            limits,
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    async fn keyring(&self) -> Result<Keyring, ModelError> {
+        self.keyring.lock().await.clone().ok_or_else(|| {
+            ModelError::Untrusted(format!(
+                "no usable keyring in {}",
+                self.cfg.keyring_dir.display()
+            ))
+        })
+    }
+
+    /// `ok`, or what is degraded.
+    pub async fn status(&self) -> String {
+        let mut problems: Vec<String> = self.catalogs.lock().await.problems.clone();
+        if let Some(p) = self.keyring_problem.lock().expect("not poisoned").clone() {
+            problems.insert(0, p);
+        }
+        if problems.is_empty() {
+            "ok".into()
+        } else {
+            format!("degraded: {}", problems.join("; "))
+        }
+    }
+
+    /// Fetches and verifies every catalog again.
+    pub async fn refresh(&self) -> Result<usize, ModelError> {
+        let mut guard = self.keyring.lock().await;
+        let Some(keyring) = guard.as_mut() else {
+            drop(guard);
+            return Err(self.keyring().await.unwrap_err());
+        };
+        let loaded = catalog::load(&self.http, &self.sources, keyring, self.store.floors()).await;
+        drop(guard);
+        let n = loaded.entries.len();
+        *self.catalogs.lock().await = loaded;
+        Ok(n)
+    }
+
+    pub async fn catalog(&self) -> Result<Vec<CatalogModel>, ModelError> {
+        self.refresh().await?;
+        let catalogs = self.catalogs.lock().await.clone();
+        let installed = self.store.installed()?;
+        let free = self.store.free_bytes();
+        Ok(catalogs
+            .entries
+            .iter()
+            .map(|(source, e)| {
+                let have = installed.iter().find(|m| m.name == e.name);
+                CatalogModel {
+                    name: e.name.clone(),
+                    version: e.version.to_string(),
+                    description: e.description.clone(),
+                    size_bytes: e.size_bytes,
+                    memory_bytes: e.memory_bytes,
+                    installed_version: have.map(|m| m.version.to_string()).unwrap_or_default(),
+                    fits_disk: e.size_bytes + self.limits.reserve_bytes <= free,
+                    fits_memory: self.limits.check_memory(&e.name, e.memory_bytes).is_ok(),
+                    source: source.describe(),
+                }
+            })
+            .collect())
+    }
+
+    pub fn list(&self) -> Result<Vec<ModelInfo>, ModelError> {
+        Ok(self
+            .store
+            .installed()?
+            .iter()
+            .map(|m| self.info_of(m))
+            .collect())
+    }
+
+    pub fn info(&self, name: &str) -> Result<ModelInfo, ModelError> {
+        let m = self
+            .store
+            .get(name)?
+            .ok_or_else(|| ModelError::NotInstalled(name.to_string()))?;
+        Ok(self.info_of(&m))
+    }
+
+    fn info_of(&self, m: &InstalledModel) -> ModelInfo {
+        ModelInfo {
+            name: m.name.clone(),
+            version: m.version.to_string(),
+            description: m.description.clone(),
+            size_bytes: m.size_bytes(),
+            sha256: m
+                .files
+                .iter()
+                .find(|f| f.path == m.entry)
+                .map(|f| f.sha256.clone())
+                .unwrap_or_default(),
+            state: "installed".into(),
+            path: self.store.entry_path(m).display().to_string(),
+            memory_bytes: m.memory_bytes,
+            installed_at: m.installed_at.clone(),
+            files: m
+                .files
+                .iter()
+                .map(|f| ModelFile {
+                    path: f.path.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        self.jobs.lock().expect("not poisoned").values().cloned().collect()
+    }
+
+    fn new_job(&self, name: &str) -> Arc<Job> {
+        Job::new(self.next_id.fetch_add(1, Ordering::Relaxed), name)
+    }
+
+    /// Starts the install of a catalog model, or joins the one under way.
+    /// Returns the job and whether it is new.
+    pub async fn install(self: &Arc<Self>, name: &str) -> Result<(Arc<Job>, bool), ModelError> {
+        if let Some(job) = self.jobs.lock().expect("not poisoned").get(name) {
+            return Ok((job.clone(), false));
+        }
+        self.refresh().await?;
+        let (source, entry) = self
+            .catalogs
+            .lock()
+            .await
+            .find(name)
+            .cloned()
+            .ok_or_else(|| ModelError::NotInCatalog(name.to_string()))?;
+        self.precheck(&entry)?;
+        let job = {
+            let mut jobs = self.jobs.lock().expect("not poisoned");
+            if let Some(job) = jobs.get(name) {
+                return Ok((job.clone(), false));
+            }
+            let job = self.new_job(name);
+            jobs.insert(name.to_string(), job.clone());
+            job
+        };
+        job.total.store(entry.pack.size, Ordering::Relaxed);
+        let up_to_date = self
+            .store
+            .get(name)?
+            .is_some_and(|m| m.version == entry.version);
+        if up_to_date {
+            job.done.store(entry.pack.size, Ordering::Relaxed);
+            self.finish(&job, Ok(()));
+            return Ok((job, true));
+        }
+        self.store.set_pending(&Pending {
+            source: source.describe(),
+            entry: entry.clone(),
+        })?;
+        self.spawn_catalog_job(job.clone(), source, entry);
+        Ok((job, true))
+    }
+
+    /// Checks made before a single byte is downloaded.
+    fn precheck(&self, entry: &CatalogEntry) -> Result<(), ModelError> {
+        self.limits.check_memory(&entry.name, entry.memory_bytes)?;
+        let subject = format!("model:{}", entry.name);
+        if let Some((floor, _)) = self.store.floors().floor(&subject)? {
+            if entry.version < floor {
+                return Err(pocket_trust::TrustError::Downgrade {
+                    what: subject,
+                    offered: entry.version.to_string(),
+                    floor: floor.to_string(),
+                }
+                .into());
+            }
+        }
+        let dir = self.store.partial_dir(&entry.name, &entry.pack.header_sha256);
+        let have: u64 = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        self.limits
+            .check_disk(&self.store, entry.pack.size.saturating_sub(have))
+    }
+
+    /// Resumes catalog installs that a crash or reboot interrupted.
+    pub fn resume_pending(self: &Arc<Self>) -> Result<Vec<Arc<Job>>, ModelError> {
+        let mut started = Vec::new();
+        for p in self.store.pending()? {
+            let source = Source::parse(&p.source)?;
+            let job = self.new_job(&p.entry.name);
+            job.total.store(p.entry.pack.size, Ordering::Relaxed);
+            self.jobs
+                .lock()
+                .expect("not poisoned")
+                .insert(p.entry.name.clone(), job.clone());
+            tracing::info!(model = %p.entry.name, "resuming interrupted install");
+            self.spawn_catalog_job(job.clone(), source, p.entry);
+            started.push(job);
+        }
+        Ok(started)
+    }
+
+    fn spawn_catalog_job(self: &Arc<Self>, job: Arc<Job>, source: Source, entry: CatalogEntry) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let dir = this.store.partial_dir(&entry.name, &entry.pack.header_sha256);
+            *job.partial.lock().expect("not poisoned") = Some(dir.clone());
+            let result = this.run_catalog(&job, &source, &entry, dir.clone()).await;
+            if let Err(e) = &result {
+                if !e.keeps_partial() {
+                    crate::store::remove_partial(&dir);
+                }
+                let _ = this.store.clear_pending(&entry.name);
+            }
+            this.finish(&job, result);
+        });
+    }
+
+    async fn run_catalog(
+        &self,
+        job: &Arc<Job>,
+        source: &Source,
+        entry: &CatalogEntry,
+        dir: PathBuf,
+    ) -> Result<(), ModelError> {
+        let keyring = self.keyring().await?;
+        let (store, e, limits) = (self.store.clone(), entry.clone(), self.limits);
+        let mut writer = blocking(move || {
+            let mut w = PackWriter::new(store, dir, keyring, Some(e), limits)?;
+            w.resume()?;
+            Ok(w)
+        })
+        .await?;
+        job.set_phase(phase::DOWNLOADING);
+        let mut failures = 0;
+        while writer.pos() < entry.pack.size {
+            job.done.store(writer.pos(), Ordering::Relaxed);
+            let interrupted = match source.open(&self.http, &entry.pack.path, writer.pos()).await {
+                Ok(stream) => match pump(writer, stream, job).await {
+                    PumpEnd::Ended(w) => {
+                        writer = w;
+                        if writer.pos() >= entry.pack.size {
+                            break;
+                        }
+                        ModelError::Network(format!(
+                            "connection closed at byte {} of {}",
+                            writer.pos(),
+                            entry.pack.size
+                        ))
+                    }
+                    PumpEnd::Interrupted(w, e) => {
+                        writer = w;
+                        e
+                    }
+                    PumpEnd::Failed(e) => return Err(e),
+                },
+                Err(e) if e.keeps_partial() => e,
+                Err(e) => return Err(e),
+            };
+            failures += 1;
+            if failures >= self.cfg.download_attempts {
+                return Err(interrupted);
+            }
+            tracing::warn!(model = %entry.name, "download interrupted ({interrupted}), resuming");
+            tokio::select! {
+                _ = job.cancel.cancelled() => return Err(ModelError::Cancelled(entry.name.clone())),
+                _ = tokio::time::sleep(Duration::from_millis(250 << failures.min(5))) => {}
+            }
+        }
+        self.publish(job, writer, &source.describe()).await
+    }
+
+    async fn publish(&self, job: &Job, writer: PackWriter, source: &str) -> Result<(), ModelError> {
+        job.set_phase(phase::PUBLISHING);
+        job.done.store(writer.pos(), Ordering::Relaxed);
+        let store = self.store.clone();
+        let source = source.to_string();
+        let dir = writer.dir().to_path_buf();
+        let active = self.active_partials();
+        let name = blocking(move || {
+            let (manifest, digest) = writer.finish()?;
+            let model = InstalledModel {
+                name: manifest.body.name.clone(),
+                version: manifest.version.clone(),
+                description: manifest.body.description.clone(),
+                entry: manifest.body.entry.clone(),
+                memory_bytes: manifest.body.memory_bytes,
+                files: manifest.body.files.clone(),
+                installed_at: pocket_trust::format_time(SystemTime::now()),
+                source,
+            };
+            store.publish(&model, &digest)?;
+            crate::store::remove_partial(&dir);
+            // Blobs of a replaced version are no longer referenced.
+            store.gc(&active)?;
+            tracing::info!(model = %model.name, version = %model.version, "installed");
+            Ok(model.name)
+        })
+        .await?;
+        *job.name.lock().expect("not poisoned") = name;
+        Ok(())
+    }
+
+    /// Installs from a pack file the caller opened.
+    pub async fn install_file(
+        self: &Arc<Self>,
+        file: std::fs::File,
+    ) -> Result<Arc<Job>, ModelError> {
+        let keyring = self.keyring().await?;
+        let size = file
+            .metadata()
+            .map_err(|e| ModelError::io("reading the pack", self.store.root(), e))?
+            .len();
+        let job = self.new_job("");
+        job.total.store(size, Ordering::Relaxed);
+        let dir = self.store.partial_dir("", &format!("file-{:016}", job.id));
+        *job.partial.lock().expect("not poisoned") = Some(dir.clone());
+        let this = self.clone();
+        let j = job.clone();
+        tokio::spawn(async move {
+            let result = this.run_file(&j, file, keyring, dir.clone()).await;
+            crate::store::remove_partial(&dir);
+            this.finish(&j, result);
+        });
+        Ok(job)
+    }
+
+    async fn run_file(
+        &self,
+        job: &Arc<Job>,
+        file: std::fs::File,
+        keyring: Keyring,
+        dir: PathBuf,
+    ) -> Result<(), ModelError> {
+        let (store, limits) = (self.store.clone(), self.limits);
+        let writer = blocking(move || PackWriter::new(store, dir, keyring, None, limits)).await?;
+        job.set_phase(phase::DOWNLOADING);
+        let stream = catalog::file_stream(tokio::fs::File::from_std(file), "pack".into());
+        match pump(writer, stream, job).await {
+            PumpEnd::Ended(w) => self.publish(job, w, "file").await,
+            PumpEnd::Interrupted(_, e) | PumpEnd::Failed(e) => Err(e),
+        }
+    }
+
+    fn finish(&self, job: &Job, result: Result<(), ModelError>) {
+        let outcome = match result {
+            Ok(()) => {
+                job.set_phase(phase::DONE);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(job = job.id, model = %job.name(), "install failed: {e}");
+                job.set_phase(phase::FAILED);
+                Err((e.name().to_string(), e.to_string()))
+            }
+        };
+        let mut jobs = self.jobs.lock().expect("not poisoned");
+        if jobs.get(&job.name()).is_some_and(|j| j.id == job.id) {
+            jobs.remove(&job.name());
+        }
+        drop(jobs);
+        job.outcome.send_replace(Some(outcome));
+    }
+
+    fn active_partials(&self) -> Vec<PathBuf> {
+        self.jobs()
+            .iter()
+            .filter_map(|j| j.partial.lock().expect("not poisoned").clone())
+            .collect()
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), ModelError> {
+        if self.jobs.lock().expect("not poisoned").contains_key(name) {
+            return Err(ModelError::InvalidArgument(format!(
+                "model {name:?} is being installed; cancel the install first"
+            )));
+        }
+        let store = self.store.clone();
+        let name = name.to_string();
+        let active = self.active_partials();
+        blocking(move || {
+            store.unpublish(&name)?;
+            store.gc(&active)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn remove_partial(&self, name: &str) -> Result<u64, ModelError> {
+        if self.jobs.lock().expect("not poisoned").contains_key(name) {
+            return Err(ModelError::InvalidArgument(format!(
+                "model {name:?} is being installed; cancel the install first"
+            )));
+        }
+        self.store.clear_pending(name)?;
+        Ok(self
+            .store
+            .partials_of(name)?
+            .iter()
+            .map(|p| crate::store::remove_partial(p))
+            .sum())
+    }
+
+    pub async fn gc(&self) -> Result<u64, ModelError> {
+        let store = self.store.clone();
+        let active = self.active_partials();
+        blocking(move || store.gc(&active)).await
+    }
+}
+
+/// Moves a byte stream into a writer running on a blocking thread, so that
+/// receiving from the network and hashing plus writing overlap.
+async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> PumpEnd {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
+    let done = job.done.clone();
+    let handle = tokio::task::spawn_blocking(move || {
+        while let Some(chunk) = rx.blocking_recv() {
+            writer.feed(&chunk)?;
+            done.store(writer.pos(), Ordering::Relaxed);
+        }
+        writer.flush()?;
+        Ok::<_, ModelError>(writer)
+    });
+    let mut broke = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = job.cancel.cancelled() => {
+                broke = Some(ModelError::Cancelled(job.name()));
+                break;
+            }
+            item = stream.next() => match item {
+                None => break,
+                Some(Ok(chunk)) => {
+                    if tx.send(chunk).await.is_err() {
+                        break; // the writer failed; its error is below
+                    }
+                }
+                Some(Err(e)) => {
+                    broke = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    match handle.await {
+        Ok(Ok(w)) => match broke {
+            None => PumpEnd::Ended(w),
+            Some(e) if e.keeps_partial() => PumpEnd::Interrupted(w, e),
+            Some(e) => PumpEnd::Failed(e),
+        },
+        Ok(Err(e)) => PumpEnd::Failed(e),
+        Err(e) => PumpEnd::Failed(ModelError::State(format!("writer failed: {e}"))),
+    }
+}

@@ -1,0 +1,45 @@
+//! modeld: the PocketOS model manager behind `org.pocketos.Models1`.
+//!
+//! - [`engine`]: catalogs, jobs and decisions (the core room);
+//! - [`install`]: the verifying, resumable install stream;
+//! - [`store`] and [`catalog`]: the data partition and catalog sources (the
+//!   platform room);
+//! - [`interface`] and [`access`]: the bus surface.
+
+pub mod access;
+pub mod catalog;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod install;
+pub mod interface;
+pub mod store;
+
+pub use config::Config;
+pub use engine::Engine;
+pub use error::ModelError;
+
+/// Builds the engine, takes the bus name once the object is served, and
+/// resumes interrupted installs.
+pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
+    let admin_gid = access::admin_gid(&cfg.admin_group);
+    if admin_gid.is_none() {
+        tracing::warn!(group = %cfg.admin_group, "admin group not found; only root may change models");
+    }
+    let engine = Engine::new(cfg)?;
+    let conn = zbus::connection::Builder::system()?
+        .name(pocket_proto::models::BUS_NAME)?
+        .serve_at(
+            pocket_proto::models::PATH,
+            interface::Models::new(engine.clone(), admin_gid),
+        )?
+        .build()
+        .await?;
+    if let Err(e) = engine.refresh().await {
+        tracing::warn!("catalogs not loaded: {e}");
+    }
+    for job in engine.resume_pending()? {
+        interface::track(&conn, job).await?;
+    }
+    Ok(conn)
+}

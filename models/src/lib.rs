@@ -1,0 +1,329 @@
+//! The model pack and catalog formats.
+//!
+//! A **pack** is one file that carries a model from the publisher to the
+//! box, over HTTP or on a USB stick:
+//!
+//! ```text
+//! "PKTPACK1" | header length (u64 LE) | header | file 1 | file 2 | ...
+//! ```
+//!
+//! The header is a signed [`Envelope`] of kind `model-pack` whose body is a
+//! [`PackManifest`]; the files follow in manifest order, each exactly
+//! `size` bytes with the manifest's sha256. A **catalog** is a signed
+//! envelope of kind `catalog` listing [`CatalogEntry`]s; each entry binds the
+//! pack's header by length and sha256, so one hash per byte is enough to trust
+//! a pack fetched through a catalog.
+
+use pocket_trust::{Envelope, Keyring, Role, Signed, TrustError, Version};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::time::SystemTime;
+
+pub const PACK_MAGIC: &[u8; 8] = b"PKTPACK1";
+/// Magic plus the header length.
+pub const PACK_PREFIX_LEN: usize = 16;
+pub const PACK_KIND: &str = "model-pack";
+pub const CATALOG_KIND: &str = "catalog";
+/// The catalog's file name inside a catalog directory or under a base URL.
+pub const CATALOG_FILE: &str = "catalog.json";
+/// Largest header accepted, so that a hostile stream cannot make the box
+/// buffer without bound before anything is verified.
+pub const MAX_HEADER_LEN: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error("not a model pack (bad magic)")]
+    BadMagic,
+    #[error("model pack header of {0} bytes is larger than the {MAX_HEADER_LEN} allowed")]
+    HeaderTooLarge(u64),
+    #[error("model pack is invalid: {0}")]
+    Invalid(String),
+    #[error("model pack does not match the catalog: {0}")]
+    CatalogMismatch(String),
+    #[error("reading the pack: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PackFile {
+    /// Relative path inside the model's directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PackManifest {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// The file a runtime loads (the `.onnx` graph).
+    pub entry: String,
+    /// Memory the model needs when loaded, in bytes.
+    pub memory_bytes: u64,
+    pub files: Vec<PackFile>,
+}
+
+impl PackManifest {
+    pub fn size_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Structural checks every consumer makes before trusting a manifest:
+    /// a sane name, paths that stay inside the model's directory, no
+    /// duplicates, and an entry that is one of the files.
+    pub fn validate(&self) -> Result<(), FormatError> {
+        validate_name(&self.name)?;
+        let mut seen = std::collections::BTreeSet::new();
+        for f in &self.files {
+            validate_path(&f.path)?;
+            if !seen.insert(f.path.as_str()) {
+                return Err(FormatError::Invalid(format!("file {:?} is listed twice", f.path)));
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(FormatError::Invalid(format!("file {:?} has a bad sha256", f.path)));
+            }
+        }
+        if !seen.contains(self.entry.as_str()) {
+            return Err(FormatError::Invalid(format!("entry {:?} is not one of the files", self.entry)));
+        }
+        Ok(())
+    }
+}
+
+/// A model name: lower-case letters, digits, `.`, `_` and `-`, starting with
+/// a letter or digit.
+pub fn validate_name(name: &str) -> Result<(), FormatError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(FormatError::Invalid(format!(
+            "model name {name:?} must be 1-64 of a-z, 0-9, '.', '_', '-'"
+        )))
+    }
+}
+
+/// A file path inside a pack: relative, no `..`, no empty or `.` parts.
+pub fn validate_path(path: &str) -> Result<(), FormatError> {
+    let bad = path.is_empty()
+        || path.starts_with('/')
+        || path.contains('\\')
+        || path.contains('\0')
+        || path.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+    if bad {
+        Err(FormatError::Invalid(format!(
+            "file {path:?} is outside the model's directory"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// Where a catalog finds a pack and what its header must be.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PackRef {
+    /// Relative to the catalog's base URL or directory.
+    pub path: String,
+    /// Total length of the pack file.
+    pub size: u64,
+    pub header_size: u64,
+    pub header_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub version: Version,
+    #[serde(default)]
+    pub description: String,
+    /// Bytes the model takes on disk once installed.
+    pub size_bytes: u64,
+    pub memory_bytes: u64,
+    pub pack: PackRef,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    pub models: Vec<CatalogEntry>,
+}
+
+impl Catalog {
+    pub fn verify(
+        keyring: &Keyring,
+        envelope: &Envelope,
+        now: SystemTime,
+    ) -> Result<Signed<Catalog>, FormatError> {
+        let signed: Signed<Catalog> = keyring.verify(envelope, CATALOG_KIND, Role::Models, now)?;
+        for e in &signed.body.models {
+            validate_name(&e.name)?;
+            validate_path(&e.pack.path)?;
+        }
+        Ok(signed)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
+        self.models.iter().filter(|e| e.name == name).max_by(|a, b| a.version.cmp(&b.version))
+    }
+}
+
+/// Reads the pack prefix and returns the header length it announces.
+pub fn parse_prefix(prefix: &[u8; PACK_PREFIX_LEN]) -> Result<u64, FormatError> {
+    if &prefix[..8] != PACK_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let len = u64::from_le_bytes(prefix[8..].try_into().expect("8 bytes"));
+    if len > MAX_HEADER_LEN {
+        return Err(FormatError::HeaderTooLarge(len));
+    }
+    Ok(len)
+}
+
+pub fn encode_prefix(header_len: u64) -> [u8; PACK_PREFIX_LEN] {
+    let mut p = [0u8; PACK_PREFIX_LEN];
+    p[..8].copy_from_slice(PACK_MAGIC);
+    p[8..].copy_from_slice(&header_len.to_le_bytes());
+    p
+}
+
+/// Verifies a pack header: signed by the models role, not expired, and a
+/// well-formed manifest.
+pub fn verify_header(
+    keyring: &Keyring,
+    header: &[u8],
+    now: SystemTime,
+) -> Result<Signed<PackManifest>, FormatError> {
+    let env = Envelope::from_bytes("model pack header", header)?;
+    let signed: Signed<PackManifest> = keyring.verify(&env, PACK_KIND, Role::Models, now)?;
+    signed.body.validate()?;
+    Ok(signed)
+}
+
+/// Checks that a verified pack header is the one a catalog entry promised.
+pub fn check_against_catalog(
+    entry: &CatalogEntry,
+    header: &[u8],
+    manifest: &Signed<PackManifest>,
+) -> Result<(), FormatError> {
+    if header.len() as u64 != entry.pack.header_size
+        || pocket_trust::sha256_hex(header) != entry.pack.header_sha256
+    {
+        return Err(FormatError::CatalogMismatch("header differs from the signed catalog".into()));
+    }
+    if manifest.body.name != entry.name || manifest.version != entry.version {
+        return Err(FormatError::CatalogMismatch(format!(
+            "pack is {} {} but the catalog lists {} {}",
+            manifest.body.name, manifest.version, entry.name, entry.version
+        )));
+    }
+    Ok(())
+}
+
+/// Builds a pack header envelope for `manifest` signed by `keys`.
+pub fn sign_pack(
+    manifest: &PackManifest,
+    version: Version,
+    expires: Option<SystemTime>,
+    keys: &[pocket_trust::SecretKey],
+) -> Result<Envelope, FormatError> {
+    manifest.validate()?;
+    Ok(Envelope::sign(PACK_KIND, version, expires, manifest, keys)?)
+}
+
+/// Reads a whole pack from `reader`, verifying everything, and calls `sink`
+/// with each file's bytes as they stream. Used by `pocket-publish verify`;
+/// modeld has its own resumable, storing reader.
+pub fn read_pack(
+    keyring: &Keyring,
+    mut reader: impl Read,
+    now: SystemTime,
+    mut sink: impl FnMut(&PackFile, &[u8]) -> std::io::Result<()>,
+) -> Result<Signed<PackManifest>, FormatError> {
+    let mut prefix = [0u8; PACK_PREFIX_LEN];
+    read_exact_or_truncated(&mut reader, &mut prefix, "pack prefix")?;
+    let len = parse_prefix(&prefix)?;
+    let mut header = vec![0u8; len as usize];
+    read_exact_or_truncated(&mut reader, &mut header, "pack header")?;
+    let manifest = verify_header(keyring, &header, now)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for f in &manifest.body.files {
+        let mut v = pocket_trust::PayloadVerifier::new(&f.path, f.size, &f.sha256);
+        while v.remaining() > 0 {
+            let want = (v.remaining() as usize).min(buf.len());
+            let n = reader.read(&mut buf[..want])?;
+            if n == 0 {
+                break;
+            }
+            v.update(&buf[..n])?;
+            sink(f, &buf[..n])?;
+        }
+        v.finish()?;
+    }
+    if reader.read(&mut buf[..1])? != 0 {
+        return Err(TrustError::Oversized {
+            what: "model pack".into(),
+            expected: PACK_PREFIX_LEN as u64 + len + manifest.body.size_bytes(),
+        }
+        .into());
+    }
+    Ok(manifest)
+}
+
+fn read_exact_or_truncated(
+    reader: &mut impl Read,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), FormatError> {
+    reader.read_exact(buf).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FormatError::Trust(TrustError::Truncated {
+            what: what.into(),
+            got: 0,
+            expected: buf.len() as u64,
+        }),
+        _ => FormatError::Io(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_outside_the_model_are_refused() {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\\b"] {
+            assert!(validate_path(bad).is_err(), "{bad:?}");
+        }
+        for good in ["model.onnx", "weights/part1.bin", "a.b/c-d_e"] {
+            validate_path(good).unwrap();
+        }
+    }
+
+    #[test]
+    fn names_are_plain() {
+        assert!(validate_name("mlp-tiny").is_ok());
+        assert!(validate_name("Mlp").is_err());
+        assert!(validate_name("-x").is_err());
+        assert!(validate_name("a/b").is_err());
+    }
+
+    #[test]
+    fn prefix_round_trips_and_bounds_header() {
+        assert_eq!(parse_prefix(&encode_prefix(42)).unwrap(), 42);
+        assert!(matches!(parse_prefix(&encode_prefix(MAX_HEADER_LEN + 1)), Err(FormatError::HeaderTooLarge(_))));
+        let mut p = encode_prefix(1);
+        p[0] = b'X';
+        assert!(matches!(parse_prefix(&p), Err(FormatError::BadMagic)));
+    }
+}

@@ -1,0 +1,124 @@
+use pocket_publish::PackSpec;
+use pocket_trust::Role;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::SystemTime;
+
+/// The seeded ONNX fixture models (`models/fixtures/gen_fixtures.py`),
+/// generated once per test binary. Returns their directory.
+pub fn onnx_fixtures() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pocket-fixtures-{}", std::process::id()));
+        let status = Command::new("python3")
+            .arg(crate::workspace_root().join("models/fixtures/gen_fixtures.py"))
+            .arg(&dir)
+            .status()
+            .expect("python3 is installed");
+        assert!(status.success(), "fixture generation failed (pip install onnx numpy)");
+        dir
+    })
+    .clone()
+}
+
+/// A file of `size` pseudo-random bytes from `seed`.
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+    let mut left = size;
+    let mut buf = Vec::with_capacity(1 << 16);
+    while left > 0 {
+        buf.clear();
+        while buf.len() < (1 << 16) && (buf.len() as u64) < left {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.extend_from_slice(&x.to_le_bytes());
+        }
+        buf.truncate(left.min(buf.len() as u64) as usize);
+        std::io::Write::write_all(&mut out, &buf).expect("write");
+        left -= buf.len() as u64;
+    }
+}
+
+/// A publisher: its keys, a keyring trusting them, and helpers to sign
+/// packs and catalogs with the real `pocket-publish` code.
+#[derive(Debug)]
+pub struct Publisher {
+    pub dir: PathBuf,
+    pub root_key: PathBuf,
+    pub models_key: PathBuf,
+    pub keyring_dir: PathBuf,
+}
+
+fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
+    pocket_trust::SecretKey::generate().save(dir).expect("save key")
+}
+
+impl Publisher {
+    /// Fresh keys and a keyring with one key per role.
+    pub fn new(dir: &Path) -> Publisher {
+        let keys = dir.join("keys");
+        let (root_key, root_pub) = keygen(&keys);
+        let (models_key, models_pub) = keygen(&keys);
+        let (_, updates_pub) = keygen(&keys);
+        let keyring_dir = dir.join("keyring");
+        pocket_publish::keyring_create(
+            &[
+                (Role::Root, vec![root_pub]),
+                (Role::Models, vec![models_pub]),
+                (Role::Updates, vec![updates_pub]),
+            ],
+            &[],
+            std::slice::from_ref(&root_key),
+            "1",
+            None,
+            &keyring_dir,
+            SystemTime::now(),
+        )
+        .expect("keyring");
+        Publisher {
+            dir: dir.to_path_buf(),
+            root_key,
+            models_key,
+            keyring_dir,
+        }
+    }
+
+    /// A new key pair in this publisher's key directory: (secret, public).
+    pub fn new_key(&self) -> (PathBuf, PathBuf) {
+        keygen(&self.dir.join("keys"))
+    }
+
+    /// Signs a pack of `files` as `name` `version` with `keys`.
+    pub fn pack_with(&self, name: &str, version: &str, files: &[(&str, &Path)], keys: &[PathBuf], expires: Option<&str>, out: &Path) {
+        let spec = PackSpec {
+            name: name.into(),
+            version: version.into(),
+            description: format!("{name} test model"),
+            entry: None,
+            memory_bytes: None,
+            files: files.iter().map(|(n, p)| (n.to_string(), p.to_path_buf())).collect(),
+        };
+        pocket_publish::model_pack(&spec, keys, expires, out, SystemTime::now()).expect("pack");
+    }
+
+    /// A pack signed by the models key, written into `packs_dir`.
+    pub fn pack(&self, packs_dir: &Path, name: &str, version: &str, files: &[(&str, &Path)]) -> PathBuf {
+        std::fs::create_dir_all(packs_dir).expect("packs dir");
+        let out = packs_dir.join(format!("{name}-{version}.pack"));
+        self.pack_with(name, version, files, std::slice::from_ref(&self.models_key), None, &out);
+        out
+    }
+
+    /// Signs `out/catalog.json` over the packs in `packs_dir`.
+    pub fn catalog_with(&self, packs_dir: &Path, out: &Path, version: &str, expires: &str, keys: &[PathBuf]) {
+        pocket_publish::catalog_build(packs_dir, keys, expires, Some(version.into()), out, SystemTime::now())
+            .expect("catalog");
+    }
+
+    pub fn catalog(&self, packs_dir: &Path, out: &Path, version: &str) {
+        self.catalog_with(packs_dir, out, version, "30d", std::slice::from_ref(&self.models_key));
+    }
+}

@@ -1,0 +1,51 @@
+//! The PocketOS testbed: the real parts a test or the demo needs, on one
+//! machine and on loopback only.
+//!
+//! - [`DevBus`]: a private `dbus-daemon` with PocketOS's bus policy files,
+//!   addressed through `DBUS_SYSTEM_BUS_ADDRESS`;
+//! - [`Daemon`]: a real daemon binary started on that bus;
+//! - [`HttpServer`]: a file server on 127.0.0.1 that can throttle, drop a
+//!   connection mid-body and logs what it sent;
+//! - [`Publisher`]: keys, keyrings, packs and catalogs made with the real
+//!   `pocket-publish` code, and the seeded ONNX fixture models.
+
+mod bus;
+mod daemon;
+mod fixtures;
+mod http;
+
+pub use bus::{BusPolicy, DevBus};
+pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
+pub use fixtures::{onnx_fixtures, random_file, Publisher};
+pub use http::{HttpServer, Served};
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// Polls `f` until it gives `Some`, for at most `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether this process may mount and switch users (tests that need it say
+/// so and are skipped elsewhere).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

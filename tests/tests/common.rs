@@ -1,0 +1,115 @@
+//! A world for modeld tests: a private bus, a publisher, a catalog served
+//! from 127.0.0.1 and a real modeld with its own data directory.
+#![allow(dead_code)]
+
+use pocket_tests::*;
+use std::path::{Path, PathBuf};
+
+pub struct World {
+    pub tmp: tempfile::TempDir,
+    pub bus: DevBus,
+    pub publisher: Publisher,
+    /// What the HTTP server serves (catalog.json, packs/).
+    pub site: PathBuf,
+    /// Packs the catalog is built from.
+    pub packs: PathBuf,
+    pub http: HttpServer,
+    pub data: PathBuf,
+    pub config: PathBuf,
+    pub modeld: Option<Daemon>,
+}
+
+impl World {
+    /// A catalog offering `mlp` 1.0 and `attention` 1.0.
+    pub fn new() -> World {
+        Self::with_bus(DevBus::start())
+    }
+
+    pub fn with_bus(bus: DevBus) -> World {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let publisher = Publisher::new(&tmp.path().join("publisher"));
+        let fx = onnx_fixtures();
+        let packs = tmp.path().join("packs");
+        publisher.pack(&packs, "mlp", "1.0", &[("mlp.onnx", &fx.join("mlp.onnx"))]);
+        publisher.pack(&packs, "attention", "1.0", &[("attention.onnx", &fx.join("attention.onnx"))]);
+        let site = tmp.path().join("site");
+        publisher.catalog(&packs, &site, "1");
+        let http = HttpServer::serve(&site);
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let config = tmp.path().join("modeld.toml");
+        let mut w = World {
+            tmp,
+            bus,
+            publisher,
+            site,
+            packs,
+            http,
+            data,
+            config,
+            modeld: None,
+        };
+        w.write_config("");
+        w
+    }
+
+    /// Writes modeld.toml with the HTTP catalog and `extra` lines.
+    pub fn write_config(&mut self, extra: &str) {
+        let text = format!(
+            "data_dir = \"{}\"\nkeyring_dir = \"{}\"\ncatalogs = [\"{}\"]\nreserve_bytes = 0\ndownload_attempts = 3\n{extra}\n",
+            self.data.display(),
+            self.publisher.keyring_dir.display(),
+            self.http.url(),
+        );
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn start_modeld(&mut self) -> &mut Daemon {
+        self.modeld = Some(Daemon::start(&self.bus, "pocket-modeld", "org.pocketos.Models1", &self.config));
+        self.modeld.as_mut().unwrap()
+    }
+
+    pub fn modeld(&mut self) -> &mut Daemon {
+        self.modeld.as_mut().expect("modeld started")
+    }
+
+    pub fn restart_modeld(&mut self) {
+        let bus = &self.bus;
+        self.modeld.as_mut().expect("started").restart(bus);
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        run_pocketctl(&self.bus, RunAs::Me, args)
+    }
+
+    pub fn installed(&self) -> Vec<(String, String)> {
+        let list = self.ctl(&["model", "list", "--json"]).ok().json();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap().to_string(), m["version"].as_str().unwrap().to_string()))
+            .collect()
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.data.join("models")
+    }
+
+    pub fn count(&self, sub: &str) -> usize {
+        std::fs::read_dir(self.models_dir().join(sub)).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Nothing installed, no blob stored, no partial download left.
+    pub fn assert_nothing_installed(&self) {
+        assert!(self.installed().is_empty(), "a model is listed: {:?}", self.installed());
+        assert_eq!(self.count("sha256"), 0, "a blob was stored");
+        assert_eq!(self.count("partial"), 0, "a partial download was left");
+        assert_eq!(self.count("by-name"), 0, "a model is visible by name");
+    }
+
+    /// Replaces the served catalog with one built from `packs` at `version`.
+    pub fn republish(&self, packs: &Path, version: &str) {
+        let _ = std::fs::remove_dir_all(self.site.join("packs"));
+        self.publisher.catalog(packs, &self.site, version);
+    }
+}

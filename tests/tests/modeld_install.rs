@@ -1,0 +1,69 @@
+//! One-command installs through the real modeld and pocketctl.
+
+mod common;
+use common::World;
+use pocket_tests::*;
+
+#[test]
+fn install_from_http_catalog_lists_and_removes() {
+    let mut w = World::new();
+    w.start_modeld();
+
+    let cat = w.ctl(&["model", "catalog", "--json"]).ok().json();
+    let names: Vec<&str> = cat.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["attention", "mlp"]);
+    assert_eq!(cat[1]["fits_memory"], true);
+
+    let info = w.ctl(&["model", "install", "mlp", "--json"]).ok().json();
+    assert_eq!(info["name"], "mlp");
+    assert_eq!(info["version"], "1.0");
+    assert_eq!(info["state"], "installed");
+    let onnx = onnx_fixtures().join("mlp.onnx");
+    let (size, sha) = pocket_publish::hash_file(&onnx).unwrap();
+    assert_eq!(info["size_bytes"], size);
+    assert_eq!(info["sha256"], sha.as_str());
+    // The file the runtime will load is the model, byte for byte.
+    assert_eq!(std::fs::read(info["path"].as_str().unwrap()).unwrap(), std::fs::read(&onnx).unwrap());
+    assert!(w.models_dir().join("sha256").join(&sha).is_file());
+    assert!(w.models_dir().join("manifests/mlp.json").is_file());
+
+    let list = w.ctl(&["model", "list", "--json"]).ok().json();
+    for key in ["name", "version", "size_bytes", "sha256", "state"] {
+        assert!(list[0].get(key).is_some(), "list lacks {key}");
+    }
+    assert_eq!(w.installed(), [("mlp".to_string(), "1.0".to_string())]);
+    let status = w.ctl(&["status", "--json"]).ok().json();
+    assert_eq!(status["daemons"]["modeld"]["running"], true);
+    assert_eq!(status["daemons"]["modeld"]["status"], "ok");
+
+    // Installing again is a no-op that succeeds.
+    w.ctl(&["model", "install", "mlp"]).ok();
+    assert_eq!(w.http.served("mlp-1.0.pack").len(), 1, "the pack was downloaded twice");
+
+    w.ctl(&["model", "remove", "mlp"]).ok();
+    w.assert_nothing_installed();
+    w.ctl(&["model", "info", "mlp"]).fails_with("not installed");
+}
+
+#[test]
+fn install_from_a_pack_file_and_a_usb_catalog() {
+    let mut w = World::new();
+    // A second source: the same catalog on a "USB stick" directory.
+    let usb = w.tmp.path().join("usb");
+    w.publisher.catalog(&w.packs, &usb, "1");
+    let extra = format!("catalogs = [\"{}\"]", usb.display());
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    let text: String = text.lines().filter(|l| !l.starts_with("catalogs")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&w.config, format!("{text}{extra}\n")).unwrap();
+    w.start_modeld();
+
+    let info = w.ctl(&["model", "install", "attention", "--json"]).ok().json();
+    assert_eq!(info["name"], "attention");
+    assert!(w.http.log().is_empty(), "the USB install used the network");
+
+    let pack = w.packs.join("mlp-1.0.pack");
+    let info = w.ctl(&["model", "install", "--file", pack.to_str().unwrap(), "--json"]).ok().json();
+    assert_eq!(info["name"], "mlp");
+    assert_eq!(w.installed().len(), 2);
+    assert_eq!(w.count("partial"), 0);
+}
