@@ -154,7 +154,8 @@ pub fn catalog_build(
         signed.body.validate()?;
         let file_name = format!("{}-{}.pack", signed.body.name, signed.version);
         let dest = packs_out.join(&file_name);
-        if std::fs::canonicalize(&path)? != std::fs::canonicalize(&dest).unwrap_or_default() {
+        if !same_file(&path, &dest) {
+            let _ = std::fs::remove_file(&dest);
             if std::fs::hard_link(&path, &dest).is_err() {
                 std::fs::copy(&path, &dest)?;
             }
@@ -187,6 +188,14 @@ pub fn catalog_build(
     )?;
     write_atomic(&out.join(pocket_models::CATALOG_FILE), &env.to_bytes())?;
     Ok(n)
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 fn read_header(path: &Path) -> Result<(Vec<u8>, u64)> {

@@ -69,13 +69,21 @@ impl Source {
         }
     }
 
-    /// Streams `rel` from byte `offset` on (an HTTP Range request).
+    /// Streams `rel` from byte `offset` on (an HTTP Range request). A file
+    /// whose total length differs from the signed `size` is refused before
+    /// its body is read.
     pub async fn open(
         &self,
         http: &reqwest::Client,
         rel: &str,
         offset: u64,
+        size: u64,
     ) -> Result<ByteStream, ModelError> {
+        let wrong_size = |what: &str, total: u64| {
+            ModelError::Corrupt(format!(
+                "{what} is {total} bytes but the signed catalog says {size} (truncated or tampered)"
+            ))
+        };
         match self {
             Source::Http(base) => {
                 let url = self.url(base, rel)?;
@@ -84,11 +92,25 @@ impl Source {
                     req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
                 }
                 let resp = req.send().await.map_err(net(&url))?;
+                if resp.status() == reqwest::StatusCode::RANGE_NOT_SATISFIABLE {
+                    return Err(wrong_size(url.as_str(), offset));
+                }
                 let resp = resp.error_for_status().map_err(net(&url))?;
-                if offset > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                let total = if resp.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+                    resp.headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.rsplit('/').next())
+                        .and_then(|t| t.parse::<u64>().ok())
+                } else if offset > 0 {
                     return Err(ModelError::Network(format!(
                         "{url} does not support resuming (HTTP Range)"
                     )));
+                } else {
+                    resp.content_length()
+                };
+                if let Some(total) = total.filter(|t| *t != size) {
+                    return Err(wrong_size(url.as_str(), total));
                 }
                 let u = url.clone();
                 Ok(Box::pin(resp.bytes_stream().map(move |r| r.map_err(net(&u)))))
@@ -99,6 +121,14 @@ impl Source {
                 let mut f = tokio::fs::File::open(&path)
                     .await
                     .map_err(|e| ModelError::io(format!("opening {}", path.display()), &path, e))?;
+                let total = f
+                    .metadata()
+                    .await
+                    .map_err(|e| ModelError::io("reading", &path, e))?
+                    .len();
+                if total != size {
+                    return Err(wrong_size(&path.display().to_string(), total));
+                }
                 f.seek(std::io::SeekFrom::Start(offset))
                     .await
                     .map_err(|e| ModelError::io("seeking", &path, e))?;

@@ -194,6 +194,12 @@ impl Engine {
     pub async fn catalog(&self) -> Result<Vec<CatalogModel>, ModelError> {
         self.refresh().await?;
         let catalogs = self.catalogs.lock().await.clone();
+        if catalogs.entries.is_empty() && !catalogs.problems.is_empty() {
+            return Err(ModelError::Untrusted(format!(
+                "no usable catalog: {}",
+                catalogs.problems.join("; ")
+            )));
+        }
         let installed = self.store.installed()?;
         let free = self.store.free_bytes();
         Ok(catalogs
@@ -276,13 +282,22 @@ impl Engine {
             return Ok((job.clone(), false));
         }
         self.refresh().await?;
-        let (source, entry) = self
-            .catalogs
-            .lock()
-            .await
-            .find(name)
-            .cloned()
-            .ok_or_else(|| ModelError::NotInCatalog(name.to_string()))?;
+        let (source, entry) = {
+            let catalogs = self.catalogs.lock().await;
+            match catalogs.find(name) {
+                Some(found) => found.clone(),
+                None if catalogs.problems.is_empty() => {
+                    return Err(ModelError::NotInCatalog(name.to_string()))
+                }
+                // Say why a catalog that may list it was refused.
+                None => {
+                    return Err(ModelError::Untrusted(format!(
+                        "no model named {name:?} in any usable catalog; refused: {}",
+                        catalogs.problems.join("; ")
+                    )))
+                }
+            }
+        };
         self.precheck(&entry)?;
         let job = {
             let mut jobs = self.jobs.lock().expect("not poisoned");
@@ -360,6 +375,8 @@ impl Engine {
             if let Err(e) = &result {
                 if !e.keeps_partial() {
                     crate::store::remove_partial(&dir);
+                    // Give back what this install stored.
+                    let _ = this.store.gc_blobs();
                 }
                 let _ = this.store.clear_pending(&entry.name);
             }
@@ -386,7 +403,9 @@ impl Engine {
         let mut failures = 0;
         while writer.pos() < entry.pack.size {
             job.done.store(writer.pos(), Ordering::Relaxed);
-            let interrupted = match source.open(&self.http, &entry.pack.path, writer.pos()).await {
+            let interrupted = match source
+                .open(&self.http, &entry.pack.path, writer.pos(), entry.pack.size)
+                .await {
                 Ok(stream) => match pump(writer, stream, job).await {
                     PumpEnd::Ended(w) => {
                         writer = w;
@@ -427,7 +446,6 @@ impl Engine {
         let store = self.store.clone();
         let source = source.to_string();
         let dir = writer.dir().to_path_buf();
-        let active = self.active_partials();
         let name = blocking(move || {
             let (manifest, digest) = writer.finish()?;
             let model = InstalledModel {
@@ -443,7 +461,7 @@ impl Engine {
             store.publish(&model, &digest)?;
             crate::store::remove_partial(&dir);
             // Blobs of a replaced version are no longer referenced.
-            store.gc(&active)?;
+            store.gc_blobs()?;
             tracing::info!(model = %model.name, version = %model.version, "installed");
             Ok(model.name)
         })
@@ -471,6 +489,9 @@ impl Engine {
         tokio::spawn(async move {
             let result = this.run_file(&j, file, keyring, dir.clone()).await;
             crate::store::remove_partial(&dir);
+            if result.is_err() {
+                let _ = this.store.gc_blobs();
+            }
             this.finish(&j, result);
         });
         Ok(job)
@@ -528,10 +549,9 @@ impl Engine {
         }
         let store = self.store.clone();
         let name = name.to_string();
-        let active = self.active_partials();
         blocking(move || {
             store.unpublish(&name)?;
-            store.gc(&active)?;
+            store.gc_blobs()?;
             Ok(())
         })
         .await

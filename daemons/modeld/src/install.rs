@@ -197,6 +197,9 @@ impl PackWriter {
 
     fn accept_header(&mut self) -> Result<(), ModelError> {
         let now = SystemTime::now();
+        if let Some(entry) = &self.expect {
+            pocket_models::check_header_bytes(entry, &self.header)?;
+        }
         let manifest = pocket_models::verify_header(&self.keyring, &self.header, now)?;
         if let Some(entry) = &self.expect {
             pocket_models::check_against_catalog(entry, &self.header, &manifest)?;
@@ -355,6 +358,10 @@ impl PackWriter {
             .is_some_and(|m| self.index == m.body.files.len());
         if !complete {
             self.flush()?;
+            if let Some(cur) = self.current.take() {
+                // Names the file that came up short.
+                cur.verifier.finish()?;
+            }
             let expected = self.expect.as_ref().map(|e| e.pack.size).unwrap_or(0);
             return Err(pocket_trust::TrustError::Truncated {
                 what: "model pack".into(),

@@ -264,32 +264,49 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes blobs no installed model references and partial downloads
-    /// that are neither pending nor in `active`. Returns bytes freed.
+    /// Deletes partial downloads that are neither pending nor in `active`,
+    /// then blobs nothing references. Returns bytes freed.
     pub fn gc(&self, active: &[PathBuf]) -> Result<u64, ModelError> {
-        self.reconcile()?;
-        let referenced: std::collections::BTreeSet<String> = self
-            .installed()?
-            .into_iter()
-            .flat_map(|m| m.files.into_iter().map(|f| f.sha256))
-            .collect();
         let pending: Vec<PathBuf> = self
             .pending()?
             .iter()
             .map(|p| self.partial_dir(&p.entry.name, &p.entry.pack.header_sha256))
             .collect();
         let mut freed = 0;
+        for entry in read_dir(&self.models.join("partial"))? {
+            let p = entry.path();
+            if !pending.contains(&p) && !active.contains(&p) {
+                freed += remove_partial(&p);
+            }
+        }
+        Ok(freed + self.gc_blobs()?)
+    }
+
+    /// Deletes blobs that neither an installed model nor a partial download
+    /// (whose verified header lists what it is storing) references.
+    pub fn gc_blobs(&self) -> Result<u64, ModelError> {
+        self.reconcile()?;
+        let mut referenced: std::collections::BTreeSet<String> = self
+            .installed()?
+            .into_iter()
+            .flat_map(|m| m.files.into_iter().map(|f| f.sha256))
+            .collect();
+        for entry in read_dir(&self.models.join("partial"))? {
+            let Ok(header) = std::fs::read(entry.path().join("header")) else {
+                continue;
+            };
+            let manifest = pocket_trust::Envelope::from_bytes("header", &header)
+                .and_then(|e| e.peek::<pocket_models::PackManifest>());
+            if let Ok(m) = manifest {
+                referenced.extend(m.body.files.into_iter().map(|f| f.sha256));
+            }
+        }
+        let mut freed = 0;
         for entry in read_dir(&self.models.join("sha256"))? {
             let n = entry.file_name().to_string_lossy().to_string();
             if !referenced.contains(&n) {
                 freed += entry.metadata().map(|m| m.len()).unwrap_or(0);
                 let _ = std::fs::remove_file(entry.path());
-            }
-        }
-        for entry in read_dir(&self.models.join("partial"))? {
-            let p = entry.path();
-            if !pending.contains(&p) && !active.contains(&p) {
-                freed += remove_partial(&p);
             }
         }
         Ok(freed)
