@@ -122,3 +122,24 @@ impl Publisher {
         self.catalog_with(packs_dir, out, version, "30d", std::slice::from_ref(&self.models_key));
     }
 }
+
+/// A seeded ONNX model whose weights take about `mb` MiB (the fixture
+/// script's `big.onnx`), generated once per size. Returns its path.
+pub fn onnx_big_fixture(mb: u32) -> PathBuf {
+    static DONE: std::sync::Mutex<Vec<(u32, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().expect("fixture lock");
+    if let Some((_, p)) = done.iter().find(|(m, _)| *m == mb) {
+        return p.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("pocket-fixtures-{}-big{mb}", std::process::id()));
+    let status = Command::new("python3")
+        .arg(crate::workspace_root().join("models/fixtures/gen_fixtures.py"))
+        .arg(&dir)
+        .arg(format!("--big-mb={mb}"))
+        .status()
+        .expect("python3 is installed");
+    assert!(status.success(), "fixture generation failed");
+    let p = dir.join("big.onnx");
+    done.push((mb, p.clone()));
+    p
+}

@@ -19,8 +19,9 @@ pub struct Served {
 struct State {
     /// Body bytes per second per connection; 0 for no limit.
     throttle: AtomicU64,
-    /// Drop the next body after this many bytes (once); 0 for never.
-    drop_after: AtomicU64,
+    /// Drop the next body of a path with this suffix after this many bytes
+    /// (once).
+    drop_after: Mutex<Option<(String, u64)>>,
     stop: AtomicBool,
     log: Mutex<Vec<Served>>,
 }
@@ -77,8 +78,10 @@ impl HttpServer {
         self.state.throttle.store(bytes_per_sec, Ordering::Relaxed);
     }
 
-    pub fn drop_next_body_after(&self, bytes: u64) {
-        self.state.drop_after.store(bytes, Ordering::Relaxed);
+    /// Drops the next response body for a path ending with `suffix` after
+    /// `bytes` bytes.
+    pub fn drop_next_body_after(&self, suffix: &str, bytes: u64) {
+        *self.state.drop_after.lock().expect("lock") = Some((suffix.into(), bytes));
     }
 
     pub fn log(&self) -> Vec<Served> {
@@ -147,7 +150,17 @@ fn handle(conn: TcpStream, root: &Path, st: &State) -> std::io::Result<()> {
     out.write_all(head.as_bytes())?;
     file.seek(SeekFrom::Start(start))?;
     let idx = log(st, &path, status, start, 0);
-    let drop_after = st.drop_after.swap(0, Ordering::Relaxed);
+    let drop_after = {
+        let mut d = st.drop_after.lock().expect("lock");
+        match d.as_ref() {
+            Some((suffix, n)) if path.ends_with(suffix.as_str()) => {
+                let n = *n;
+                *d = None;
+                n
+            }
+            _ => 0,
+        }
+    };
     let mut buf = vec![0u8; 64 << 10];
     let begun = Instant::now();
     let mut sent = 0u64;

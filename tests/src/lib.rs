@@ -16,7 +16,7 @@ mod http;
 
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
-pub use fixtures::{onnx_fixtures, random_file, Publisher};
+pub use fixtures::{onnx_big_fixture, onnx_fixtures, random_file, Publisher};
 pub use http::{HttpServer, Served};
 
 use std::path::PathBuf;

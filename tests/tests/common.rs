@@ -53,14 +53,25 @@ impl World {
         w
     }
 
-    /// Writes modeld.toml with the HTTP catalog and `extra` lines.
+    /// Writes modeld.toml with the HTTP catalog; `extra` lines add keys or
+    /// replace the defaults.
     pub fn write_config(&mut self, extra: &str) {
-        let text = format!(
-            "data_dir = \"{}\"\nkeyring_dir = \"{}\"\ncatalogs = [\"{}\"]\nreserve_bytes = 0\ndownload_attempts = 3\n{extra}\n",
-            self.data.display(),
-            self.publisher.keyring_dir.display(),
-            self.http.url(),
-        );
+        let defaults = [
+            format!("data_dir = \"{}\"", self.data.display()),
+            format!("keyring_dir = \"{}\"", self.publisher.keyring_dir.display()),
+            format!("catalogs = [\"{}\"]", self.http.url()),
+            "reserve_bytes = 0".to_string(),
+            "download_attempts = 3".to_string(),
+        ];
+        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+        let overridden: Vec<String> = extra.lines().map(key).collect();
+        let mut text: String = defaults
+            .iter()
+            .filter(|l| !overridden.contains(&key(l)))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(extra);
+        text.push('\n');
         std::fs::write(&self.config, text).unwrap();
     }
 

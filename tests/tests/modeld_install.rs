@@ -51,10 +51,7 @@ fn install_from_a_pack_file_and_a_usb_catalog() {
     // A second source: the same catalog on a "USB stick" directory.
     let usb = w.tmp.path().join("usb");
     w.publisher.catalog(&w.packs, &usb, "1");
-    let extra = format!("catalogs = [\"{}\"]", usb.display());
-    let text = std::fs::read_to_string(&w.config).unwrap();
-    let text: String = text.lines().filter(|l| !l.starts_with("catalogs")).map(|l| format!("{l}\n")).collect();
-    std::fs::write(&w.config, format!("{text}{extra}\n")).unwrap();
+    w.write_config(&format!("catalogs = [\"{}\"]", usb.display()));
     w.start_modeld();
 
     let info = w.ctl(&["model", "install", "attention", "--json"]).ok().json();
