@@ -374,3 +374,72 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ModelError> {
     serde_json::from_slice(b).map_err(ModelError::state)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(store: &Store, bytes: &[u8]) -> PackFile {
+        let sha = pocket_trust::sha256_hex(bytes);
+        let tmp = store.root().join("sha256").join("x.part");
+        std::fs::write(&tmp, bytes).unwrap();
+        store.commit_blob(&tmp, &sha).unwrap();
+        PackFile {
+            path: "model.onnx".into(),
+            size: bytes.len() as u64,
+            sha256: sha,
+        }
+    }
+
+    fn model(files: Vec<PackFile>) -> InstalledModel {
+        InstalledModel {
+            name: "m".into(),
+            version: "1".parse().unwrap(),
+            description: String::new(),
+            entry: "model.onnx".into(),
+            memory_bytes: 1,
+            files,
+            installed_at: String::new(),
+            source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn a_power_cut_before_the_commit_leaves_nothing_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let f = blob(&store, b"weights");
+        // Stale derived files, as if a removal was cut short.
+        std::fs::create_dir_all(store.root().join("trees/m-1")).unwrap();
+        std::os::unix::fs::symlink("../trees/m-1", store.root().join("by-name/m")).unwrap();
+        std::fs::write(store.root().join("manifests/m.json"), b"{}").unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.reconcile().unwrap();
+        assert!(store.installed().unwrap().is_empty());
+        assert!(!store.root().join("by-name/m").exists());
+        assert!(!store.root().join("manifests/m.json").exists());
+        assert!(!store.root().join("trees/m-1").exists());
+        assert_eq!(store.gc_blobs().unwrap(), 7);
+        assert!(!store.has_blob(&f.sha256));
+    }
+
+    #[test]
+    fn a_power_cut_after_the_commit_is_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let f = blob(&store, b"weights");
+        store.publish(&model(vec![f.clone()]), "digest").unwrap();
+        // Lose every derived file, as if the cut came right after the commit.
+        std::fs::remove_dir_all(store.root().join("trees")).unwrap();
+        std::fs::remove_file(store.root().join("by-name/m")).unwrap();
+        std::fs::remove_file(store.root().join("manifests/m.json")).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        store.reconcile().unwrap();
+        let m = store.get("m").unwrap().unwrap();
+        assert_eq!(std::fs::read(store.entry_path(&m)).unwrap(), b"weights");
+        assert!(store.root().join("manifests/m.json").is_file());
+        assert_eq!(store.gc_blobs().unwrap(), 0);
+    }
+}
