@@ -82,14 +82,23 @@ impl PackManifest {
         for f in &self.files {
             validate_path(&f.path)?;
             if !seen.insert(f.path.as_str()) {
-                return Err(FormatError::Invalid(format!("file {:?} is listed twice", f.path)));
+                return Err(FormatError::Invalid(format!(
+                    "file {:?} is listed twice",
+                    f.path
+                )));
             }
             if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(FormatError::Invalid(format!("file {:?} has a bad sha256", f.path)));
+                return Err(FormatError::Invalid(format!(
+                    "file {:?} has a bad sha256",
+                    f.path
+                )));
             }
         }
         if !seen.contains(self.entry.as_str()) {
-            return Err(FormatError::Invalid(format!("entry {:?} is not one of the files", self.entry)));
+            return Err(FormatError::Invalid(format!(
+                "entry {:?} is not one of the files",
+                self.entry
+            )));
         }
         Ok(())
     }
@@ -119,7 +128,9 @@ pub fn validate_path(path: &str) -> Result<(), FormatError> {
         || path.starts_with('/')
         || path.contains('\\')
         || path.contains('\0')
-        || path.split('/').any(|p| p.is_empty() || p == "." || p == "..");
+        || path
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..");
     if bad {
         Err(FormatError::Invalid(format!(
             "file {path:?} is outside the model's directory"
@@ -175,7 +186,10 @@ impl Catalog {
     }
 
     pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
-        self.models.iter().filter(|e| e.name == name).max_by(|a, b| a.version.cmp(&b.version))
+        self.models
+            .iter()
+            .filter(|e| e.name == name)
+            .max_by(|a, b| a.version.cmp(&b.version))
     }
 }
 
@@ -217,7 +231,9 @@ pub fn check_header_bytes(entry: &CatalogEntry, header: &[u8]) -> Result<(), For
     if header.len() as u64 != entry.pack.header_size
         || pocket_trust::sha256_hex(header) != entry.pack.header_sha256
     {
-        return Err(FormatError::CatalogMismatch("header differs from the signed catalog".into()));
+        return Err(FormatError::CatalogMismatch(
+            "header differs from the signed catalog".into(),
+        ));
     }
     Ok(())
 }
@@ -309,7 +325,15 @@ mod tests {
 
     #[test]
     fn paths_outside_the_model_are_refused() {
-        for bad in ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "", "a\\b"] {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "a//b",
+            "./a",
+            "",
+            "a\\b",
+        ] {
             assert!(validate_path(bad).is_err(), "{bad:?}");
         }
         for good in ["model.onnx", "weights/part1.bin", "a.b/c-d_e"] {
@@ -328,7 +352,10 @@ mod tests {
     #[test]
     fn prefix_round_trips_and_bounds_header() {
         assert_eq!(parse_prefix(&encode_prefix(42)).unwrap(), 42);
-        assert!(matches!(parse_prefix(&encode_prefix(MAX_HEADER_LEN + 1)), Err(FormatError::HeaderTooLarge(_))));
+        assert!(matches!(
+            parse_prefix(&encode_prefix(MAX_HEADER_LEN + 1)),
+            Err(FormatError::HeaderTooLarge(_))
+        ));
         let mut p = encode_prefix(1);
         p[0] = b'X';
         assert!(matches!(parse_prefix(&p), Err(FormatError::BadMagic)));

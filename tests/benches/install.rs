@@ -1,1 +1,122 @@
-fn main() {}
+//! `just bench` (install part): a verified one-command install of a large
+//! pack from 127.0.0.1, against `curl -o` alone and `curl -o` + `sha256sum`
+//! on the same file from the same server, in the same run.
+//!
+//! Size: `POCKET_BENCH_MB` (default 256). Runs: `POCKET_BENCH_RUNS` (3).
+
+use pocket_tests::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(mut f: impl FnMut()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let mb: u64 = std::env::var("POCKET_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    let runs: usize = std::env::var("POCKET_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let work = workspace_root().join("target/bench-install");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+
+    let publisher = Publisher::new(&work.join("publisher"));
+    let weights = work.join("weights.bin");
+    random_file(&weights, mb << 20, 42);
+    let packs = work.join("packs");
+    let pack = publisher.pack(&packs, "big", "1.0", &[("big.bin", &weights)]);
+    std::fs::remove_file(&weights).unwrap();
+    let site = work.join("site");
+    publisher.catalog(&packs, &site, "1");
+    let size = std::fs::metadata(&pack).unwrap().len();
+    let http = HttpServer::serve(&site);
+    let url = format!("{}packs/big-1.0.pack", http.url());
+
+    let bus = DevBus::start();
+    let data = work.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = work.join("modeld.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nkeyring_dir = \"{}\"\ncatalogs = [\"{}\"]\nreserve_bytes = 0\n",
+            data.display(),
+            publisher.keyring_dir.display(),
+            http.url()
+        ),
+    )
+    .unwrap();
+    let _modeld = Daemon::start(&bus, "pocket-modeld", "org.pocketos.Models1", &config);
+    let ctl = |args: &[&str]| run_pocketctl(&bus, RunAs::Me, args).ok();
+
+    let out = work.join("curl.out");
+    // Warm the page cache for the server's file so every contender reads it
+    // from memory.
+    run(Command::new("curl").args(["-sf", "-o", out.to_str().unwrap(), &url]));
+    let (mut curl, mut curl_sha, mut modeld) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&out);
+        curl.push(time(|| {
+            run(Command::new("curl").args(["-sf", "-o", out.to_str().unwrap(), &url]))
+        }));
+        let _ = std::fs::remove_file(&out);
+        curl_sha.push(time(|| {
+            run(Command::new("curl").args(["-sf", "-o", out.to_str().unwrap(), &url]));
+            run(Command::new("sha256sum").arg(&out));
+        }));
+        let _ = std::fs::remove_file(&out);
+        modeld.push(time(|| {
+            ctl(&["model", "install", "big"]);
+        }));
+        ctl(&["model", "remove", "big"]);
+    }
+    let (c, cs, m) = (median(curl), median(curl_sha), median(modeld));
+    let secs = |d: Duration| d.as_secs_f64();
+    let mbs = |d: Duration| size as f64 / (1 << 20) as f64 / secs(d);
+    println!(
+        "install benchmark: {} MiB pack from 127.0.0.1, median of {runs} runs",
+        size >> 20
+    );
+    println!("| contender | seconds | MiB/s | vs curl -o |");
+    println!("|---|---|---|---|");
+    println!("| curl -o | {:.3} | {:.0} | 1.00x |", secs(c), mbs(c));
+    println!(
+        "| curl -o && sha256sum | {:.3} | {:.0} | {:.2}x |",
+        secs(cs),
+        mbs(cs),
+        secs(cs) / secs(c)
+    );
+    println!(
+        "| pocketctl model install (verified, fsynced, published) | {:.3} | {:.0} | {:.2}x |",
+        secs(m),
+        mbs(m),
+        secs(m) / secs(c)
+    );
+    println!("modeld / (curl + sha256sum) = {:.2}", secs(m) / secs(cs));
+    let _ = std::fs::remove_dir_all(&work);
+}

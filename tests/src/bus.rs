@@ -30,7 +30,11 @@ pub fn policy_files() -> Vec<PathBuf> {
     let daemons = crate::workspace_root().join("daemons");
     let mut out = Vec::new();
     for d in std::fs::read_dir(daemons).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(d.path().join("data")).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(d.path().join("data"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if f.path().extension().is_some_and(|e| e == "conf") {
                 out.push(f.path());
             }
@@ -46,14 +50,18 @@ impl DevBus {
     }
 
     pub fn start_with(policy: BusPolicy) -> DevBus {
-        let dir = tempfile::Builder::new().prefix("pocket-bus").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("pocket-bus")
+            .tempdir()
+            .expect("temp dir");
         // Other users (the unprivileged callers in tests) must reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod bus dir");
         let socket = dir.path().join("system_bus_socket");
-        let template = std::fs::read_to_string(crate::workspace_root().join("tests/data/dev-bus.conf.in"))
-            .expect("tests/data/dev-bus.conf.in");
+        let template =
+            std::fs::read_to_string(crate::workspace_root().join("tests/data/dev-bus.conf.in"))
+                .expect("tests/data/dev-bus.conf.in");
         let includes: String = policy_files()
             .iter()
             .map(|p| format!("  <include>{}</include>\n", p.display()))
@@ -80,7 +88,10 @@ impl DevBus {
             .read_line(&mut line)
             .expect("dbus-daemon prints its address");
         let address = line.trim().to_string();
-        assert!(address.starts_with("unix:"), "dbus-daemon failed to start: {line:?}");
+        assert!(
+            address.starts_with("unix:"),
+            "dbus-daemon failed to start: {line:?}"
+        );
         DevBus {
             child,
             address,

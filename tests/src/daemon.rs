@@ -12,7 +12,11 @@ pub fn bin_path(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "{} is not built; run `cargo build --workspace --bins`", p.display());
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace --bins`",
+        p.display()
+    );
     p
 }
 
@@ -58,12 +62,20 @@ impl Daemon {
             .expect("spawn daemon");
         self.child = Some(child);
         let name = self.bus_name.clone();
-        wait_for(&format!("{} on the bus", self.bus_name), Duration::from_secs(30), || {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("{} exited with {status}: {}", self.bin, self.log_text());
-            }
-            bus.has_owner(&name).then_some(())
-        });
+        wait_for(
+            &format!("{} on the bus", self.bus_name),
+            Duration::from_secs(30),
+            || {
+                if let Some(status) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    panic!("{} exited with {status}: {}", self.bin, self.log_text());
+                }
+                bus.has_owner(&name).then_some(())
+            },
+        );
     }
 
     /// What the daemon wrote to stderr so far.
@@ -118,15 +130,27 @@ impl Output {
     }
 
     pub fn ok(self) -> Self {
-        assert!(self.status.success(), "command failed: {}\n{}", self.stderr, self.stdout);
+        assert!(
+            self.status.success(),
+            "command failed: {}\n{}",
+            self.stderr,
+            self.stdout
+        );
         self
     }
 
     /// Asserts failure with a one-line error mentioning `needle`.
     pub fn fails_with(&self, needle: &str) {
-        assert!(!self.status.success(), "expected failure, got: {}", self.stdout);
+        assert!(
+            !self.status.success(),
+            "expected failure, got: {}",
+            self.stdout
+        );
         let err = self.stderr.trim();
-        assert!(err.contains(needle), "error {err:?} does not mention {needle:?}");
+        assert!(
+            err.contains(needle),
+            "error {err:?} does not mention {needle:?}"
+        );
         assert_eq!(err.lines().count(), 1, "error is not one line: {err:?}");
     }
 }

@@ -16,7 +16,10 @@ pub fn onnx_fixtures() -> PathBuf {
             .arg(&dir)
             .status()
             .expect("python3 is installed");
-        assert!(status.success(), "fixture generation failed (pip install onnx numpy)");
+        assert!(
+            status.success(),
+            "fixture generation failed (pip install onnx numpy)"
+        );
         dir
     })
     .clone()
@@ -53,7 +56,9 @@ pub struct Publisher {
 }
 
 fn keygen(dir: &Path) -> (PathBuf, PathBuf) {
-    pocket_trust::SecretKey::generate().save(dir).expect("save key")
+    pocket_trust::SecretKey::generate()
+        .save(dir)
+        .expect("save key")
 }
 
 impl Publisher {
@@ -92,34 +97,78 @@ impl Publisher {
     }
 
     /// Signs a pack of `files` as `name` `version` with `keys`.
-    pub fn pack_with(&self, name: &str, version: &str, files: &[(&str, &Path)], keys: &[PathBuf], expires: Option<&str>, out: &Path) {
+    pub fn pack_with(
+        &self,
+        name: &str,
+        version: &str,
+        files: &[(&str, &Path)],
+        keys: &[PathBuf],
+        expires: Option<&str>,
+        out: &Path,
+    ) {
         let spec = PackSpec {
             name: name.into(),
             version: version.into(),
             description: format!("{name} test model"),
             entry: None,
             memory_bytes: None,
-            files: files.iter().map(|(n, p)| (n.to_string(), p.to_path_buf())).collect(),
+            files: files
+                .iter()
+                .map(|(n, p)| (n.to_string(), p.to_path_buf()))
+                .collect(),
         };
         pocket_publish::model_pack(&spec, keys, expires, out, SystemTime::now()).expect("pack");
     }
 
     /// A pack signed by the models key, written into `packs_dir`.
-    pub fn pack(&self, packs_dir: &Path, name: &str, version: &str, files: &[(&str, &Path)]) -> PathBuf {
+    pub fn pack(
+        &self,
+        packs_dir: &Path,
+        name: &str,
+        version: &str,
+        files: &[(&str, &Path)],
+    ) -> PathBuf {
         std::fs::create_dir_all(packs_dir).expect("packs dir");
         let out = packs_dir.join(format!("{name}-{version}.pack"));
-        self.pack_with(name, version, files, std::slice::from_ref(&self.models_key), None, &out);
+        self.pack_with(
+            name,
+            version,
+            files,
+            std::slice::from_ref(&self.models_key),
+            None,
+            &out,
+        );
         out
     }
 
     /// Signs `out/catalog.json` over the packs in `packs_dir`.
-    pub fn catalog_with(&self, packs_dir: &Path, out: &Path, version: &str, expires: &str, keys: &[PathBuf]) {
-        pocket_publish::catalog_build(packs_dir, keys, expires, Some(version.into()), out, SystemTime::now())
-            .expect("catalog");
+    pub fn catalog_with(
+        &self,
+        packs_dir: &Path,
+        out: &Path,
+        version: &str,
+        expires: &str,
+        keys: &[PathBuf],
+    ) {
+        pocket_publish::catalog_build(
+            packs_dir,
+            keys,
+            expires,
+            Some(version.into()),
+            out,
+            SystemTime::now(),
+        )
+        .expect("catalog");
     }
 
     pub fn catalog(&self, packs_dir: &Path, out: &Path, version: &str) {
-        self.catalog_with(packs_dir, out, version, "30d", std::slice::from_ref(&self.models_key));
+        self.catalog_with(
+            packs_dir,
+            out,
+            version,
+            "30d",
+            std::slice::from_ref(&self.models_key),
+        );
     }
 }
 

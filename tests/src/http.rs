@@ -90,7 +90,10 @@ impl HttpServer {
 
     /// Responses for paths ending with `suffix`.
     pub fn served(&self, suffix: &str) -> Vec<Served> {
-        self.log().into_iter().filter(|s| s.path.ends_with(suffix)).collect()
+        self.log()
+            .into_iter()
+            .filter(|s| s.path.ends_with(suffix))
+            .collect()
     }
 
     pub fn clear_log(&self) {
@@ -126,9 +129,15 @@ fn handle(conn: TcpStream, root: &Path, st: &State) -> std::io::Result<()> {
     let rel = path.trim_start_matches('/');
     let file_path = root.join(rel);
     let bad = rel.split('/').any(|p| p == "..");
-    let Ok(mut file) = (if bad { Err(std::io::ErrorKind::NotFound.into()) } else { std::fs::File::open(&file_path) }) else {
+    let Ok(mut file) = (if bad {
+        Err(std::io::ErrorKind::NotFound.into())
+    } else {
+        std::fs::File::open(&file_path)
+    }) else {
         log(st, &path, 404, 0, 0);
-        return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return out.write_all(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        );
     };
     let size = file.metadata()?.len();
     let start = range_start.unwrap_or(0);
@@ -144,7 +153,10 @@ fn handle(conn: TcpStream, root: &Path, st: &State) -> std::io::Result<()> {
         size - start
     );
     if status == 206 {
-        head.push_str(&format!("Content-Range: bytes {start}-{}/{size}\r\n", size - 1));
+        head.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{size}\r\n",
+            size - 1
+        ));
     }
     head.push_str("\r\n");
     out.write_all(head.as_bytes())?;
@@ -166,7 +178,11 @@ fn handle(conn: TcpStream, root: &Path, st: &State) -> std::io::Result<()> {
     let mut sent = 0u64;
     loop {
         let throttle = st.throttle.load(Ordering::Relaxed);
-        let chunk = if throttle > 0 { (throttle / 20).clamp(1, buf.len() as u64) as usize } else { buf.len() };
+        let chunk = if throttle > 0 {
+            (throttle / 20).clamp(1, buf.len() as u64) as usize
+        } else {
+            buf.len()
+        };
         let mut n = file.read(&mut buf[..chunk])?;
         if n == 0 {
             break;

@@ -18,13 +18,15 @@ fn interface_block(xml: &str, name: &str) -> String {
 /// `POCKET_BLESS=1` rewrites it.
 #[test]
 fn shipped_introspection_matches_the_daemon() {
-    let mut w = World::new();
+    let mut w = World::start();
     w.start_modeld();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (main, job) = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), async {
             let conn = w.bus.connect().await;
-            let m = pocket_proto::models::Models1Proxy::new(&conn).await.unwrap();
+            let m = pocket_proto::models::Models1Proxy::new(&conn)
+                .await
+                .unwrap();
             let path = m.install("mlp").await.unwrap();
             let intro = |p: String| {
                 let conn = conn.clone();
@@ -42,7 +44,10 @@ fn shipped_introspection_matches_the_daemon() {
                         .unwrap()
                 }
             };
-            (intro("/org/pocketos/Models1".into()).await, intro(path.to_string()).await)
+            (
+                intro("/org/pocketos/Models1".into()).await,
+                intro(path.to_string()).await,
+            )
         })
         .await
         .expect("introspection in time")
@@ -56,12 +61,16 @@ fn shipped_introspection_matches_the_daemon() {
     if std::env::var_os("POCKET_BLESS").is_some() {
         std::fs::write(&shipped, &xml).unwrap();
     }
-    assert_eq!(std::fs::read_to_string(&shipped).unwrap_or_default(), xml, "run with POCKET_BLESS=1 to update");
+    assert_eq!(
+        std::fs::read_to_string(&shipped).unwrap_or_default(),
+        xml,
+        "run with POCKET_BLESS=1 to update"
+    );
 }
 
 #[test]
 fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
-    let mut w = World::new();
+    let mut w = World::start();
     w.start_modeld();
     w.ctl(&["model", "catalog"]).ok();
     let p = &w.publisher;
@@ -86,8 +95,15 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
     let unchained = w.tmp.path().join("unchained");
     rotate(vec![new_root.clone()], "2", &unchained).unwrap();
     std::fs::copy(unchained.join("keyring.json"), w.site.join("keyring.json")).unwrap();
-    w.publisher.catalog_with(&w.packs, &w.site, "2", "30d", std::slice::from_ref(&new_models));
-    w.ctl(&["model", "install", "mlp"]).fails_with("keyring metadata is signed by 0 trusted root key(s)");
+    w.publisher.catalog_with(
+        &w.packs,
+        &w.site,
+        "2",
+        "30d",
+        std::slice::from_ref(&new_models),
+    );
+    w.ctl(&["model", "install", "mlp"])
+        .fails_with("keyring metadata is signed by 0 trusted root key(s)");
     w.assert_nothing_installed();
 
     // Signed by the old root and the new: accepted, and the new models key
@@ -97,9 +113,22 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
     std::fs::copy(chained.join("keyring.json"), w.site.join("keyring.json")).unwrap();
     let packs2 = w.tmp.path().join("packs-new-key");
     std::fs::create_dir_all(&packs2).unwrap();
-    w.publisher.pack_with("mlp", "1.1", &[("mlp.onnx", &onnx_fixtures().join("mlp.onnx"))], std::slice::from_ref(&new_models), None, &packs2.join("mlp.pack"));
+    w.publisher.pack_with(
+        "mlp",
+        "1.1",
+        &[("mlp.onnx", &onnx_fixtures().join("mlp.onnx"))],
+        std::slice::from_ref(&new_models),
+        None,
+        &packs2.join("mlp.pack"),
+    );
     let _ = std::fs::remove_dir_all(w.site.join("packs"));
-    w.publisher.catalog_with(&packs2, &w.site, "3", "30d", std::slice::from_ref(&new_models));
+    w.publisher.catalog_with(
+        &packs2,
+        &w.site,
+        "3",
+        "30d",
+        std::slice::from_ref(&new_models),
+    );
     w.ctl(&["model", "install", "mlp"]).ok();
 
     // The rotation survives a restart even when the source stops offering
@@ -108,7 +137,15 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
     w.restart_modeld();
     w.ctl(&["model", "catalog"]).ok();
     let old_signed = w.tmp.path().join("old-signed.pack");
-    w.publisher.pack_with("attention", "1.0", &[("attention.onnx", &onnx_fixtures().join("attention.onnx"))], std::slice::from_ref(&w.publisher.models_key), None, &old_signed);
-    w.ctl(&["model", "install", "--file", old_signed.to_str().unwrap()]).fails_with("signed by 0 trusted models key(s)");
+    w.publisher.pack_with(
+        "attention",
+        "1.0",
+        &[("attention.onnx", &onnx_fixtures().join("attention.onnx"))],
+        std::slice::from_ref(&w.publisher.models_key),
+        None,
+        &old_signed,
+    );
+    w.ctl(&["model", "install", "--file", old_signed.to_str().unwrap()])
+        .fails_with("signed by 0 trusted models key(s)");
     assert_eq!(w.installed(), [("mlp".to_string(), "1.1".to_string())]);
 }

@@ -6,11 +6,16 @@ use pocket_tests::*;
 
 #[test]
 fn install_from_http_catalog_lists_and_removes() {
-    let mut w = World::new();
+    let mut w = World::start();
     w.start_modeld();
 
     let cat = w.ctl(&["model", "catalog", "--json"]).ok().json();
-    let names: Vec<&str> = cat.as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = cat
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["attention", "mlp"]);
     assert_eq!(cat[1]["fits_memory"], true);
 
@@ -23,7 +28,10 @@ fn install_from_http_catalog_lists_and_removes() {
     assert_eq!(info["size_bytes"], size);
     assert_eq!(info["sha256"], sha.as_str());
     // The file the runtime will load is the model, byte for byte.
-    assert_eq!(std::fs::read(info["path"].as_str().unwrap()).unwrap(), std::fs::read(&onnx).unwrap());
+    assert_eq!(
+        std::fs::read(info["path"].as_str().unwrap()).unwrap(),
+        std::fs::read(&onnx).unwrap()
+    );
     assert!(w.models_dir().join("sha256").join(&sha).is_file());
     assert!(w.models_dir().join("manifests/mlp.json").is_file());
 
@@ -38,7 +46,11 @@ fn install_from_http_catalog_lists_and_removes() {
 
     // Installing again is a no-op that succeeds.
     w.ctl(&["model", "install", "mlp"]).ok();
-    assert_eq!(w.http.served("mlp-1.0.pack").len(), 1, "the pack was downloaded twice");
+    assert_eq!(
+        w.http.served("mlp-1.0.pack").len(),
+        1,
+        "the pack was downloaded twice"
+    );
 
     w.ctl(&["model", "remove", "mlp"]).ok();
     w.assert_nothing_installed();
@@ -47,19 +59,31 @@ fn install_from_http_catalog_lists_and_removes() {
 
 #[test]
 fn install_from_a_pack_file_and_a_usb_catalog() {
-    let mut w = World::new();
+    let mut w = World::start();
     // A second source: the same catalog on a "USB stick" directory.
     let usb = w.tmp.path().join("usb");
     w.publisher.catalog(&w.packs, &usb, "1");
     w.write_config(&format!("catalogs = [\"{}\"]", usb.display()));
     w.start_modeld();
 
-    let info = w.ctl(&["model", "install", "attention", "--json"]).ok().json();
+    let info = w
+        .ctl(&["model", "install", "attention", "--json"])
+        .ok()
+        .json();
     assert_eq!(info["name"], "attention");
     assert!(w.http.log().is_empty(), "the USB install used the network");
 
     let pack = w.packs.join("mlp-1.0.pack");
-    let info = w.ctl(&["model", "install", "--file", pack.to_str().unwrap(), "--json"]).ok().json();
+    let info = w
+        .ctl(&[
+            "model",
+            "install",
+            "--file",
+            pack.to_str().unwrap(),
+            "--json",
+        ])
+        .ok()
+        .json();
     assert_eq!(info["name"], "mlp");
     assert_eq!(w.installed().len(), 2);
     assert_eq!(w.count("partial"), 0);

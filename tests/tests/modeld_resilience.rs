@@ -11,9 +11,11 @@ const MIB: u64 = 1 << 20;
 
 /// A world whose catalog also offers `big` (an 8 MiB ONNX model).
 fn world_with_big() -> (World, u64) {
-    let w = World::new();
+    let w = World::start();
     let big = onnx_big_fixture(8);
-    let pack = w.publisher.pack(&w.packs, "big", "1.0", &[("big.onnx", &big)]);
+    let pack = w
+        .publisher
+        .pack(&w.packs, "big", "1.0", &[("big.onnx", &big)]);
     w.publisher.catalog(&w.packs, &w.site, "2");
     let size = std::fs::metadata(pack).unwrap().len();
     (w, size)
@@ -37,7 +39,8 @@ fn assert_big_installed(w: &World) {
     let info = w.ctl(&["model", "info", "big", "--json"]).ok().json();
     let (_, sha) = pocket_publish::hash_file(&onnx_big_fixture(8)).unwrap();
     assert_eq!(info["sha256"], sha.as_str());
-    let (_, on_disk) = pocket_publish::hash_file(std::path::Path::new(info["path"].as_str().unwrap())).unwrap();
+    let (_, on_disk) =
+        pocket_publish::hash_file(std::path::Path::new(info["path"].as_str().unwrap())).unwrap();
     assert_eq!(on_disk, sha);
     assert_eq!(w.count("partial"), 0);
 }
@@ -64,8 +67,14 @@ fn kill_9_during_download_then_restart_resumes_without_refetching() {
     let requests = w.http.served("big-1.0.pack");
     assert!(requests.len() >= 2, "{requests:?}");
     let after: u64 = requests[1..].iter().map(|s| s.bytes_sent).sum();
-    assert!(requests[1].start > 0 && requests[1].status == 206, "{requests:?}");
-    assert!(after < size, "re-downloaded {after} of {size} bytes after the restart");
+    assert!(
+        requests[1].start > 0 && requests[1].status == 206,
+        "{requests:?}"
+    );
+    assert!(
+        after < size,
+        "re-downloaded {after} of {size} bytes after the restart"
+    );
     eprintln!("pack {size} bytes; served {before_kill} before kill -9, {after} after restart");
 }
 
@@ -96,9 +105,17 @@ fn two_requests_share_one_download_and_cancel_gives_space_back() {
     let b = spawn_install(&w, "big");
     for c in [a, b] {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert_eq!(w.http.served("big-1.0.pack").len(), 1, "two downloads for one model");
+    assert_eq!(
+        w.http.served("big-1.0.pack").len(),
+        1,
+        "two downloads for one model"
+    );
     w.ctl(&["model", "remove", "big"]).ok();
 
     // Cancel through the job object.
@@ -110,7 +127,12 @@ fn two_requests_share_one_download_and_cancel_gives_space_back() {
             let p1 = m.install("big").await.unwrap();
             let p2 = m.install("big").await.unwrap();
             assert_eq!(p1, p2, "the same model gave two jobs");
-            let job = JobProxy::builder(&conn).path(p1).unwrap().build().await.unwrap();
+            let job = JobProxy::builder(&conn)
+                .path(p1)
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
             assert_eq!(job.name().await.unwrap(), "big");
             while job.bytes_done().await.unwrap() == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -137,22 +159,36 @@ fn remove_partial_and_gc_free_what_an_interrupted_install_left() {
     w.start_modeld();
     w.http.drop_next_body_after(".pack", 2 * MIB);
     w.ctl(&["model", "install", "big"]).fails_with("(Network)");
-    assert_eq!(w.count("partial"), 1, "the partial download is kept for a resume");
+    assert_eq!(
+        w.count("partial"),
+        1,
+        "the partial download is kept for a resume"
+    );
     // A later install resumes from it.
     w.http.drop_next_body_after(".pack", 5 * MIB);
     w.ctl(&["model", "install", "big"]).fails_with("(Network)");
     let r = w.http.served("big-1.0.pack");
     assert!(r[1].start > 0, "{r:?}");
-    let freed = w.ctl(&["model", "remove", "big", "--partial", "--json"]).ok().json();
+    let freed = w
+        .ctl(&["model", "remove", "big", "--partial", "--json"])
+        .ok()
+        .json();
     assert!(freed["freed_bytes"].as_u64().unwrap() > MIB);
     w.assert_nothing_installed();
 
     // A stale partial and an orphan blob go at the next collection.
     w.http.drop_next_body_after(".pack", 2 * MIB);
     w.ctl(&["model", "install", "big"]).fails_with("(Network)");
-    std::fs::write(w.models_dir().join("sha256").join("0".repeat(64)), b"orphan").unwrap();
+    std::fs::write(
+        w.models_dir().join("sha256").join("0".repeat(64)),
+        b"orphan",
+    )
+    .unwrap();
     let gc = w.ctl(&["model", "gc", "--json"]).ok().json();
-    assert!(gc["freed_bytes"].as_u64().unwrap() >= 2 * MIB - 64 * 1024 && gc["freed_bytes"].as_u64().unwrap() < size);
+    assert!(
+        gc["freed_bytes"].as_u64().unwrap() >= 2 * MIB - 64 * 1024
+            && gc["freed_bytes"].as_u64().unwrap() < size
+    );
     w.assert_nothing_installed();
 }
 
@@ -215,11 +251,17 @@ fn disk_full_is_a_clear_error_and_gives_the_space_back() {
     drop(f);
     let out = client.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("not enough space") && err.contains("(DiskFull)"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("not enough space") && err.contains("(DiskFull)"),
+        "{err}"
+    );
     w.assert_nothing_installed();
     std::fs::remove_file(&filler).unwrap();
     let free_after = fs.free();
-    assert!(free_after + 256 * 1024 >= free_before, "space not given back: {free_before} before, {free_after} after (pack {size})");
+    assert!(
+        free_after + 256 * 1024 >= free_before,
+        "space not given back: {free_before} before, {free_after} after (pack {size})"
+    );
     // With room again the same install succeeds.
     w.http.throttle(0);
     w.ctl(&["model", "install", "big"]).ok();

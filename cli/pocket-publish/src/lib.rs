@@ -51,7 +51,12 @@ pub fn keyring_create(
         th.insert(role.parse::<Role>()?, n.parse::<usize>()?);
     }
     let body = KeyringBody::new(&members, &th)?;
-    let env = Keyring::create(body, version.parse()?, expiry(expires, now)?, &load_keys(keys)?)?;
+    let env = Keyring::create(
+        body,
+        version.parse()?,
+        expiry(expires, now)?,
+        &load_keys(keys)?,
+    )?;
     // Refuse to write a keyring that no box would accept as an anchor.
     Keyring::anchor(env.clone(), now).context("the keyring is not signed by its own root keys")?;
     std::fs::create_dir_all(out)?;
@@ -231,16 +236,29 @@ pub fn verify(file: &Path, keyring_dir: &Path, now: SystemTime) -> Result<String
     match kind.as_str() {
         pocket_models::CATALOG_KIND => {
             let c = pocket_models::Catalog::verify(&keyring, &env, now)?;
-            Ok(format!("catalog version {} with {} model(s)", c.version, c.body.models.len()))
+            Ok(format!(
+                "catalog version {} with {} model(s)",
+                c.version,
+                c.body.models.len()
+            ))
         }
         "keyring" => {
             if env.signed == keyring.envelope().signed {
-                return Ok(format!("keyring version {} (the anchor itself)", keyring.version()));
+                return Ok(format!(
+                    "keyring version {} (the anchor itself)",
+                    keyring.version()
+                ));
             }
             let next = keyring.rotate(env, now)?;
-            Ok(format!("keyring version {}, a valid rotation", next.version()))
+            Ok(format!(
+                "keyring version {}, a valid rotation",
+                next.version()
+            ))
         }
-        other => bail!("{} is {other:?} metadata, which this tool does not verify", file.display()),
+        other => bail!(
+            "{} is {other:?} metadata, which this tool does not verify",
+            file.display()
+        ),
     }
 }
 

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "pocket-publish", version, about = "Sign what PocketOS boxes trust")]
+#[command(
+    name = "pocket-publish",
+    version,
+    about = "Sign what PocketOS boxes trust"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -218,7 +222,10 @@ fn run(cli: Cli) -> Result<()> {
                 },
         } => {
             let n = pocket_publish::catalog_build(&packs, &key, &expires, version, &out, now)?;
-            eprintln!("wrote {} with {n} model(s)", out.join("catalog.json").display());
+            eprintln!(
+                "wrote {} with {n} model(s)",
+                out.join("catalog.json").display()
+            );
         }
         Cmd::Verify { file, keyring } => {
             let what = pocket_publish::verify(&file, &keyring, now)?;

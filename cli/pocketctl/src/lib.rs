@@ -131,9 +131,22 @@ async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
     if let Some(list) = doc["models"]["installed"].as_array() {
         let names: Vec<String> = list
             .iter()
-            .map(|m| format!("{} {}", m["name"].as_str().unwrap_or(""), m["version"].as_str().unwrap_or("")))
+            .map(|m| {
+                format!(
+                    "{} {}",
+                    m["name"].as_str().unwrap_or(""),
+                    m["version"].as_str().unwrap_or("")
+                )
+            })
             .collect();
-        println!("models   {}", if names.is_empty() { "none installed".into() } else { names.join(", ") });
+        println!(
+            "models   {}",
+            if names.is_empty() {
+                "none installed".into()
+            } else {
+                names.join(", ")
+            }
+        );
     }
     Ok(())
 }
@@ -148,7 +161,10 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
             if json {
                 return print_json(&cat);
             }
-            println!("{:<20} {:<10} {:>10}  {:<10} NOTE", "NAME", "VERSION", "SIZE", "INSTALLED");
+            println!(
+                "{:<20} {:<10} {:>10}  {:<10} NOTE",
+                "NAME", "VERSION", "SIZE", "INSTALLED"
+            );
             for c in cat {
                 let mut note = Vec::new();
                 if !c.fits_disk {
@@ -162,7 +178,11 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                     c.name,
                     c.version,
                     human(c.size_bytes),
-                    if c.installed_version.is_empty() { "-" } else { &c.installed_version },
+                    if c.installed_version.is_empty() {
+                        "-"
+                    } else {
+                        &c.installed_version
+                    },
                     note.join(", ")
                 );
             }
@@ -174,7 +194,13 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
             }
             println!("{:<20} {:<10} {:>10}  SHA256", "NAME", "VERSION", "SIZE");
             for i in list {
-                println!("{:<20} {:<10} {:>10}  {}", i.name, i.version, human(i.size_bytes), &i.sha256[..16.min(i.sha256.len())]);
+                println!(
+                    "{:<20} {:<10} {:>10}  {}",
+                    i.name,
+                    i.version,
+                    human(i.size_bytes),
+                    &i.sha256[..16.min(i.sha256.len())]
+                );
             }
         }
         ModelCmd::Info { name } => {
@@ -196,7 +222,8 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                     let pack = std::fs::File::open(f)
                         .with_context(|| format!("cannot open {}", f.display()))?;
                     use std::os::fd::AsFd;
-                    m.install_file(zbus::zvariant::Fd::from(pack.as_fd())).await?
+                    m.install_file(zbus::zvariant::Fd::from(pack.as_fd()))
+                        .await?
                 }
                 (None, None) => bail!("name a model or give --file"),
             };
@@ -206,7 +233,11 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
             let result: Result<(), (String, String)> = loop {
                 let ph = job.phase().await?;
                 if phase::is_terminal(&ph) {
-                    break if ph == phase::DONE { Ok(()) } else { Err((job.error_name().await?, job.error_message().await?)) };
+                    break if ph == phase::DONE {
+                        Ok(())
+                    } else {
+                        Err((job.error_name().await?, job.error_message().await?))
+                    };
                 }
                 if let Some(bar) = &bar {
                     bar.set_length(job.bytes_total().await?);
@@ -241,7 +272,12 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
             if json {
                 return print_json(&info);
             }
-            println!("installed {} {} ({})", info.name, info.version, human(info.size_bytes));
+            println!(
+                "installed {} {} ({})",
+                info.name,
+                info.version,
+                human(info.size_bytes)
+            );
         }
         ModelCmd::Remove { name, partial } => {
             if partial {

@@ -75,8 +75,7 @@ impl Envelope {
             expires: expires.map(format_time),
             body,
         };
-        let text =
-            serde_json::to_string(&signed).map_err(|e| TrustError::malformed(kind, e))?;
+        let text = serde_json::to_string(&signed).map_err(|e| TrustError::malformed(kind, e))?;
         let msg = message(kind, &text);
         let signatures = keys
             .iter()

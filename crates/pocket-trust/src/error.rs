@@ -33,7 +33,9 @@ pub enum TrustError {
         offered: String,
         floor: String,
     },
-    #[error("{what} version {version} was already accepted with different contents (replay refused)")]
+    #[error(
+        "{what} version {version} was already accepted with different contents (replay refused)"
+    )]
     VersionReused { what: String, version: String },
     #[error("payload {what} is truncated: {got} of {expected} bytes")]
     Truncated {

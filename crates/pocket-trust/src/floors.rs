@@ -84,7 +84,9 @@ impl VersionFloors {
             }
         }
         let v = version.to_string();
-        table.insert(subject, (v.as_str(), digest)).map_err(store_err)?;
+        table
+            .insert(subject, (v.as_str(), digest))
+            .map_err(store_err)?;
         Ok(())
     }
 

@@ -42,13 +42,19 @@ impl KeyringBody {
                 .collect();
             let threshold = thresholds.get(&role).copied().unwrap_or(1);
             if pubs.is_empty() {
-                return Err(TrustError::malformed("keyring", format!("no {role} keys given")));
+                return Err(TrustError::malformed(
+                    "keyring",
+                    format!("no {role} keys given"),
+                ));
             }
             let ids: BTreeSet<KeyId> = pubs.iter().map(|k| k.id().clone()).collect();
             if threshold == 0 || threshold > ids.len() {
                 return Err(TrustError::malformed(
                     "keyring",
-                    format!("{role} threshold {threshold} must be between 1 and {}", ids.len()),
+                    format!(
+                        "{role} threshold {threshold} must be between 1 and {}",
+                        ids.len()
+                    ),
                 ));
             }
             for k in pubs {
@@ -107,13 +113,12 @@ impl Keyring {
             path: path.clone(),
             source,
         })?;
-        Self::anchor(Envelope::from_bytes("keyring", &bytes)?, now)
-            .map_err(|e| match e {
-                TrustError::Malformed { detail, .. } => {
-                    TrustError::malformed(path.display().to_string(), detail)
-                }
-                other => other,
-            })
+        Self::anchor(Envelope::from_bytes("keyring", &bytes)?, now).map_err(|e| match e {
+            TrustError::Malformed { detail, .. } => {
+                TrustError::malformed(path.display().to_string(), detail)
+            }
+            other => other,
+        })
     }
 
     fn from_signed(envelope: Envelope, signed: Signed<KeyringBody>) -> Result<Keyring, TrustError> {
@@ -127,7 +132,10 @@ impl Keyring {
         for (id, hex) in &signed.body.keys {
             let key = PublicKey::from_hex(hex)?;
             if key.id() != id {
-                return Err(TrustError::malformed("keyring", format!("key {id} does not match its id")));
+                return Err(TrustError::malformed(
+                    "keyring",
+                    format!("key {id} does not match its id"),
+                ));
             }
             keys.insert(id.clone(), key);
         }
@@ -138,10 +146,16 @@ impl Keyring {
                 .get(&role)
                 .ok_or_else(|| TrustError::malformed("keyring", format!("no {role} role")))?;
             if rk.threshold == 0 || rk.threshold > rk.keyids.len() {
-                return Err(TrustError::malformed("keyring", format!("bad {role} threshold")));
+                return Err(TrustError::malformed(
+                    "keyring",
+                    format!("bad {role} threshold"),
+                ));
             }
             if let Some(missing) = rk.keyids.iter().find(|id| !keys.contains_key(*id)) {
-                return Err(TrustError::malformed("keyring", format!("{role} names unknown key {missing}")));
+                return Err(TrustError::malformed(
+                    "keyring",
+                    format!("{role} names unknown key {missing}"),
+                ));
             }
         }
         Ok(Keyring {
@@ -186,7 +200,12 @@ impl Keyring {
         Ok(signed)
     }
 
-    fn check_signatures(&self, envelope: &Envelope, kind: &str, role: Role) -> Result<(), TrustError> {
+    fn check_signatures(
+        &self,
+        envelope: &Envelope,
+        kind: &str,
+        role: Role,
+    ) -> Result<(), TrustError> {
         let rk = self.role(role);
         let msg = message(kind, &envelope.signed);
         let mut good = BTreeSet::new();
@@ -241,7 +260,13 @@ mod tests {
         SecretKey::from_seed([n; 32])
     }
 
-    fn ring(root: &[&SecretKey], models: &[&SecretKey], th: usize, version: &str, sign: &[SecretKey]) -> Envelope {
+    fn ring(
+        root: &[&SecretKey],
+        models: &[&SecretKey],
+        th: usize,
+        version: &str,
+        sign: &[SecretKey],
+    ) -> Envelope {
         let pubs = |ks: &[&SecretKey]| ks.iter().map(|k| k.public().clone()).collect::<Vec<_>>();
         let body = KeyringBody::new(
             &[
@@ -264,24 +289,69 @@ mod tests {
         let (r, m1, m2, other) = (key(1), key(2), key(3), key(4));
         let kr = Keyring::anchor(ring(&[&r], &[&m1, &m2], 2, "1", &[key(1)]), now()).unwrap();
         let one = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2)]).unwrap();
-        let err = kr.verify::<u32>(&one, "catalog", Role::Models, now()).unwrap_err();
-        assert!(matches!(err, TrustError::Threshold { valid: 1, threshold: 2, .. }), "{err}");
+        let err = kr
+            .verify::<u32>(&one, "catalog", Role::Models, now())
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TrustError::Threshold {
+                    valid: 1,
+                    threshold: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // The same key twice still counts once.
-        let twice = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2), key(2)]).unwrap();
-        assert!(kr.verify::<u32>(&twice, "catalog", Role::Models, now()).is_err());
+        let twice = Envelope::sign(
+            "catalog",
+            "1".parse().unwrap(),
+            None,
+            5u32,
+            &[key(2), key(2)],
+        )
+        .unwrap();
+        assert!(kr
+            .verify::<u32>(&twice, "catalog", Role::Models, now())
+            .is_err());
         // A root key or an unknown key does not count for the models role.
-        let wrong = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2), key(1), other]).unwrap();
-        assert!(kr.verify::<u32>(&wrong, "catalog", Role::Models, now()).is_err());
-        let two = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2), key(3)]).unwrap();
-        assert_eq!(kr.verify::<u32>(&two, "catalog", Role::Models, now()).unwrap().body, 5);
+        let wrong = Envelope::sign(
+            "catalog",
+            "1".parse().unwrap(),
+            None,
+            5u32,
+            &[key(2), key(1), other],
+        )
+        .unwrap();
+        assert!(kr
+            .verify::<u32>(&wrong, "catalog", Role::Models, now())
+            .is_err());
+        let two = Envelope::sign(
+            "catalog",
+            "1".parse().unwrap(),
+            None,
+            5u32,
+            &[key(2), key(3)],
+        )
+        .unwrap();
+        assert_eq!(
+            kr.verify::<u32>(&two, "catalog", Role::Models, now())
+                .unwrap()
+                .body,
+            5
+        );
     }
 
     #[test]
     fn tampered_text_and_wrong_kind_are_refused() {
         let r = key(1);
         let kr = Keyring::anchor(ring(&[&r], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
-        let mut env = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2)]).unwrap();
-        assert!(kr.verify::<u32>(&env, "model-pack", Role::Models, now()).is_err());
+        let mut env =
+            Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2)]).unwrap();
+        assert!(kr
+            .verify::<u32>(&env, "model-pack", Role::Models, now())
+            .is_err());
         env.signed = env.signed.replace(":5", ":6");
         assert!(matches!(
             kr.verify::<u32>(&env, "catalog", Role::Models, now()),
@@ -293,7 +363,8 @@ mod tests {
     fn expired_metadata_is_refused() {
         let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
         let past = now() - std::time::Duration::from_secs(10);
-        let env = Envelope::sign("catalog", "1".parse().unwrap(), Some(past), 5u32, &[key(2)]).unwrap();
+        let env =
+            Envelope::sign("catalog", "1".parse().unwrap(), Some(past), 5u32, &[key(2)]).unwrap();
         assert!(matches!(
             kr.verify::<u32>(&env, "catalog", Role::Models, now()),
             Err(TrustError::Expired { .. })
@@ -305,22 +376,43 @@ mod tests {
         let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
         // New root key 9 signs alone: not chained to the current root.
         let alone = ring(&[&key(9)], &[&key(8)], 1, "2", &[key(9)]);
-        assert!(matches!(kr.rotate(alone, now()), Err(TrustError::Threshold { .. })));
+        assert!(matches!(
+            kr.rotate(alone, now()),
+            Err(TrustError::Threshold { .. })
+        ));
         // Old root signs but the new root does not agree.
         let unagreed = ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1)]);
-        assert!(matches!(kr.rotate(unagreed, now()), Err(TrustError::Threshold { .. })));
+        assert!(matches!(
+            kr.rotate(unagreed, now()),
+            Err(TrustError::Threshold { .. })
+        ));
         // Both sign, but the version does not move forward.
         let same = ring(&[&key(9)], &[&key(8)], 1, "1", &[key(1), key(9)]);
-        assert!(matches!(kr.rotate(same, now()), Err(TrustError::Downgrade { .. })));
-        let next = kr.rotate(ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1), key(9)]), now()).unwrap();
+        assert!(matches!(
+            kr.rotate(same, now()),
+            Err(TrustError::Downgrade { .. })
+        ));
+        let next = kr
+            .rotate(
+                ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1), key(9)]),
+                now(),
+            )
+            .unwrap();
         let by_new = Envelope::sign("catalog", "1".parse().unwrap(), None, 1u8, &[key(8)]).unwrap();
-        assert!(next.verify::<u8>(&by_new, "catalog", Role::Models, now()).is_ok());
-        assert!(kr.verify::<u8>(&by_new, "catalog", Role::Models, now()).is_err());
+        assert!(next
+            .verify::<u8>(&by_new, "catalog", Role::Models, now())
+            .is_ok());
+        assert!(kr
+            .verify::<u8>(&by_new, "catalog", Role::Models, now())
+            .is_err());
     }
 
     #[test]
     fn anchor_must_be_self_signed() {
         let env = ring(&[&key(1)], &[&key(2)], 1, "1", &[key(2)]);
-        assert!(matches!(Keyring::anchor(env, now()), Err(TrustError::Threshold { .. })));
+        assert!(matches!(
+            Keyring::anchor(env, now()),
+            Err(TrustError::Threshold { .. })
+        ));
     }
 }

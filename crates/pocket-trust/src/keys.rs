@@ -32,8 +32,8 @@ impl PublicKey {
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| TrustError::malformed("public key", "expected 64 hex digits"))?;
-        let key = VerifyingKey::from_bytes(&bytes)
-            .map_err(|e| TrustError::malformed("public key", e))?;
+        let key =
+            VerifyingKey::from_bytes(&bytes).map_err(|e| TrustError::malformed("public key", e))?;
         Ok(PublicKey {
             id: key_id(&key),
             key,
@@ -76,7 +76,7 @@ impl std::fmt::Debug for SecretKey {
 impl SecretKey {
     pub fn generate() -> Self {
         let mut seed = [0u8; 32];
-        getrandom::getrandom(&mut seed).expect("the kernel's random source is available");
+        getrandom::fill(&mut seed).expect("the kernel's random source is available");
         Self::from_seed(seed)
     }
 

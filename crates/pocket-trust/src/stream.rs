@@ -77,9 +77,15 @@ mod tests {
     fn refuses_truncated_oversized_and_tampered() {
         let mut v = PayloadVerifier::new("x", 3, ABC);
         v.update(b"ab").unwrap();
-        assert!(matches!(v.finish(), Err(TrustError::Truncated { got: 2, .. })));
+        assert!(matches!(
+            v.finish(),
+            Err(TrustError::Truncated { got: 2, .. })
+        ));
         let mut v = PayloadVerifier::new("x", 3, ABC);
-        assert!(matches!(v.update(b"abcd"), Err(TrustError::Oversized { .. })));
+        assert!(matches!(
+            v.update(b"abcd"),
+            Err(TrustError::Oversized { .. })
+        ));
         let mut v = PayloadVerifier::new("x", 3, ABC);
         v.update(b"abd").unwrap();
         assert!(matches!(v.finish(), Err(TrustError::HashMismatch { .. })));

@@ -29,7 +29,9 @@ impl Source {
                 .map(Source::Http)
                 .map_err(|e| ModelError::InvalidArgument(format!("catalog {text:?}: {e}")))
         } else {
-            Ok(Source::Dir(PathBuf::from(text.strip_prefix("file://").unwrap_or(text))))
+            Ok(Source::Dir(PathBuf::from(
+                text.strip_prefix("file://").unwrap_or(text),
+            )))
         }
     }
 
@@ -54,7 +56,9 @@ impl Source {
                 }
                 let resp = resp.error_for_status().map_err(net(&url))?;
                 if resp.content_length().unwrap_or(0) > LIMIT {
-                    return Err(ModelError::Corrupt(format!("{url} is larger than {LIMIT} bytes")));
+                    return Err(ModelError::Corrupt(format!(
+                        "{url} is larger than {LIMIT} bytes"
+                    )));
                 }
                 Ok(Some(resp.bytes().await.map_err(net(&url))?.to_vec()))
             }
@@ -63,7 +67,11 @@ impl Source {
                 match tokio::fs::read(&path).await {
                     Ok(b) => Ok(Some(b)),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(ModelError::io(format!("reading {}", path.display()), &path, e)),
+                    Err(e) => Err(ModelError::io(
+                        format!("reading {}", path.display()),
+                        &path,
+                        e,
+                    )),
                 }
             }
         }
@@ -113,7 +121,9 @@ impl Source {
                     return Err(wrong_size(url.as_str(), total));
                 }
                 let u = url.clone();
-                Ok(Box::pin(resp.bytes_stream().map(move |r| r.map_err(net(&u)))))
+                Ok(Box::pin(
+                    resp.bytes_stream().map(move |r| r.map_err(net(&u))),
+                ))
             }
             Source::Dir(dir) => {
                 use tokio::io::AsyncSeekExt;
@@ -223,7 +233,9 @@ async fn load_one(
     let bytes = source
         .read_small(http, CATALOG_FILE)
         .await?
-        .ok_or_else(|| ModelError::Network(format!("{} has no {CATALOG_FILE}", source.describe())))?;
+        .ok_or_else(|| {
+            ModelError::Network(format!("{} has no {CATALOG_FILE}", source.describe()))
+        })?;
     let env = Envelope::from_bytes("catalog", &bytes)?;
     let signed = Catalog::verify(keyring, &env, now)?;
     floors.accept(

@@ -88,14 +88,12 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, ModelError>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ModelError::State(format!("worker failed: {e}")))?
-    }
+) -> Result<T, ModelError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ModelError::State(format!("worker failed: {e}")))?
 }
 
 enum PumpEnd {
@@ -268,7 +266,12 @@ impl Engine {
     }
 
     pub fn jobs(&self) -> Vec<Arc<Job>> {
-        self.jobs.lock().expect("not poisoned").values().cloned().collect()
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     fn new_job(&self, name: &str) -> Arc<Job> {
@@ -340,9 +343,16 @@ impl Engine {
                 .into());
             }
         }
-        let dir = self.store.partial_dir(&entry.name, &entry.pack.header_sha256);
+        let dir = self
+            .store
+            .partial_dir(&entry.name, &entry.pack.header_sha256);
         let have: u64 = std::fs::read_dir(&dir)
-            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0);
         self.limits
             .check_disk(&self.store, entry.pack.size.saturating_sub(have))
@@ -369,7 +379,9 @@ impl Engine {
     fn spawn_catalog_job(self: &Arc<Self>, job: Arc<Job>, source: Source, entry: CatalogEntry) {
         let this = self.clone();
         tokio::spawn(async move {
-            let dir = this.store.partial_dir(&entry.name, &entry.pack.header_sha256);
+            let dir = this
+                .store
+                .partial_dir(&entry.name, &entry.pack.header_sha256);
             *job.partial.lock().expect("not poisoned") = Some(dir.clone());
             let result = this.run_catalog(&job, &source, &entry, dir.clone()).await;
             if let Err(e) = &result {
@@ -405,7 +417,8 @@ impl Engine {
             job.done.store(writer.pos(), Ordering::Relaxed);
             let interrupted = match source
                 .open(&self.http, &entry.pack.path, writer.pos(), entry.pack.size)
-                .await {
+                .await
+            {
                 Ok(stream) => match pump(writer, stream, job).await {
                     PumpEnd::Ended(w) => {
                         writer = w;

@@ -273,7 +273,11 @@ impl PackWriter {
                     .map_err(|e| ModelError::io("writing model", path, e))?;
             }
             self.advance(&mut data, take);
-            if self.current.as_ref().is_some_and(|c| c.verifier.remaining() == 0) {
+            if self
+                .current
+                .as_ref()
+                .is_some_and(|c| c.verifier.remaining() == 0)
+            {
                 self.finish_file()?;
             }
         }

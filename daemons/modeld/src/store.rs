@@ -103,9 +103,10 @@ impl Store {
 
     /// Where a download of the pack with this header hash keeps its bytes.
     pub fn partial_dir(&self, name: &str, header_sha256: &str) -> PathBuf {
-        self.models
-            .join("partial")
-            .join(format!("{name}@{}", &header_sha256[..16.min(header_sha256.len())]))
+        self.models.join("partial").join(format!(
+            "{name}@{}",
+            &header_sha256[..16.min(header_sha256.len())]
+        ))
     }
 
     /// Moves a verified, synced file into the blob store.
@@ -115,7 +116,9 @@ impl Store {
             std::fs::remove_file(file).map_err(io("removing", file))?;
             return Ok(());
         }
-        let mut perms = std::fs::metadata(file).map_err(io("reading", file))?.permissions();
+        let mut perms = std::fs::metadata(file)
+            .map_err(io("reading", file))?
+            .permissions();
         perms.set_readonly(true);
         std::fs::set_permissions(file, perms).map_err(io("protecting", file))?;
         std::fs::rename(file, &dest).map_err(io("storing", &dest))?;
@@ -195,7 +198,9 @@ impl Store {
     }
 
     fn tree_dir(&self, m: &InstalledModel) -> PathBuf {
-        self.models.join("trees").join(format!("{}-{}", m.name, m.version))
+        self.models
+            .join("trees")
+            .join(format!("{}-{}", m.name, m.version))
     }
 
     /// Path of a model's entry file, through its `by-name` link.
@@ -224,8 +229,14 @@ impl Store {
             std::os::unix::fs::symlink(&target, &tmp).map_err(io("linking", &tmp))?;
             std::fs::rename(&tmp, &link).map_err(io("linking", &link))?;
         }
-        let manifest = self.models.join("manifests").join(format!("{}.json", m.name));
-        write_atomic(&manifest, &serde_json::to_vec_pretty(m).expect("serialisable"))?;
+        let manifest = self
+            .models
+            .join("manifests")
+            .join(format!("{}.json", m.name));
+        write_atomic(
+            &manifest,
+            &serde_json::to_vec_pretty(m).expect("serialisable"),
+        )?;
         fsync_dir(&self.models.join("by-name"))
     }
 

@@ -19,7 +19,10 @@ struct Devbox {
 }
 
 fn up() -> Devbox {
-    let tmp = tempfile::Builder::new().prefix("pocket-devbox").tempdir().expect("temp dir");
+    let tmp = tempfile::Builder::new()
+        .prefix("pocket-devbox")
+        .tempdir()
+        .expect("temp dir");
     println!("== a private system bus with PocketOS's bus policies");
     let bus = DevBus::start();
     println!("   DBUS_SYSTEM_BUS_ADDRESS={}", bus.address());
@@ -29,7 +32,12 @@ fn up() -> Devbox {
     let packs = tmp.path().join("packs");
     publisher.pack(&packs, "mlp", "1.0", &[("mlp.onnx", &fx.join("mlp.onnx"))]);
     let usb = tmp.path().join("usb");
-    publisher.pack(&usb, "attention", "1.0", &[("attention.onnx", &fx.join("attention.onnx"))]);
+    publisher.pack(
+        &usb,
+        "attention",
+        "1.0",
+        &[("attention.onnx", &fx.join("attention.onnx"))],
+    );
     let site = tmp.path().join("site");
     publisher.catalog(&packs, &site, "1");
     let http = HttpServer::serve(&site);
@@ -80,7 +88,15 @@ fn main() {
             step(&b, &["model", "catalog"]);
             step(&b, &["model", "install", "mlp"]);
             let pack = b.packs.join("attention-1.0.pack");
-            step(&b, &["model", "install", "--file", pack.to_str().expect("utf-8 path")]);
+            step(
+                &b,
+                &[
+                    "model",
+                    "install",
+                    "--file",
+                    pack.to_str().expect("utf-8 path"),
+                ],
+            );
             step(&b, &["model", "list"]);
             step(&b, &["model", "info", "mlp"]);
             step(&b, &["model", "list", "--json"]);
@@ -90,7 +106,10 @@ fn main() {
             let b = up();
             println!("\nexport DBUS_SYSTEM_BUS_ADDRESS='{}'", b.bus.address());
             println!("PocketOS devbox is up; Ctrl-C stops it.");
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             rt.block_on(async {
                 let _ = tokio::signal::ctrl_c().await;
             });

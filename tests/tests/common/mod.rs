@@ -21,7 +21,7 @@ pub struct World {
 
 impl World {
     /// A catalog offering `mlp` 1.0 and `attention` 1.0.
-    pub fn new() -> World {
+    pub fn start() -> World {
         Self::with_bus(DevBus::start())
     }
 
@@ -31,7 +31,12 @@ impl World {
         let fx = onnx_fixtures();
         let packs = tmp.path().join("packs");
         publisher.pack(&packs, "mlp", "1.0", &[("mlp.onnx", &fx.join("mlp.onnx"))]);
-        publisher.pack(&packs, "attention", "1.0", &[("attention.onnx", &fx.join("attention.onnx"))]);
+        publisher.pack(
+            &packs,
+            "attention",
+            "1.0",
+            &[("attention.onnx", &fx.join("attention.onnx"))],
+        );
         let site = tmp.path().join("site");
         publisher.catalog(&packs, &site, "1");
         let http = HttpServer::serve(&site);
@@ -76,7 +81,12 @@ impl World {
     }
 
     pub fn start_modeld(&mut self) -> &mut Daemon {
-        self.modeld = Some(Daemon::start(&self.bus, "pocket-modeld", "org.pocketos.Models1", &self.config));
+        self.modeld = Some(Daemon::start(
+            &self.bus,
+            "pocket-modeld",
+            "org.pocketos.Models1",
+            &self.config,
+        ));
         self.modeld.as_mut().unwrap()
     }
 
@@ -98,7 +108,12 @@ impl World {
         list.as_array()
             .unwrap()
             .iter()
-            .map(|m| (m["name"].as_str().unwrap().to_string(), m["version"].as_str().unwrap().to_string()))
+            .map(|m| {
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    m["version"].as_str().unwrap().to_string(),
+                )
+            })
             .collect()
     }
 
@@ -107,12 +122,18 @@ impl World {
     }
 
     pub fn count(&self, sub: &str) -> usize {
-        std::fs::read_dir(self.models_dir().join(sub)).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.models_dir().join(sub))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     /// Nothing installed, no blob stored, no partial download left.
     pub fn assert_nothing_installed(&self) {
-        assert!(self.installed().is_empty(), "a model is listed: {:?}", self.installed());
+        assert!(
+            self.installed().is_empty(),
+            "a model is listed: {:?}",
+            self.installed()
+        );
         assert_eq!(self.count("sha256"), 0, "a blob was stored");
         assert_eq!(self.count("partial"), 0, "a partial download was left");
         assert_eq!(self.count("by-name"), 0, "a model is visible by name");

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what PocketOS's tests and demo need on a Debian/Ubuntu machine,
+# only where it is missing: dbus-daemon and dbus-send, curl, shellcheck,
+# setpriv, and Python's onnx and numpy for the fixture models.
+set -euo pipefail
+
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then
+    sudo_cmd=(sudo)
+fi
+
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$2"); }
+need dbus-daemon dbus-daemon
+need dbus-send dbus-bin
+need curl curl
+need shellcheck shellcheck
+need setpriv util-linux
+need sha256sum coreutils
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    "${sudo_cmd[@]}" apt-get update -qq
+    "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import onnx, numpy' 2>/dev/null; then
+    echo "installing: python onnx numpy"
+    python3 -m pip install --quiet onnx numpy 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages onnx numpy
+fi
+
+# The admin group of the bus policy; the access tests run callers in it.
+if [ "$(id -u)" -eq 0 ] && ! getent group pocket >/dev/null; then
+    groupadd -r pocket
+fi
