@@ -41,38 +41,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let work = workspace_root().join("target/bench-install");
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
-
-    let publisher = Publisher::new(&work.join("publisher"));
+    let mut w = World::start();
+    let work = w.tmp.path().to_path_buf();
     let weights = work.join("weights.bin");
     random_file(&weights, mb << 20, 42);
-    let packs = work.join("packs");
-    let pack = publisher.pack(&packs, "big", "1.0", &[("big.bin", &weights)]);
+    let pack = w
+        .publisher
+        .pack(&w.packs, "big", "1.0", &[("big.bin", &weights)]);
     std::fs::remove_file(&weights).unwrap();
-    let site = work.join("site");
-    publisher.catalog(&packs, &site, "1");
+    w.republish(&w.packs.clone(), "2");
     let size = std::fs::metadata(&pack).unwrap().len();
-    let http = HttpServer::serve(&site);
-    let url = format!("{}packs/big-1.0.pack", http.url());
-
-    let bus = DevBus::start();
-    let data = work.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    let config = work.join("modeld.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\nkeyring_dir = \"{}\"\ncatalogs = [\"{}\"]\nreserve_bytes = 0\n",
-            data.display(),
-            publisher.keyring_dir.display(),
-            http.url()
-        ),
-    )
-    .unwrap();
-    let _modeld = Daemon::start(&bus, "pocket-modeld", "org.pocketos.Models1", &config);
-    let ctl = |args: &[&str]| run_pocketctl(&bus, RunAs::Me, args).ok();
+    let url = format!("{}packs/big-1.0.pack", w.http.url());
+    w.start_modeld();
+    let ctl = |args: &[&str]| w.ctl(args).ok();
 
     let out = work.join("curl.out");
     // Warm the page cache for the server's file so every contender reads it
@@ -118,5 +99,4 @@ fn main() {
         secs(m) / secs(c)
     );
     println!("modeld / (curl + sha256sum) = {:.2}", secs(m) / secs(cs));
-    let _ = std::fs::remove_dir_all(&work);
 }

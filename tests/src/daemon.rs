@@ -21,6 +21,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// A real daemon on a private bus. Killed when dropped.
+#[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
     bus_name: String,

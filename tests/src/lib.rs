@@ -13,11 +13,13 @@ mod bus;
 mod daemon;
 mod fixtures;
 mod http;
+mod world;
 
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
 pub use fixtures::{onnx_big_fixture, onnx_fixtures, random_file, Publisher};
 pub use http::{HttpServer, Served};
+pub use world::World;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

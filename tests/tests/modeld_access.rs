@@ -1,8 +1,6 @@
 //! Only root and the `pocket` group may change models: enforced by the
 //! shipped bus policy and again by modeld from the caller's credentials.
 
-mod common;
-use common::World;
 use pocket_tests::*;
 
 fn pocket_gid() -> Option<u32> {

@@ -1,8 +1,6 @@
 //! The bus surface as shipped: introspection XML and keyring rotation
 //! through a catalog source.
 
-mod common;
-use common::World;
 use pocket_tests::*;
 use std::time::Duration;
 

@@ -1,7 +1,5 @@
 //! One-command installs through the real modeld and pocketctl.
 
-mod common;
-use common::World;
 use pocket_tests::*;
 
 #[test]

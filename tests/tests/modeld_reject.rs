@@ -1,8 +1,6 @@
 //! Every rejection of DESIGN.md §4 that applies to models and catalogs:
 //! each asserts the error a user sees and that nothing was installed.
 
-mod common;
-use common::World;
 use pocket_tests::*;
 use std::path::Path;
 

@@ -1,7 +1,5 @@
 //! Crash safety, resume, shared downloads, cancel, disk full and GC.
 
-mod common;
-use common::World;
 use pocket_proto::models::{JobProxy, Models1Proxy};
 use pocket_tests::*;
 use std::process::{Command, Stdio};

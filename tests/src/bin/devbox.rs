@@ -10,67 +10,34 @@
 use pocket_tests::*;
 use std::process::Command;
 
-struct Devbox {
-    _tmp: tempfile::TempDir,
-    bus: DevBus,
-    _http: HttpServer,
-    _modeld: Daemon,
-    packs: std::path::PathBuf,
-}
-
-fn up() -> Devbox {
-    let tmp = tempfile::Builder::new()
-        .prefix("pocket-devbox")
-        .tempdir()
-        .expect("temp dir");
-    println!("== a private system bus with PocketOS's bus policies");
-    let bus = DevBus::start();
-    println!("   DBUS_SYSTEM_BUS_ADDRESS={}", bus.address());
-    println!("== a publisher signs seeded ONNX models and a catalog");
-    let publisher = Publisher::new(&tmp.path().join("publisher"));
+fn up() -> World {
+    println!("== a private system bus with PocketOS's bus policies,");
+    println!("   a publisher signing seeded ONNX models and a catalog on 127.0.0.1");
+    let mut w = World::start();
+    println!("   DBUS_SYSTEM_BUS_ADDRESS={}", w.bus.address());
+    println!("   catalog served at {}", w.http.url());
+    // The catalog offers mlp; attention comes as a pack file, as from a USB
+    // stick.
+    std::fs::remove_file(w.packs.join("attention-1.0.pack")).expect("pack");
+    w.republish(&w.packs.clone(), "2");
     let fx = onnx_fixtures();
-    let packs = tmp.path().join("packs");
-    publisher.pack(&packs, "mlp", "1.0", &[("mlp.onnx", &fx.join("mlp.onnx"))]);
-    let usb = tmp.path().join("usb");
-    publisher.pack(
+    let usb = w.tmp.path().join("usb");
+    w.publisher.pack(
         &usb,
         "attention",
         "1.0",
         &[("attention.onnx", &fx.join("attention.onnx"))],
     );
-    let site = tmp.path().join("site");
-    publisher.catalog(&packs, &site, "1");
-    let http = HttpServer::serve(&site);
-    println!("   catalog served at {}", http.url());
-    let data = tmp.path().join("data");
-    std::fs::create_dir_all(&data).expect("data dir");
-    let config = tmp.path().join("modeld.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\nkeyring_dir = \"{}\"\ncatalogs = [\"{}\"]\nreserve_bytes = 0\n",
-            data.display(),
-            publisher.keyring_dir.display(),
-            http.url()
-        ),
-    )
-    .expect("config");
-    println!("== pocket-modeld on the bus (data in {})", data.display());
-    let modeld = Daemon::start(&bus, "pocket-modeld", "org.pocketos.Models1", &config);
-    Devbox {
-        _tmp: tmp,
-        bus,
-        _http: http,
-        _modeld: modeld,
-        packs: usb,
-    }
+    println!("== pocket-modeld on the bus (data in {})", w.data.display());
+    w.start_modeld();
+    w
 }
 
-fn step(b: &Devbox, args: &[&str]) {
+fn step(w: &World, args: &[&str]) {
     println!("\n$ pocketctl {}", args.join(" "));
     let status = Command::new(bin_path("pocketctl"))
         .args(args)
-        .env("DBUS_SYSTEM_BUS_ADDRESS", b.bus.address())
+        .env("DBUS_SYSTEM_BUS_ADDRESS", w.bus.address())
         .status()
         .expect("run pocketctl");
     if !status.success() {
@@ -83,13 +50,13 @@ fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
     match mode.as_str() {
         "demo" => {
-            let b = up();
-            step(&b, &["status"]);
-            step(&b, &["model", "catalog"]);
-            step(&b, &["model", "install", "mlp"]);
-            let pack = b.packs.join("attention-1.0.pack");
+            let w = up();
+            step(&w, &["status"]);
+            step(&w, &["model", "catalog"]);
+            step(&w, &["model", "install", "mlp"]);
+            let pack = w.tmp.path().join("usb/attention-1.0.pack");
             step(
-                &b,
+                &w,
                 &[
                     "model",
                     "install",
@@ -97,14 +64,14 @@ fn main() {
                     pack.to_str().expect("utf-8 path"),
                 ],
             );
-            step(&b, &["model", "list"]);
-            step(&b, &["model", "info", "mlp"]);
-            step(&b, &["model", "list", "--json"]);
+            step(&w, &["model", "list"]);
+            step(&w, &["model", "info", "mlp"]);
+            step(&w, &["model", "list", "--json"]);
             println!("\ndemo done");
         }
         "up" => {
-            let b = up();
-            println!("\nexport DBUS_SYSTEM_BUS_ADDRESS='{}'", b.bus.address());
+            let w = up();
+            println!("\nexport DBUS_SYSTEM_BUS_ADDRESS='{}'", w.bus.address());
             println!("PocketOS devbox is up; Ctrl-C stops it.");
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

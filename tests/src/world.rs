@@ -1,10 +1,11 @@
-//! A world for modeld tests: a private bus, a publisher, a catalog served
-//! from 127.0.0.1 and a real modeld with its own data directory.
-#![allow(dead_code)]
+//! A world for modeld tests and the demo: a private bus, a publisher, a
+//! catalog served from 127.0.0.1 and a real modeld with its own data
+//! directory.
 
-use pocket_tests::*;
+use crate::*;
 use std::path::{Path, PathBuf};
 
+#[derive(Debug)]
 pub struct World {
     pub tmp: tempfile::TempDir,
     pub bus: DevBus,
