@@ -35,3 +35,6 @@ fi
 if [ "$(id -u)" -eq 0 ] && ! getent group pocket >/dev/null; then
     groupadd -r pocket
 fi
+
+# The pinned ONNX Runtime library for this machine (daemons/npud).
+"$(dirname "$0")/../daemons/npud/fetch-onnxruntime.sh" >/dev/null

@@ -120,6 +120,36 @@ impl Publisher {
         pocket_publish::model_pack(&spec, keys, expires, out, SystemTime::now()).expect("pack");
     }
 
+    /// A pack of one file signed by the models key that says it needs
+    /// `memory_bytes` when loaded, written into `packs_dir`.
+    pub fn pack_needing(
+        &self,
+        packs_dir: &Path,
+        name: &str,
+        file: &Path,
+        memory_bytes: u64,
+    ) -> PathBuf {
+        std::fs::create_dir_all(packs_dir).expect("packs dir");
+        let out = packs_dir.join(format!("{name}-1.0.pack"));
+        let spec = PackSpec {
+            name: name.into(),
+            version: "1.0".into(),
+            description: String::new(),
+            entry: None,
+            memory_bytes: Some(memory_bytes),
+            files: vec![("model.onnx".into(), file.to_path_buf())],
+        };
+        pocket_publish::model_pack(
+            &spec,
+            std::slice::from_ref(&self.models_key),
+            None,
+            &out,
+            SystemTime::now(),
+        )
+        .expect("pack");
+        out
+    }
+
     /// A pack signed by the models key, written into `packs_dir`.
     pub fn pack(
         &self,
@@ -191,4 +221,41 @@ pub fn onnx_big_fixture(mb: u32) -> PathBuf {
     let p = dir.join("big.onnx");
     done.push((mb, p.clone()));
     p
+}
+
+/// The pinned `libonnxruntime.so` for this machine, fetched and checked by
+/// `daemons/npud/fetch-onnxruntime.sh` (once; it is cached under target/).
+pub fn onnxruntime_library() -> PathBuf {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let out = Command::new(crate::workspace_root().join("daemons/npud/fetch-onnxruntime.sh"))
+            .output()
+            .expect("run fetch-onnxruntime.sh");
+        assert!(
+            out.status.success(),
+            "fetch-onnxruntime.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+    .clone()
+}
+
+/// Runs `models/fixtures/reference.py` (the onnxruntime Python package) on
+/// `model` with pocketctl-format `inputs`; returns its outputs document.
+pub fn reference_outputs(model: &Path, inputs: &serde_json::Value) -> serde_json::Value {
+    let tmp = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(tmp.path(), inputs.to_string()).expect("write inputs");
+    let out = Command::new("python3")
+        .arg(crate::workspace_root().join("models/fixtures/reference.py"))
+        .arg(model)
+        .arg(tmp.path())
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "reference.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("reference JSON")
 }

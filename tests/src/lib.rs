@@ -17,7 +17,9 @@ mod world;
 
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
-pub use fixtures::{onnx_big_fixture, onnx_fixtures, random_file, Publisher};
+pub use fixtures::{
+    onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file, reference_outputs, Publisher,
+};
 pub use http::{HttpServer, Served};
 pub use world::World;
 

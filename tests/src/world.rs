@@ -18,6 +18,7 @@ pub struct World {
     pub data: PathBuf,
     pub config: PathBuf,
     pub modeld: Option<Daemon>,
+    pub npud: Option<Daemon>,
 }
 
 impl World {
@@ -54,6 +55,7 @@ impl World {
             data,
             config,
             modeld: None,
+            npud: None,
         };
         w.write_config("");
         w
@@ -69,15 +71,7 @@ impl World {
             "reserve_bytes = 0".to_string(),
             "download_attempts = 3".to_string(),
         ];
-        let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
-        let overridden: Vec<String> = extra.lines().map(key).collect();
-        let mut text: String = defaults
-            .iter()
-            .filter(|l| !overridden.contains(&key(l)))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        text.push_str(extra);
-        text.push('\n');
+        let text = merge_config(&defaults, extra);
         std::fs::write(&self.config, text).unwrap();
     }
 
@@ -89,6 +83,28 @@ impl World {
             &self.config,
         ));
         self.modeld.as_mut().unwrap()
+    }
+
+    /// Starts npud with the pinned ONNX Runtime library, CPU providers and
+    /// `extra` config lines (which replace defaults of the same key).
+    pub fn start_npud(&mut self, extra: &str) -> &mut Daemon {
+        let defaults = [
+            format!(
+                "onnxruntime_library = \"{}\"",
+                onnxruntime_library().display()
+            ),
+            "providers = [\"xnnpack\", \"cpu\"]".to_string(),
+            "memory_budget_mb = 512".to_string(),
+        ];
+        let path = self.tmp.path().join("npud.toml");
+        std::fs::write(&path, merge_config(&defaults, extra)).unwrap();
+        self.npud = Some(Daemon::start(
+            &self.bus,
+            "pocket-npud",
+            "org.pocketos.Runtime1",
+            &path,
+        ));
+        self.npud.as_mut().unwrap()
     }
 
     pub fn modeld(&mut self) -> &mut Daemon {
@@ -145,4 +161,18 @@ impl World {
         let _ = std::fs::remove_dir_all(self.site.join("packs"));
         self.publisher.catalog(packs, &self.site, version);
     }
+}
+
+/// Config text: `defaults` lines whose key `extra` does not set, then `extra`.
+pub fn merge_config(defaults: &[String], extra: &str) -> String {
+    let key = |l: &str| l.split('=').next().unwrap_or("").trim().to_string();
+    let overridden: Vec<String> = extra.lines().map(key).collect();
+    let mut text: String = defaults
+        .iter()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    text.push_str(extra);
+    text.push('\n');
+    text
 }

@@ -1,10 +1,13 @@
 //! The commands behind `pocketctl`. Every command takes `--json` (one
 //! document on stdout) and fails with one line on stderr.
 
+mod tensors;
+
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use pocket_proto::models::{phase, JobProxy, Models1Proxy};
+use pocket_proto::runtime::Runtime1Proxy;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -29,6 +32,42 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: ModelCmd,
     },
+    /// The inference runtime: providers and loaded models
+    Runtime {
+        #[command(subcommand)]
+        cmd: RuntimeCmd,
+    },
+    /// Run an installed model once
+    Run {
+        name: String,
+        /// Inputs as JSON: {"name": {"shape": [..], "data": [..], "dtype": "f32"}}
+        #[arg(
+            long,
+            required_unless_present = "input_file",
+            conflicts_with = "input_file"
+        )]
+        input: Option<String>,
+        /// The same JSON, from a file
+        #[arg(long)]
+        input_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum RuntimeCmd {
+    /// Execution providers: what the library offers, the device's preference,
+    /// what a load gets
+    Providers,
+    /// Models held in memory
+    Loaded,
+    /// Load an installed model (optionally requiring a provider)
+    Load {
+        name: String,
+        #[arg(long, default_value = "")]
+        provider: String,
+    },
+    /// Unload a model
+    Unload { name: String },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +121,20 @@ pub async fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Status => status(&conn, cli.json).await,
         Cmd::Model { cmd } => model(&conn, cmd, cli.json).await,
+        Cmd::Runtime { cmd } => runtime(&conn, cmd, cli.json).await,
+        Cmd::Run {
+            name,
+            input,
+            input_file,
+        } => {
+            let text = match (input, input_file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                (None, None) => bail!("give --input or --input-file"),
+            };
+            run_model(&conn, &name, &text, cli.json).await
+        }
     }
 }
 
@@ -104,6 +157,18 @@ async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
             .await
             .unwrap_or(false);
         daemons.insert(short.into(), json!({ "bus_name": bus, "running": running }));
+    }
+    if daemons["npud"]["running"] == true {
+        let rt = Runtime1Proxy::new(conn).await?;
+        daemons["npud"]["status"] = json!(rt.status().await?);
+        daemons["npud"]["version"] = json!(rt.version().await?);
+        daemons["npud"]["provider"] = json!(rt.providers().await?.selected);
+        daemons["npud"]["loaded"] = json!(rt
+            .loaded()
+            .await?
+            .iter()
+            .map(|m| m.name.clone())
+            .collect::<Vec<_>>());
     }
     let mut models = json!(null);
     if daemons["modeld"]["running"] == true {
@@ -303,6 +368,159 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
         }
     }
     Ok(())
+}
+
+async fn runtime(conn: &zbus::Connection, cmd: RuntimeCmd, json: bool) -> Result<()> {
+    let rt = Runtime1Proxy::new(conn)
+        .await
+        .context("npud is not reachable")?;
+    match cmd {
+        RuntimeCmd::Providers => {
+            let p = rt.providers().await?;
+            if json {
+                return print_json(&p);
+            }
+            println!("library:   {}", p.library.join(", "));
+            println!("preferred: {}", p.preferred.join(", "));
+            println!("selected:  {}", p.selected);
+            println!(
+                "cpu fallback {}",
+                if p.allow_cpu_fallback {
+                    "allowed"
+                } else {
+                    "refused"
+                }
+            );
+            for (name, path) in p.plugins {
+                println!("plugin:    {name} ({path})");
+            }
+        }
+        RuntimeCmd::Loaded => {
+            let l = rt.loaded().await?;
+            if json {
+                return print_json(&l);
+            }
+            println!(
+                "{:<20} {:<10} {:<28} {:>10} {:>8}",
+                "NAME", "VERSION", "PROVIDER", "MEMORY", "IDLE"
+            );
+            for m in l {
+                println!(
+                    "{:<20} {:<10} {:<28} {:>10} {:>7}s",
+                    m.name,
+                    m.version,
+                    m.provider,
+                    human(m.memory_bytes),
+                    m.idle_ms / 1000
+                );
+            }
+        }
+        RuntimeCmd::Load { name, provider } => {
+            let used = rt.load(&name, &provider).await?;
+            if json {
+                return print_json(&json!({ "name": name, "provider": used }));
+            }
+            println!("loaded {name} on {used}");
+        }
+        RuntimeCmd::Unload { name } => {
+            rt.unload(&name).await?;
+            if json {
+                return print_json(&json!({ "name": name, "unloaded": true }));
+            }
+            println!("unloaded {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Inputs past this size travel in a memfd instead of the message.
+const INLINE_LIMIT: usize = 1 << 20;
+
+async fn run_model(conn: &zbus::Connection, name: &str, text: &str, json: bool) -> Result<()> {
+    let inputs = tensors::parse_inputs(text)?;
+    let rt = Runtime1Proxy::new(conn)
+        .await
+        .context("npud is not reachable")?;
+    let total: usize = inputs.values().map(|t| t.data.len()).sum();
+    let (outputs, provider, latency_ms) = if total <= INLINE_LIMIT {
+        rt.infer(name, inputs).await?
+    } else {
+        infer_by_memfd(&rt, name, inputs).await?
+    };
+    let mut names: Vec<&String> = outputs.keys().collect();
+    names.sort();
+    let doc = json!({
+        "outputs": names.iter().map(|n| ((*n).clone(), tensors::to_json(&outputs[*n]))).collect::<serde_json::Map<_, _>>(),
+        "provider": provider,
+        "latency_ms": latency_ms,
+    });
+    if json {
+        return print_json(&doc);
+    }
+    for n in names {
+        let t = tensors::to_json(&outputs[n]);
+        println!(
+            "{n} {} {}: {}",
+            t["dtype"].as_str().unwrap_or(""),
+            t["shape"],
+            t["data"]
+        );
+    }
+    println!("ran on {provider} in {latency_ms:.2} ms");
+    Ok(())
+}
+
+async fn infer_by_memfd(
+    rt: &Runtime1Proxy<'_>,
+    name: &str,
+    inputs: std::collections::HashMap<String, pocket_proto::runtime::Tensor>,
+) -> Result<(
+    std::collections::HashMap<String, pocket_proto::runtime::Tensor>,
+    String,
+    f64,
+)> {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::FileExt;
+    let fd = nix::sys::memfd::memfd_create(
+        c"pocketctl-inputs",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )?;
+    let mut file = std::fs::File::from(fd);
+    let mut refs = std::collections::HashMap::new();
+    let mut offset = 0u64;
+    for (n, t) in inputs {
+        file.write_all(&t.data)?;
+        let len = t.data.len() as u64;
+        refs.insert(
+            n,
+            pocket_proto::runtime::TensorRef {
+                dtype: t.dtype,
+                shape: t.shape,
+                offset,
+                len,
+            },
+        );
+        offset += len;
+    }
+    let (out_refs, out_fd, provider, latency) = rt
+        .infer_fd(name, refs, zbus::zvariant::Fd::from(file.as_fd()))
+        .await?;
+    let out = std::fs::File::from(std::os::fd::OwnedFd::from(out_fd));
+    let mut outputs = std::collections::HashMap::new();
+    for (n, r) in out_refs {
+        let mut data = vec![0u8; r.len as usize];
+        out.read_exact_at(&mut data, r.offset)?;
+        outputs.insert(
+            n,
+            pocket_proto::runtime::Tensor {
+                dtype: r.dtype,
+                shape: r.shape,
+                data,
+            },
+        );
+    }
+    Ok((outputs, provider, latency))
 }
 
 /// A progress bar on a terminal, nothing without one.

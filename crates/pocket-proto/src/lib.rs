@@ -3,6 +3,8 @@
 //! daemon.
 
 pub mod models;
+pub mod power;
+pub mod runtime;
 
 /// Prefix of every typed PocketOS D-Bus error.
 pub const ERROR_PREFIX: &str = "org.pocketos.Error";

@@ -1,0 +1,134 @@
+//! `org.pocketos.Runtime1`: the inference runtime (npud).
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use zbus::zvariant::Type;
+
+pub const BUS_NAME: &str = "org.pocketos.Runtime1";
+pub const PATH: &str = "/org/pocketos/Runtime1";
+
+/// Element types a tensor may have on the bus.
+pub const DTYPES: [&str; 10] = [
+    "f32", "f16", "f64", "i64", "i32", "i16", "i8", "u8", "u16", "bool",
+];
+
+/// Bytes per element of `dtype`.
+pub fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "f64" | "i64" => 8,
+        "f32" | "i32" => 4,
+        "f16" | "i16" | "u16" => 2,
+        "i8" | "u8" | "bool" => 1,
+        _ => return None,
+    })
+}
+
+/// A tensor carried in the message: element type, shape, and its elements
+/// as little-endian bytes in row-major order.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq)]
+pub struct Tensor {
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub data: Vec<u8>,
+}
+
+/// A tensor carried in a shared memory file (memfd) passed beside the
+/// message: its bytes are `len` bytes at `offset`.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq)]
+pub struct TensorRef {
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A model held in memory by the runtime.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq)]
+pub struct LoadedModel {
+    pub name: String,
+    pub version: String,
+    /// The execution provider its session runs on, honestly: `cpu (fallback
+    /// from qnn)` when it wanted an accelerator it did not get.
+    pub provider: String,
+    pub memory_bytes: u64,
+    /// Milliseconds since it last ran.
+    pub idle_ms: u64,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// A model input or output: name, element type, shape (`-1` for a dynamic
+/// dimension).
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<i64>,
+}
+
+/// Execution providers: what the ONNX Runtime library offers, what this
+/// device is configured to prefer, and what a load without a request gets.
+#[derive(Debug, Clone, Serialize, Deserialize, Type, PartialEq)]
+pub struct Providers {
+    /// Provider short names the loaded library was built with.
+    pub library: Vec<String>,
+    /// The configured preference list.
+    pub preferred: Vec<String>,
+    /// Registered plugin EP libraries (name and path).
+    pub plugins: Vec<(String, String)>,
+    /// What a load gets now, e.g. `xnnpack` or `cpu (fallback from qnn)`.
+    pub selected: String,
+    pub allow_cpu_fallback: bool,
+}
+
+/// What one inference returned.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InferOutput {
+    pub outputs: HashMap<String, Tensor>,
+    pub provider: String,
+    pub latency_ms: f64,
+}
+
+#[zbus::proxy(
+    interface = "org.pocketos.Runtime1",
+    default_service = "org.pocketos.Runtime1",
+    default_path = "/org/pocketos/Runtime1"
+)]
+pub trait Runtime1 {
+    fn providers(&self) -> zbus::Result<Providers>;
+    fn loaded(&self) -> zbus::Result<Vec<LoadedModel>>;
+    /// Loads an installed model; `provider` empty for the device's
+    /// preference, or a provider the model requires. Returns the provider
+    /// its session runs on.
+    fn load(&self, name: &str, provider: &str) -> zbus::Result<String>;
+    fn unload(&self, name: &str) -> zbus::Result<()>;
+    /// Runs a model (loading it first when needed) on tensors carried in the
+    /// message. Returns outputs, the provider that ran, and latency in ms.
+    fn infer(
+        &self,
+        name: &str,
+        inputs: HashMap<String, Tensor>,
+    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)>;
+    /// Like `Infer`, with tensor bytes in memfds: the inputs in `data`, the
+    /// outputs in the returned file.
+    fn infer_fd(
+        &self,
+        name: &str,
+        inputs: HashMap<String, TensorRef>,
+        data: zbus::zvariant::Fd<'_>,
+    ) -> zbus::Result<(
+        HashMap<String, TensorRef>,
+        zbus::zvariant::OwnedFd,
+        String,
+        f64,
+    )>;
+
+    #[zbus(property)]
+    fn status(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn memory_budget(&self) -> zbus::Result<u64>;
+    #[zbus(property)]
+    fn memory_used(&self) -> zbus::Result<u64>;
+}

@@ -1,0 +1,46 @@
+//! npud: the PocketOS inference runtime behind `org.pocketos.Runtime1`.
+//!
+//! - [`runtime`]: ONNX Runtime, provider choice, loaded models and the
+//!   memory budget (the core room);
+//! - [`tensor`]: tensors between the bus and ONNX Runtime;
+//! - [`peers`]: modeld and powerd, which may be absent;
+//! - [`interface`]: the bus surface.
+
+pub mod config;
+pub mod error;
+pub mod interface;
+pub mod peers;
+pub mod runtime;
+pub mod tensor;
+
+pub use config::Config;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Loads ONNX Runtime, takes the bus name once the object is served, and
+/// runs the idle reaper.
+pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
+    let hold = Arc::new(peers::PerformanceHold::new(Duration::from_secs(
+        cfg.performance_hold_secs,
+    )));
+    let rt = Arc::new(tokio::task::spawn_blocking(move || runtime::Runtime::new(cfg)).await?);
+    let conn = zbus::connection::Builder::system()?
+        .name(pocket_proto::runtime::BUS_NAME)?
+        .serve_at(
+            pocket_proto::runtime::PATH,
+            interface::RuntimeIface::new(rt.clone(), hold.clone()),
+        )?
+        .build()
+        .await?;
+    let c = conn.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            rt.reap_idle();
+            hold.release_if_idle(&c).await;
+        }
+    });
+    Ok(conn)
+}

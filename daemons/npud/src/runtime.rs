@@ -1,0 +1,452 @@
+//! The core room: ONNX Runtime, execution-provider choice, the loaded
+//! models within the memory budget, and running them.
+
+use crate::config::Config;
+use crate::error::RuntimeError;
+use crate::tensor;
+use ort::ep::{self, ExecutionProvider};
+use ort::session::Session;
+use pocket_proto::runtime::{LoadedModel, Providers, TensorSpec};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+
+/// Execution providers by our short name: whether the library has them and
+/// how to register them on a session.
+fn provider_available(short: &str) -> bool {
+    let r = match short {
+        "cpu" => return true,
+        "xnnpack" => ep::XNNPACK::is_available(),
+        "qnn" => ep::QNN::is_available(),
+        "acl" => ep::ACL::is_available(),
+        "rknpu" => ep::RKNPU::is_available(),
+        "nnapi" => ep::NNAPI::is_available(),
+        _ => Ok(false),
+    };
+    r.unwrap_or(false)
+}
+
+const KNOWN: [&str; 6] = ["qnn", "acl", "rknpu", "nnapi", "xnnpack", "cpu"];
+
+fn dispatch(short: &str) -> Option<ep::ExecutionProviderDispatch> {
+    Some(match short {
+        "xnnpack" => ep::XNNPACK::default().build(),
+        "qnn" => ep::QNN::default().build(),
+        "acl" => ep::ACL::default().build(),
+        "rknpu" => ep::RKNPU::default().build(),
+        "nnapi" => ep::NNAPI::default().build(),
+        _ => return None,
+    })
+}
+
+/// What modeld says about an installed model.
+#[derive(Debug, Clone)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: String,
+    pub path: String,
+    pub memory_bytes: u64,
+}
+
+/// A model in memory. Its session runs one request at a time (`run` takes
+/// `&mut`), so concurrent requests queue on its lock.
+pub struct Loaded {
+    pub record: ModelRecord,
+    pub provider: String,
+    session: Mutex<Session>,
+    last_used: Mutex<Instant>,
+    busy: AtomicUsize,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Loaded({}, {})", self.record.name, self.provider)
+    }
+}
+
+impl Loaded {
+    fn idle_ms(&self) -> u64 {
+        self.last_used
+            .lock()
+            .expect("not poisoned")
+            .elapsed()
+            .as_millis() as u64
+    }
+
+    pub fn view(&self) -> LoadedModel {
+        LoadedModel {
+            name: self.record.name.clone(),
+            version: self.record.version.clone(),
+            provider: self.provider.clone(),
+            memory_bytes: self.record.memory_bytes,
+            idle_ms: self.idle_ms(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+        }
+    }
+
+    /// Runs the model on `(name, dtype, shape, bytes)` inputs. Returns
+    /// outputs as `(name, dtype, shape, bytes)` and the run's latency in ms.
+    #[allow(clippy::type_complexity)]
+    pub fn run(
+        &self,
+        inputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
+    ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, f64), RuntimeError> {
+        let mut values = Vec::with_capacity(inputs.len());
+        for (name, dtype, shape, bytes) in &inputs {
+            let spec = self
+                .inputs
+                .iter()
+                .find(|s| &s.name == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                    RuntimeError::InvalidInput(format!(
+                        "model {:?} has no input {name:?} (its inputs: {})",
+                        self.record.name,
+                        known.join(", ")
+                    ))
+                })?;
+            tensor::check(spec, dtype, shape, bytes.len())?;
+            values.push((name.clone(), tensor::to_value(dtype, shape, bytes)?));
+        }
+        for spec in &self.inputs {
+            if !inputs.iter().any(|(n, ..)| n == &spec.name) {
+                return Err(RuntimeError::InvalidInput(format!(
+                    "input {:?} ({} {:?}) is missing",
+                    spec.name, spec.dtype, spec.shape
+                )));
+            }
+        }
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        let result = (|| {
+            let mut session = self.session.lock().expect("not poisoned");
+            let start = Instant::now();
+            let outputs = session
+                .run(values)
+                .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+            let latency = start.elapsed().as_secs_f64() * 1000.0;
+            let mut out = Vec::new();
+            for (name, value) in outputs.iter() {
+                let (dtype, shape, bytes) = tensor::from_value(&value)?;
+                out.push((name.to_string(), dtype, shape, bytes));
+            }
+            Ok((out, latency))
+        })();
+        *self.last_used.lock().expect("not poisoned") = Instant::now();
+        self.busy.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+}
+
+enum SessionError {
+    Options(String),
+    Provider(String),
+    Model(String),
+}
+
+fn build_session(
+    env: &ort::environment::Environment,
+    threads: usize,
+    provider: &str,
+    path: &str,
+) -> Result<Session, SessionError> {
+    let opt =
+        |e: ort::Error<ort::session::builder::SessionBuilder>| SessionError::Options(e.to_string());
+    let mut builder = Session::builder(env)
+        .map_err(|e| SessionError::Options(e.to_string()))?
+        .with_intra_threads(threads)
+        .map_err(opt)?
+        .with_inter_threads(1)
+        .map_err(opt)?
+        // Spinning threads burn the power budget while they wait.
+        .with_config_entry("session.intra_op.allow_spinning", "0")
+        .map_err(opt)?
+        .with_config_entry("session.inter_op.allow_spinning", "0")
+        .map_err(opt)?;
+    if let Some(d) = dispatch(provider) {
+        builder = builder
+            .with_execution_providers([d.error_on_failure()])
+            .map_err(|e| SessionError::Provider(e.to_string()))?;
+    }
+    builder
+        .commit_from_file(path)
+        .map_err(|e| SessionError::Model(e.to_string()))
+}
+
+pub struct Runtime {
+    cfg: Config,
+    /// Why ONNX Runtime cannot be used, if it cannot.
+    problem: Option<String>,
+    env: Option<ort::environment::Environment>,
+    library: Vec<String>,
+    plugins: Vec<(String, String)>,
+    models: Mutex<HashMap<String, Arc<Loaded>>>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Runtime({:?})", self.problem)
+    }
+}
+
+impl Runtime {
+    /// Loads the ONNX Runtime library. A missing or broken library is not
+    /// fatal: the runtime stays up and degraded, and says why.
+    pub fn new(cfg: Config) -> Runtime {
+        let threads = if cfg.intra_threads > 0 {
+            cfg.intra_threads
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        };
+        let mut rt = Runtime {
+            problem: None,
+            env: None,
+            library: Vec::new(),
+            plugins: Vec::new(),
+            models: Mutex::new(HashMap::new()),
+            threads,
+            cfg,
+        };
+        let path = rt.cfg.onnxruntime_library.clone();
+        let env = if path.is_file() {
+            ort::init_from(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
+                .and_then(|b| {
+                    b.with_name("pocketos-npud")
+                        .build()
+                        .map_err(|e| e.to_string())
+                })
+        } else {
+            Err(format!("{} does not exist", path.display()))
+        };
+        match env {
+            Ok(env) => {
+                for lib in &rt.cfg.ep_libraries {
+                    match env.register_ep_library(lib.name.clone(), &lib.path) {
+                        Ok(()) => rt
+                            .plugins
+                            .push((lib.name.clone(), lib.path.display().to_string())),
+                        Err(e) => {
+                            tracing::warn!(name = %lib.name, "plugin EP library not registered: {e}")
+                        }
+                    }
+                }
+                rt.library = KNOWN
+                    .iter()
+                    .filter(|p| provider_available(p))
+                    .map(|p| p.to_string())
+                    .collect();
+                tracing::info!(library = %path.display(), providers = ?rt.library, "ONNX Runtime loaded");
+                rt.env = Some(env);
+            }
+            Err(e) => {
+                tracing::error!("ONNX Runtime not loaded: {e}");
+                rt.problem = Some(e);
+            }
+        }
+        rt
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn status(&self) -> String {
+        match &self.problem {
+            None => "ok".into(),
+            Some(p) => format!("degraded: ONNX Runtime is not available: {p}"),
+        }
+    }
+
+    fn ready(&self) -> Result<(), RuntimeError> {
+        match &self.problem {
+            None => Ok(()),
+            Some(p) => Err(RuntimeError::LibraryMissing(p.clone())),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.cfg.memory_budget_mb * MIB
+    }
+
+    pub fn used(&self) -> u64 {
+        self.models
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .map(|m| m.record.memory_bytes)
+            .sum()
+    }
+
+    /// The provider a load gets: the first of `candidates` the library has,
+    /// else CPU when fallback is allowed, said as such.
+    fn select(&self, requested: &str) -> Result<String, RuntimeError> {
+        let candidates: Vec<String> = if requested.is_empty() {
+            self.cfg.providers.clone()
+        } else {
+            vec![requested.to_string()]
+        };
+        if let Some(c) = candidates.iter().find(|c| self.library.contains(c)) {
+            return Ok(c.clone());
+        }
+        let wanted = candidates.first().cloned().unwrap_or_else(|| "cpu".into());
+        if self.cfg.allow_cpu_fallback {
+            return Ok(format!("cpu (fallback from {wanted})"));
+        }
+        Err(RuntimeError::ProviderUnavailable(format!(
+            "execution provider {wanted} is not available on this device (ONNX Runtime offers: {}); CPU fallback is not allowed",
+            self.library.join(", ")
+        )))
+    }
+
+    pub fn providers(&self) -> Providers {
+        Providers {
+            library: self.library.clone(),
+            preferred: self.cfg.providers.clone(),
+            plugins: self.plugins.clone(),
+            selected: match (&self.problem, self.select("")) {
+                (Some(_), _) => "none (ONNX Runtime not loaded)".into(),
+                (None, Ok(s)) => s,
+                (None, Err(e)) => format!("none ({e})"),
+            },
+            allow_cpu_fallback: self.cfg.allow_cpu_fallback,
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Loaded>> {
+        self.models.lock().expect("not poisoned").get(name).cloned()
+    }
+
+    pub fn loaded(&self) -> Vec<LoadedModel> {
+        let mut v: Vec<LoadedModel> = self
+            .models
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .map(|m| m.view())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Loads a model (blocking: call from a blocking thread). A model already
+    /// loaded on the same provider is returned as it is.
+    pub fn load(&self, record: ModelRecord, requested: &str) -> Result<Arc<Loaded>, RuntimeError> {
+        self.ready()?;
+        let provider = self.select(requested)?;
+        if let Some(m) = self.get(&record.name) {
+            if m.record.version == record.version
+                && (requested.is_empty() || m.provider == provider)
+            {
+                return Ok(m);
+            }
+            self.unload(&record.name)?;
+        }
+        self.make_room(&record)?;
+        let short = provider.split(' ').next().unwrap_or("cpu");
+        let corrupt = |detail: String| RuntimeError::Corrupt {
+            name: record.name.clone(),
+            detail,
+        };
+        let env = self.env.as_ref().expect("ready");
+        let session =
+            build_session(env, self.threads, short, &record.path).map_err(|e| match e {
+                SessionError::Provider(e) => RuntimeError::ProviderUnavailable(format!(
+                    "execution provider {short} failed to register: {e}"
+                )),
+                SessionError::Options(e) => RuntimeError::Inference(e),
+                SessionError::Model(e) => corrupt(e),
+            })?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| tensor::spec(o.name(), o.dtype()))
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| tensor::spec(o.name(), o.dtype()))
+            .collect();
+        let loaded = Arc::new(Loaded {
+            record,
+            provider,
+            session: Mutex::new(session),
+            last_used: Mutex::new(Instant::now()),
+            busy: AtomicUsize::new(0),
+            inputs,
+            outputs,
+        });
+        tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
+        self.models
+            .lock()
+            .expect("not poisoned")
+            .insert(loaded.record.name.clone(), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Unloads least recently used idle models until `record` fits.
+    fn make_room(&self, record: &ModelRecord) -> Result<(), RuntimeError> {
+        let budget = self.budget();
+        let over = |free: u64| RuntimeError::OverBudget {
+            name: record.name.clone(),
+            needed: record.memory_bytes.div_ceil(MIB),
+            free: free / MIB,
+            budget: budget / MIB,
+        };
+        if record.memory_bytes > budget {
+            return Err(over(budget.saturating_sub(self.used())));
+        }
+        let mut models = self.models.lock().expect("not poisoned");
+        loop {
+            let used: u64 = models.values().map(|m| m.record.memory_bytes).sum();
+            if used + record.memory_bytes <= budget {
+                return Ok(());
+            }
+            let victim = models
+                .values()
+                .filter(|m| m.busy.load(Ordering::SeqCst) == 0 && m.record.name != record.name)
+                .max_by_key(|m| m.idle_ms())
+                .map(|m| m.record.name.clone());
+            match victim {
+                Some(name) => {
+                    tracing::info!(model = %name, "unloaded to make room for {}", record.name);
+                    models.remove(&name);
+                }
+                None => return Err(over(budget.saturating_sub(used))),
+            }
+        }
+    }
+
+    pub fn unload(&self, name: &str) -> Result<(), RuntimeError> {
+        self.models
+            .lock()
+            .expect("not poisoned")
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| RuntimeError::NotLoaded(name.to_string()))
+    }
+
+    /// Unloads models idle longer than the keep-alive; returns their names.
+    pub fn reap_idle(&self) -> Vec<String> {
+        let keep = self.cfg.keep_alive_secs * 1000;
+        let mut models = self.models.lock().expect("not poisoned");
+        let idle: Vec<String> = models
+            .values()
+            .filter(|m| m.busy.load(Ordering::SeqCst) == 0 && m.idle_ms() >= keep)
+            .map(|m| m.record.name.clone())
+            .collect();
+        for n in &idle {
+            models.remove(n);
+            tracing::info!(model = %n, "unloaded after keep-alive");
+        }
+        idle
+    }
+}

@@ -1,0 +1,164 @@
+//! Tensors between the bus and ONNX Runtime: little-endian bytes in,
+//! typed `ort` values out, and the checks that make a bad request a clear
+//! error instead of a crash.
+
+use crate::error::RuntimeError;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use pocket_proto::runtime::{dtype_size, TensorSpec};
+
+/// Our short name of an ONNX element type.
+pub fn dtype_name(t: TensorElementType) -> &'static str {
+    match t {
+        TensorElementType::Float32 => "f32",
+        TensorElementType::Float16 => "f16",
+        TensorElementType::Float64 => "f64",
+        TensorElementType::Int64 => "i64",
+        TensorElementType::Int32 => "i32",
+        TensorElementType::Int16 => "i16",
+        TensorElementType::Int8 => "i8",
+        TensorElementType::Uint8 => "u8",
+        TensorElementType::Uint16 => "u16",
+        TensorElementType::Bool => "bool",
+        _ => "unsupported",
+    }
+}
+
+/// An input or output of a session as our wire spec.
+pub fn spec(name: &str, t: &ValueType) -> TensorSpec {
+    match t {
+        ValueType::Tensor { ty, shape, .. } => TensorSpec {
+            name: name.to_string(),
+            dtype: dtype_name(*ty).to_string(),
+            shape: shape.iter().copied().collect(),
+        },
+        other => TensorSpec {
+            name: name.to_string(),
+            dtype: format!("unsupported ({other})"),
+            shape: Vec::new(),
+        },
+    }
+}
+
+/// Checks one request tensor against the model's input and returns its
+/// element count.
+pub fn check(
+    spec: &TensorSpec,
+    dtype: &str,
+    shape: &[i64],
+    bytes: usize,
+) -> Result<(), RuntimeError> {
+    let bad = |msg: String| {
+        Err(RuntimeError::InvalidInput(format!(
+            "input {:?}: {msg}",
+            spec.name
+        )))
+    };
+    if dtype != spec.dtype {
+        return bad(format!("expected {} elements, got {dtype}", spec.dtype));
+    }
+    let shape_ok = shape.len() == spec.shape.len()
+        && shape
+            .iter()
+            .zip(&spec.shape)
+            .all(|(got, want)| *got >= 0 && (*want < 0 || got == want));
+    if !shape_ok {
+        return bad(format!("expected shape {:?}, got {:?}", spec.shape, shape));
+    }
+    let count: usize = shape.iter().map(|d| *d as usize).product();
+    let size = dtype_size(dtype).expect("dtype checked against the model");
+    if count.checked_mul(size) != Some(bytes) {
+        return bad(format!(
+            "shape {shape:?} of {dtype} needs {} bytes, got {bytes}",
+            count * size
+        ));
+    }
+    Ok(())
+}
+
+macro_rules! from_le {
+    ($bytes:expr, $shape:expr, $t:ty, $n:expr) => {{
+        let v: Vec<$t> = $bytes
+            .chunks_exact($n)
+            .map(|c| <$t>::from_le_bytes(c.try_into().expect("chunk size")))
+            .collect();
+        Tensor::from_array(($shape, v)).map(|t| t.into_dyn())
+    }};
+}
+
+/// Builds an `ort` value from checked little-endian bytes.
+pub fn to_value(dtype: &str, shape: &[i64], bytes: &[u8]) -> Result<DynValue, RuntimeError> {
+    let shape: Vec<i64> = shape.to_vec();
+    let r = match dtype {
+        "f32" => from_le!(bytes, shape, f32, 4),
+        "f64" => from_le!(bytes, shape, f64, 8),
+        "i64" => from_le!(bytes, shape, i64, 8),
+        "i32" => from_le!(bytes, shape, i32, 4),
+        "i16" => from_le!(bytes, shape, i16, 2),
+        "u16" => from_le!(bytes, shape, u16, 2),
+        "i8" => from_le!(bytes, shape, i8, 1),
+        "u8" => Tensor::from_array((shape, bytes.to_vec())).map(|t| t.into_dyn()),
+        "bool" => Tensor::from_array((shape, bytes.iter().map(|b| *b != 0).collect::<Vec<bool>>()))
+            .map(|t| t.into_dyn()),
+        "f16" => {
+            let v: Vec<half::f16> = bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            Tensor::from_array((shape, v)).map(|t| t.into_dyn())
+        }
+        other => {
+            return Err(RuntimeError::InvalidInput(format!(
+                "element type {other:?} is not supported"
+            )))
+        }
+    };
+    r.map_err(|e| RuntimeError::InvalidInput(e.to_string()))
+}
+
+macro_rules! to_le {
+    ($value:expr, $t:ty) => {{
+        let (shape, data) = $value
+            .try_extract_tensor::<$t>()
+            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        (shape.iter().copied().collect::<Vec<i64>>(), bytes)
+    }};
+}
+
+/// An output value as (element type, shape, little-endian bytes).
+pub fn from_value(value: &DynValue) -> Result<(String, Vec<i64>, Vec<u8>), RuntimeError> {
+    let ty = match value.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(RuntimeError::Inference(format!(
+                "output of type {other} is not a tensor"
+            )))
+        }
+    };
+    let (shape, bytes) = match ty {
+        TensorElementType::Float32 => to_le!(value, f32),
+        TensorElementType::Float64 => to_le!(value, f64),
+        TensorElementType::Int64 => to_le!(value, i64),
+        TensorElementType::Int32 => to_le!(value, i32),
+        TensorElementType::Int16 => to_le!(value, i16),
+        TensorElementType::Uint16 => to_le!(value, u16),
+        TensorElementType::Int8 => to_le!(value, i8),
+        TensorElementType::Uint8 => to_le!(value, u8),
+        TensorElementType::Float16 => to_le!(value, half::f16),
+        TensorElementType::Bool => {
+            let (shape, data) = value
+                .try_extract_tensor::<bool>()
+                .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+            (
+                shape.iter().copied().collect(),
+                data.iter().map(|b| *b as u8).collect(),
+            )
+        }
+        other => {
+            return Err(RuntimeError::Inference(format!(
+                "output element type {other:?} is not supported"
+            )))
+        }
+    };
+    Ok((dtype_name(ty).to_string(), shape, bytes))
+}

@@ -1,0 +1,293 @@
+//! npud with the real ONNX Runtime library, models installed by the real
+//! modeld, and the real pocketctl: outputs match the onnxruntime Python
+//! reference, and every failure is a clear error from a daemon that stays up.
+
+use pocket_tests::*;
+use serde_json::{json, Value};
+
+/// A world with mlp, attention, wide and typed installed, and npud running
+/// with `npud_extra` config.
+fn world(npud_extra: &str) -> World {
+    let mut w = World::start();
+    let fx = onnx_fixtures();
+    for m in ["wide", "typed"] {
+        w.publisher.pack(
+            &w.packs,
+            m,
+            "1.0",
+            &[(&format!("{m}.onnx"), &fx.join(format!("{m}.onnx")))],
+        );
+    }
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    for m in ["mlp", "attention", "wide", "typed"] {
+        w.ctl(&["model", "install", m]).ok();
+    }
+    w.start_npud(npud_extra);
+    w
+}
+
+/// Seeded pseudo-random f32 data.
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn run(w: &World, model: &str, inputs: &Value) -> Output {
+    let text = inputs.to_string();
+    if text.len() < 64 * 1024 {
+        return w.ctl(&["run", model, "--input", &text, "--json"]);
+    }
+    let file = w.tmp.path().join("inputs.json");
+    std::fs::write(&file, text).unwrap();
+    w.ctl(&[
+        "run",
+        model,
+        "--input-file",
+        file.to_str().unwrap(),
+        "--json",
+    ])
+}
+
+fn assert_close(got: &Value, want: &Value, tol: f64) {
+    for (name, w) in want["outputs"].as_object().unwrap() {
+        let g = &got["outputs"][name];
+        assert_eq!(g["dtype"], w["dtype"], "{name}");
+        assert_eq!(g["shape"], w["shape"], "{name}");
+        let (g, w) = (g["data"].as_array().unwrap(), w["data"].as_array().unwrap());
+        assert_eq!(g.len(), w.len(), "{name}");
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            match (a.as_f64(), b.as_f64()) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= tol, "{name}[{i}]: {a} vs {b}"),
+                _ => assert_eq!(a, b, "{name}[{i}]"),
+            }
+        }
+    }
+}
+
+#[test]
+fn outputs_match_the_onnxruntime_reference() {
+    let w = world("");
+    let fx = onnx_fixtures();
+    let cases = [
+        ("mlp", json!({"x": {"shape": [1, 16], "data": data(16, 1)}})),
+        (
+            "attention",
+            json!({"x": {"shape": [1, 8, 16], "data": data(128, 2)}}),
+        ),
+        // 1.2 MB in and out: both travel in memfds.
+        (
+            "wide",
+            json!({"x": {"shape": [1, 300000], "data": data(300000, 3)}}),
+        ),
+        (
+            "typed",
+            json!({
+                "a": {"shape": [3], "dtype": "i64", "data": [1, -2, 9_000_000_000i64]},
+                "b": {"shape": [3], "dtype": "i32", "data": [1, 2, -3]},
+                "c": {"shape": [3], "dtype": "u8", "data": [1, 2, 200]},
+                "d": {"shape": [3], "dtype": "bool", "data": [true, false, true]},
+                "e": {"shape": [3], "dtype": "f16", "data": [0.5, 1.5, -2.0]},
+                "f": {"shape": [3], "dtype": "f64", "data": [0.1, 0.2, 0.3]},
+            }),
+        ),
+    ];
+    for (model, inputs) in cases {
+        let got = run(&w, model, &inputs).ok().json();
+        let want = reference_outputs(&fx.join(format!("{model}.onnx")), &inputs);
+        assert_close(&got, &want, 1e-5);
+        assert_eq!(got["provider"], "cpu", "{model}");
+        assert!(got["latency_ms"].as_f64().unwrap() >= 0.0);
+    }
+    let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
+    assert_eq!(loaded.as_array().unwrap().len(), 4);
+    let status = w.ctl(&["status", "--json"]).ok().json();
+    assert_eq!(status["daemons"]["npud"]["status"], "ok");
+}
+
+#[test]
+fn concurrent_requests_are_served_safely() {
+    let w = world("");
+    let inputs = json!({"x": {"shape": [1, 8, 16], "data": data(128, 5)}});
+    let want = reference_outputs(&onnx_fixtures().join("attention.onnx"), &inputs);
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            std::process::Command::new(bin_path("pocketctl"))
+                .args(["run", "attention", "--json", "--input", &inputs.to_string()])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", w.bus.address())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_close(&serde_json::from_slice(&out.stdout).unwrap(), &want, 1e-5);
+    }
+}
+
+#[test]
+fn providers_are_reported_honestly() {
+    // Prefers an NPU this machine lacks; CPU fallback allowed and said so.
+    let w = world("providers = [\"qnn\", \"cpu\"]\nallow_cpu_fallback = true");
+    let p = w.ctl(&["runtime", "providers", "--json"]).ok().json();
+    assert!(p["library"].as_array().unwrap().contains(&json!("cpu")));
+    assert!(!p["library"].as_array().unwrap().contains(&json!("qnn")));
+    assert_eq!(p["selected"], "cpu");
+    // A load that requires qnn falls back, visibly.
+    let l = w
+        .ctl(&["runtime", "load", "mlp", "--provider", "qnn", "--json"])
+        .ok()
+        .json();
+    assert_eq!(l["provider"], "cpu (fallback from qnn)");
+    let out = run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .ok()
+    .json();
+    assert_eq!(out["provider"], "cpu (fallback from qnn)");
+
+    // Without fallback, a required accelerator that is missing is an error.
+    let w = world("providers = [\"qnn\"]\nallow_cpu_fallback = false");
+    let refused = w.ctl(&["runtime", "load", "mlp"]);
+    refused.fails_with(
+        "execution provider qnn is not available on this device (ONNX Runtime offers: ",
+    );
+    refused.fails_with("cpu); CPU fallback is not allowed (ProviderUnavailable)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .fails_with("(ProviderUnavailable)");
+    w.ctl(&["runtime", "providers"]).ok();
+}
+
+#[test]
+fn bad_requests_are_clear_errors_and_npud_stays_up() {
+    let w = world("");
+    let x = data(16, 1);
+    run(&w, "mlp", &json!({"input": {"shape": [1, 16], "data": x}}))
+        .fails_with("model \"mlp\" has no input \"input\" (its inputs: x) (InvalidArgument)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 15], "data": &x[..15]}}),
+    )
+    .fails_with("input \"x\": expected shape [1, 16], got [1, 15] (InvalidArgument)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "dtype": "i64", "data": vec![1; 16]}}),
+    )
+    .fails_with("input \"x\": expected f32 elements, got i64 (InvalidArgument)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": &x[..4]}}),
+    )
+    .fails_with("input \"x\": shape [1, 16] of f32 needs 64 bytes, got 16");
+    run(&w, "mlp", &json!({})).fails_with("input \"x\" (f32 [1, 16]) is missing");
+    run(&w, "nosuch", &json!({})).fails_with("model \"nosuch\" is not installed (NotFound)");
+    w.ctl(&["runtime", "unload", "attention"])
+        .fails_with("not loaded");
+    run(&w, "mlp", &json!({"x": {"shape": [1, 16], "data": x}})).ok();
+}
+
+#[test]
+fn corrupt_model_and_missing_library_degrade_without_crashing() {
+    let mut w = World::start();
+    // A signed pack whose model file is not ONNX: installs, but cannot load.
+    let junk = w.tmp.path().join("junk.onnx");
+    random_file(&junk, 4096, 9);
+    w.publisher
+        .pack(&w.packs, "junk", "1.0", &[("junk.onnx", &junk)]);
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    w.ctl(&["model", "install", "junk"]).ok();
+    w.ctl(&["model", "install", "mlp"]).ok();
+    w.start_npud("");
+    run(&w, "junk", &json!({})).fails_with("model \"junk\" cannot be loaded");
+    w.ctl(&["runtime", "load", "junk"]).fails_with("(Corrupt)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .ok();
+
+    // No library at the configured path: npud runs, degraded, and says why.
+    w.npud = None;
+    w.start_npud("onnxruntime_library = \"/nonexistent/libonnxruntime.so\"");
+    let status = w.ctl(&["status", "--json"]).ok().json();
+    let s = status["daemons"]["npud"]["status"].as_str().unwrap();
+    assert!(s.starts_with("degraded: ONNX Runtime is not available: /nonexistent/libonnxruntime.so does not exist"), "{s}");
+    w.ctl(&["runtime", "load", "mlp"])
+        .fails_with("(RuntimeUnavailable)");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .fails_with("ONNX Runtime is not available");
+
+    // A file that is not a shared library: the same, not a crash.
+    w.npud = None;
+    let fake = w.tmp.path().join("libonnxruntime.so");
+    std::fs::write(&fake, b"not a library").unwrap();
+    w.start_npud(&format!("onnxruntime_library = \"{}\"", fake.display()));
+    w.ctl(&["runtime", "load", "mlp"])
+        .fails_with("(RuntimeUnavailable)");
+    w.ctl(&["runtime", "providers", "--json"]).ok();
+}
+
+#[test]
+fn memory_budget_refuses_evicts_least_recently_used_and_idles_out() {
+    let mut w = World::start();
+    let fx = onnx_fixtures();
+    let mib = 1u64 << 20;
+    w.publisher
+        .pack_needing(&w.packs, "a", &fx.join("mlp.onnx"), 600 * 1024);
+    w.publisher
+        .pack_needing(&w.packs, "b", &fx.join("mlp.onnx"), 600 * 1024);
+    w.publisher
+        .pack_needing(&w.packs, "huge", &fx.join("mlp.onnx"), 3 * mib);
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    for m in ["a", "b", "huge"] {
+        w.ctl(&["model", "install", m]).ok();
+    }
+    w.start_npud("memory_budget_mb = 1\nkeep_alive_secs = 2");
+    w.ctl(&["runtime", "load", "huge"])
+        .fails_with("model \"huge\" needs 3 MiB of memory but only 1 MiB of the 1 MiB budget is free (InsufficientMemory)");
+    w.ctl(&["runtime", "load", "a"]).ok();
+    w.ctl(&["runtime", "load", "b"]).ok();
+    let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
+    let names: Vec<&str> = loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b"], "a was not evicted to make room for b");
+    wait_for(
+        "keep-alive unload",
+        std::time::Duration::from_secs(10),
+        || {
+            let l = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
+            l.as_array().unwrap().is_empty().then_some(())
+        },
+    );
+}
