@@ -1,0 +1,82 @@
+//! Each daemon ships its introspection XML (`daemons/*/data/<bus>.xml`);
+//! these tests hold it to what the daemon really serves. `POCKET_BLESS=1`
+//! rewrites the files.
+
+use pocket_tests::*;
+use std::time::Duration;
+
+fn interface_block(xml: &str, name: &str) -> String {
+    let start = xml
+        .find(&format!("<interface name=\"{name}\">"))
+        .unwrap_or_else(|| panic!("{name} not in introspection"));
+    let end = start + xml[start..].find("</interface>").unwrap() + "</interface>".len();
+    xml[start..end].to_string()
+}
+
+async fn introspect(conn: &zbus::Connection, dest: &str, path: &str) -> String {
+    zbus::fdo::IntrospectableProxy::builder(conn)
+        .destination(dest.to_string())
+        .unwrap()
+        .path(path.to_string())
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap()
+}
+
+fn check_shipped(file: &str, blocks: &[String]) {
+    let mut xml = String::from(
+        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+    );
+    for b in blocks {
+        xml.push_str(&format!("  {b}\n"));
+    }
+    xml.push_str("</node>\n");
+    let shipped = workspace_root().join(file);
+    if std::env::var_os("POCKET_BLESS").is_some() {
+        std::fs::write(&shipped, &xml).unwrap();
+    }
+    assert_eq!(
+        std::fs::read_to_string(&shipped).unwrap_or_default(),
+        xml,
+        "{file}: run with POCKET_BLESS=1 to update"
+    );
+}
+
+#[test]
+fn shipped_introspection_matches_the_daemons() {
+    let mut w = World::start();
+    w.start_modeld();
+    w.start_npud("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (models, job, runtime) = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let conn = w.bus.connect().await;
+            let m = pocket_proto::models::Models1Proxy::new(&conn)
+                .await
+                .unwrap();
+            let path = m.install("mlp").await.unwrap();
+            (
+                introspect(&conn, "org.pocketos.Models1", "/org/pocketos/Models1").await,
+                introspect(&conn, "org.pocketos.Models1", path.as_str()).await,
+                introspect(&conn, "org.pocketos.Runtime1", "/org/pocketos/Runtime1").await,
+            )
+        })
+        .await
+        .expect("introspection in time")
+    });
+    check_shipped(
+        "daemons/modeld/data/org.pocketos.Models1.xml",
+        &[
+            interface_block(&models, "org.pocketos.Models1"),
+            interface_block(&job, "org.pocketos.Models1.Job"),
+        ],
+    );
+    check_shipped(
+        "daemons/npud/data/org.pocketos.Runtime1.xml",
+        &[interface_block(&runtime, "org.pocketos.Runtime1")],
+    );
+}
