@@ -41,6 +41,7 @@ up: deps build
 bench: deps
     cargo build --release --workspace --bins
     cargo bench -p pocket-tests --bench install
+    cargo bench -p pocket-tests --bench infer
 
 # Generate the seeded ONNX fixture models into DIR.
 fixtures DIR:

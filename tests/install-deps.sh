@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what PocketOS's tests and demo need on a Debian/Ubuntu machine,
 # only where it is missing: dbus-daemon and dbus-send, curl, shellcheck,
-# setpriv, and Python's onnx and numpy for the fixture models.
+# setpriv, Python's onnx, numpy and onnxruntime (fixture models and the
+# inference reference), and the pinned libonnxruntime.so.
 set -euo pipefail
 
 sudo_cmd=()
@@ -25,10 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import onnx, numpy' 2>/dev/null; then
-    echo "installing: python onnx numpy"
-    python3 -m pip install --quiet onnx numpy 2>/dev/null \
-        || python3 -m pip install --quiet --break-system-packages onnx numpy
+if ! python3 -c "import onnx, numpy, onnxruntime" 2>/dev/null; then
+    echo "installing: python onnx numpy onnxruntime"
+    python3 -m pip install --quiet onnx numpy onnxruntime 2>/dev/null \
+        || python3 -m pip install --quiet --break-system-packages onnx numpy onnxruntime
 fi
 
 # The admin group of the bus policy; the access tests run callers in it.

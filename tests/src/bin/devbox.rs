@@ -30,6 +30,11 @@ fn up() -> World {
     );
     println!("== pocket-modeld on the bus (data in {})", w.data.display());
     w.start_modeld();
+    println!(
+        "== pocket-npud on the bus (ONNX Runtime {})",
+        onnxruntime_library().display()
+    );
+    w.start_npud("");
     w
 }
 
@@ -66,7 +71,25 @@ fn main() {
             );
             step(&w, &["model", "list"]);
             step(&w, &["model", "info", "mlp"]);
-            step(&w, &["model", "list", "--json"]);
+            step(&w, &["runtime", "providers"]);
+            let x: Vec<String> = (0..16)
+                .map(|i| format!("{:.2}", (i as f32 * 0.4).sin()))
+                .collect();
+            let input = format!(
+                "{{\"x\": {{\"shape\": [1, 16], \"data\": [{}]}}}}",
+                x.join(", ")
+            );
+            step(&w, &["run", "mlp", "--input", &input, "--json"]);
+            let x: Vec<String> = (0..128)
+                .map(|i| format!("{:.2}", (i as f32 * 0.1).cos()))
+                .collect();
+            let input = format!(
+                "{{\"x\": {{\"shape\": [1, 8, 16], \"data\": [{}]}}}}",
+                x.join(", ")
+            );
+            step(&w, &["run", "attention", "--input", &input]);
+            step(&w, &["runtime", "loaded"]);
+            step(&w, &["status"]);
             println!("\ndemo done");
         }
         "up" => {
