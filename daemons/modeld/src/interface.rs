@@ -118,6 +118,8 @@ impl Models {
         #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(), Error> {
         require_admin(conn, &hdr, self.admin_gid, "removing a model").await?;
+        self.engine.info(name)?;
+        unload_from_runtime(conn, name).await?;
         Ok(self.engine.remove(name).await?)
     }
 
@@ -163,6 +165,32 @@ impl Models {
     #[zbus(property)]
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
+    }
+}
+
+/// Asks npud to drop a model before its files go. npud being absent or not
+/// having it loaded is fine; any other answer refuses the removal.
+async fn unload_from_runtime(conn: &zbus::Connection, name: &str) -> Result<(), Error> {
+    let refused = |e: zbus::Error| {
+        Error::InvalidArgument(format!(
+            "model {name:?} is loaded by the runtime and could not be unloaded: {e}"
+        ))
+    };
+    let rt = pocket_proto::runtime::Runtime1Proxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .map_err(refused)?;
+    match rt.unload(name).await {
+        Ok(()) => Ok(()),
+        Err(zbus::Error::MethodError(err, _, _))
+            if err.as_str() == "org.pocketos.Error.NotFound"
+                || err.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
+                || err.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner" =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(refused(e)),
     }
 }
 
