@@ -295,16 +295,41 @@ fn memory_budget_refuses_evicts_least_recently_used_and_idles_out() {
 #[test]
 fn removing_a_loaded_model_unloads_it_first() {
     let mut w = world("");
-    run(&w, "mlp", &json!({"x": {"shape": [1, 16], "data": data(16, 1)}})).ok();
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .ok();
     let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
-    assert!(loaded.as_array().unwrap().iter().any(|m| m["name"] == "mlp"));
+    assert!(loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "mlp"));
     w.ctl(&["model", "remove", "mlp"]).ok();
     let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
-    assert!(!loaded.as_array().unwrap().iter().any(|m| m["name"] == "mlp"), "{loaded}");
-    run(&w, "mlp", &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}))
-        .fails_with("model \"mlp\" is not installed (NotFound)");
+    assert!(
+        !loaded
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "mlp"),
+        "{loaded}"
+    );
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .fails_with("model \"mlp\" is not installed (NotFound)");
     // With npud gone, removal does not depend on it.
-    run(&w, "attention", &json!({"x": {"shape": [1, 8, 16], "data": data(128, 2)}})).ok();
+    run(
+        &w,
+        "attention",
+        &json!({"x": {"shape": [1, 8, 16], "data": data(128, 2)}}),
+    )
+    .ok();
     w.npud = None;
     w.ctl(&["model", "remove", "attention"]).ok();
     assert_eq!(w.installed().len(), 2);
