@@ -1,5 +1,5 @@
 use serde::Deserialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// `/etc/pocketos/modeld.toml`; see `modeld.toml.example` beside this crate.
 #[derive(Debug, Clone, Deserialize)]
@@ -46,12 +46,4 @@ fn default_meminfo() -> PathBuf {
 }
 fn default_attempts() -> u32 {
     4
-}
-
-impl Config {
-    pub fn load(path: &Path) -> anyhow::Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
-    }
 }

@@ -11,21 +11,10 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,zbus=warn,ort=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pocket_daemon::init_logging("info,zbus=warn,ort=warn");
     let args = Args::parse();
-    let cfg = pocket_npud::Config::load(&args.config)?;
+    let cfg: pocket_npud::Config = pocket_daemon::load_config(&args.config)?;
     let _conn = pocket_npud::serve(cfg).await?;
     tracing::info!("serving {}", pocket_proto::runtime::BUS_NAME);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-    Ok(())
+    pocket_daemon::shutdown_signal().await
 }

@@ -1,0 +1,34 @@
+//! What every PocketOS daemon's `main` does alike, so that each `main.rs`
+//! stays a few lines: logging to stderr, strict TOML config, and waiting for
+//! SIGTERM or Ctrl-C.
+
+use serde::de::DeserializeOwned;
+use std::path::Path;
+
+/// Logs to stderr; `RUST_LOG` overrides `default` (e.g. `info,zbus=warn`).
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Reads a TOML config; unknown keys are an error when `T` denies them.
+pub fn load_config<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+}
+
+/// Returns when the daemon is asked to stop.
+pub async fn shutdown_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(())
+}
