@@ -2,6 +2,8 @@
 //! stays a few lines: logging to stderr, strict TOML config, and waiting for
 //! SIGTERM or Ctrl-C.
 
+pub mod access;
+
 use serde::de::DeserializeOwned;
 use std::path::Path;
 

@@ -10,7 +10,7 @@ pub enum ModelError {
     NotInCatalog(String),
     #[error("model {0:?} is not installed")]
     NotInstalled(String),
-    #[error("permission denied: {0}")]
+    #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     Untrusted(String),

@@ -1,9 +1,9 @@
 //! The D-Bus surface: `org.pocketos.Models1` and one
 //! `org.pocketos.Models1.Job` object per install.
 
-use crate::access::require_admin;
 use crate::engine::{Engine, Job};
 use crate::error::ModelError;
+use pocket_daemon::access::require_admin;
 use pocket_proto::models::{CatalogModel, ModelInfo, JOB_PATH_PREFIX, PATH};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -50,6 +50,12 @@ impl From<ModelError> for Error {
             "Io" => Error::Io(msg),
             _ => Error::State(msg),
         }
+    }
+}
+
+impl From<pocket_daemon::access::Denied> for Error {
+    fn from(e: pocket_daemon::access::Denied) -> Self {
+        Error::PermissionDenied(e.0)
     }
 }
 

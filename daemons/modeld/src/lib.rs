@@ -4,9 +4,8 @@
 //! - [`install`]: the verifying, resumable install stream;
 //! - [`store`] and [`catalog`]: the data partition and catalog sources (the
 //!   platform room);
-//! - [`interface`] and [`access`]: the bus surface.
+//! - [`interface`]: the bus surface.
 
-pub mod access;
 pub mod catalog;
 pub mod config;
 pub mod engine;
@@ -22,7 +21,7 @@ pub use error::ModelError;
 /// Builds the engine, takes the bus name once the object is served, and
 /// resumes interrupted installs.
 pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
-    let admin_gid = access::admin_gid(&cfg.admin_group);
+    let admin_gid = pocket_daemon::access::admin_gid(&cfg.admin_group);
     if admin_gid.is_none() {
         tracing::warn!(group = %cfg.admin_group, "admin group not found; only root may change models");
     }

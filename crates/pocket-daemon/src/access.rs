@@ -1,8 +1,7 @@
-//! Who may change the model store: root and members of the admin group.
-//! The bus policy says the same; this re-check holds even on a bus with a
-//! looser policy.
+//! Who may change things: root and members of the admin group. Each
+//! daemon's bus policy says the same; this re-check holds even on a bus with
+//! a looser policy.
 
-use crate::error::ModelError;
 use zbus::message::Header;
 use zbus::names::BusName;
 
@@ -15,25 +14,30 @@ pub fn admin_gid(group: &str) -> Option<u32> {
         .map(|g| g.gid.as_raw())
 }
 
+/// Why a caller may not do what it asked, as a person can read it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Denied(pub String);
+
 pub async fn require_admin(
     conn: &zbus::Connection,
     hdr: &Header<'_>,
     admin_gid: Option<u32>,
     action: &str,
-) -> Result<(), ModelError> {
+) -> Result<(), Denied> {
     let denied = || {
-        ModelError::PermissionDenied(format!(
+        Denied(format!(
             "{action} needs root or membership of the admin group"
         ))
     };
     let sender = hdr.sender().ok_or_else(denied)?;
     let dbus = zbus::fdo::DBusProxy::new(conn)
         .await
-        .map_err(|e| ModelError::State(e.to_string()))?;
+        .map_err(|e| Denied(format!("{action}: cannot ask the bus who is calling: {e}")))?;
     let creds = dbus
         .get_connection_credentials(BusName::Unique(sender.to_owned()))
         .await
-        .map_err(|e| ModelError::State(format!("caller credentials: {e}")))?;
+        .map_err(|e| Denied(format!("{action}: cannot ask the bus who is calling: {e}")))?;
     if creds.unix_user_id() == Some(0) {
         return Ok(());
     }
