@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what PocketOS's tests and demo need on a Debian/Ubuntu machine,
 # only where it is missing: dbus-daemon and dbus-send, curl, shellcheck,
-# setpriv, Python's onnx, numpy and onnxruntime (fixture models and the
+# setpriv, powerprofilesctl, Python's onnx, numpy and onnxruntime (fixture models and the
 # inference reference), and the pinned libonnxruntime.so.
 set -euo pipefail
 
@@ -18,6 +18,8 @@ need curl curl
 need shellcheck shellcheck
 need setpriv util-linux
 need sha256sum coreutils
+# Only its client, powerprofilesctl, runs in the tests (against powerd).
+need powerprofilesctl power-profiles-daemon
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"

@@ -7,12 +7,14 @@
 //! - [`HttpServer`]: a file server on 127.0.0.1 that can throttle, drop a
 //!   connection mid-body and logs what it sent;
 //! - [`Publisher`]: keys, keyrings, packs and catalogs made with the real
-//!   `pocket-publish` code, and the seeded ONNX fixture models.
+//!   `pocket-publish` code, and the seeded ONNX fixture models;
+//! - [`SimBoard`]: a fake sysfs tree with a plant model for powerd.
 
 mod bus;
 mod daemon;
 mod fixtures;
 mod http;
+mod simboard;
 mod world;
 
 pub use bus::{BusPolicy, DevBus};
@@ -21,6 +23,7 @@ pub use fixtures::{
     onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file, reference_outputs, Publisher,
 };
 pub use http::{HttpServer, Served};
+pub use simboard::{Load, Sample, SimBoard};
 pub use world::World;
 
 use std::path::PathBuf;

@@ -19,6 +19,7 @@ pub struct World {
     pub config: PathBuf,
     pub modeld: Option<Daemon>,
     pub npud: Option<Daemon>,
+    pub powerd: Option<Daemon>,
 }
 
 impl World {
@@ -56,6 +57,7 @@ impl World {
             config,
             modeld: None,
             npud: None,
+            powerd: None,
         };
         w.write_config("");
         w
@@ -105,6 +107,35 @@ impl World {
             &path,
         ));
         self.npud.as_mut().unwrap()
+    }
+
+    /// Starts powerd on `sysfs_root` with the shipped RK3588 board file, a
+    /// 100 ms control period, its state in this world, and `extra` config.
+    pub fn start_powerd(&mut self, sysfs_root: &Path, extra: &str) -> &mut Daemon {
+        let defaults = [
+            format!("sysfs_root = \"{}\"", sysfs_root.display()),
+            format!(
+                "board = \"{}\"",
+                workspace_root()
+                    .join("daemons/powerd/boards/rk3588.toml")
+                    .display()
+            ),
+            format!(
+                "state_dir = \"{}\"",
+                self.tmp.path().join("powerd-state").display()
+            ),
+            "period_ms = 100".to_string(),
+            "budget_watts = 65.0".to_string(),
+        ];
+        let path = self.tmp.path().join("powerd.toml");
+        std::fs::write(&path, merge_config(&defaults, extra)).unwrap();
+        self.powerd = Some(Daemon::start(
+            &self.bus,
+            "pocket-powerd",
+            "org.pocketos.Power1",
+            &path,
+        ));
+        self.powerd.as_mut().unwrap()
     }
 
     pub fn modeld(&mut self) -> &mut Daemon {

@@ -51,8 +51,10 @@ fn shipped_introspection_matches_the_daemons() {
     let mut w = World::start();
     w.start_modeld();
     w.start_npud("");
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    w.start_powerd(board.root(), "");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (models, job, runtime) = rt.block_on(async {
+    let (models, job, runtime, power) = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(30), async {
             let conn = w.bus.connect().await;
             let m = pocket_proto::models::Models1Proxy::new(&conn)
@@ -63,6 +65,16 @@ fn shipped_introspection_matches_the_daemons() {
                 introspect(&conn, "org.pocketos.Models1", "/org/pocketos/Models1").await,
                 introspect(&conn, "org.pocketos.Models1", path.as_str()).await,
                 introspect(&conn, "org.pocketos.Runtime1", "/org/pocketos/Runtime1").await,
+                [
+                    introspect(&conn, "org.pocketos.Power1", "/org/pocketos/Power1").await,
+                    introspect(
+                        &conn,
+                        "org.pocketos.Power1",
+                        "/org/freedesktop/UPower/PowerProfiles",
+                    )
+                    .await,
+                    introspect(&conn, "org.pocketos.Power1", "/net/hadess/PowerProfiles").await,
+                ],
             )
         })
         .await
@@ -78,5 +90,13 @@ fn shipped_introspection_matches_the_daemons() {
     check_shipped(
         "daemons/npud/data/org.pocketos.Runtime1.xml",
         &[interface_block(&runtime, "org.pocketos.Runtime1")],
+    );
+    check_shipped(
+        "daemons/powerd/data/org.pocketos.Power1.xml",
+        &[
+            interface_block(&power[0], "org.pocketos.Power1"),
+            interface_block(&power[1], "org.freedesktop.UPower.PowerProfiles"),
+            interface_block(&power[2], "net.hadess.PowerProfiles"),
+        ],
     );
 }

@@ -334,3 +334,47 @@ fn removing_a_loaded_model_unloads_it_first() {
     w.ctl(&["model", "remove", "attention"]).ok();
     assert_eq!(w.installed().len(), 2);
 }
+
+#[test]
+fn inference_holds_performance_on_powerd_and_releases_it_when_idle() {
+    let mut w = world("performance_hold_secs = 1");
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    w.start_powerd(board.root(), "");
+    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "balanced");
+    // npud started before powerd: it asks again on the next inference after
+    // its retry interval, so restart it to find powerd at once.
+    w.npud = None;
+    w.start_npud("performance_hold_secs = 1");
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .ok();
+    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "performance");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let holds = rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let p = zbus::Proxy::new(
+            &conn,
+            "net.hadess.PowerProfiles",
+            "/net/hadess/PowerProfiles",
+            "net.hadess.PowerProfiles",
+        )
+        .await
+        .unwrap();
+        let holds: Vec<std::collections::HashMap<String, zbus::zvariant::OwnedValue>> =
+            p.get_property("ActiveProfileHolds").await.unwrap();
+        holds
+    });
+    assert_eq!(holds.len(), 1);
+    assert_eq!(
+        String::try_from(holds[0]["ApplicationId"].clone()).unwrap(),
+        "org.pocketos.Runtime1"
+    );
+    wait_for(
+        "the hold to be released when idle",
+        std::time::Duration::from_secs(10),
+        || (w.ctl(&["power", "get"]).ok().stdout.trim() == "balanced").then_some(()),
+    );
+}

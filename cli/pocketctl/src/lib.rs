@@ -37,6 +37,11 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: RuntimeCmd,
     },
+    /// Power profile, budget and telemetry
+    Power {
+        #[command(subcommand)]
+        cmd: PowerCmd,
+    },
     /// Run an installed model once
     Run {
         name: String,
@@ -51,6 +56,18 @@ pub enum Cmd {
         #[arg(long)]
         input_file: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum PowerCmd {
+    /// The active profile
+    Get,
+    /// Choose a profile: power-saver, balanced or performance
+    Set { profile: String },
+    /// Set the power budget in watts
+    Budget { watts: f64 },
+    /// Profile, budget, watts, temperatures, caps and any degradation
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +139,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Status => status(&conn, cli.json).await,
         Cmd::Model { cmd } => model(&conn, cmd, cli.json).await,
         Cmd::Runtime { cmd } => runtime(&conn, cmd, cli.json).await,
+        Cmd::Power { cmd } => power(&conn, cmd, cli.json).await,
         Cmd::Run {
             name,
             input,
@@ -169,6 +187,15 @@ async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
             .iter()
             .map(|m| m.name.clone())
             .collect::<Vec<_>>());
+    }
+    if daemons["powerd"]["running"] == true {
+        let p1 = pocket_proto::power::Power1Proxy::new(conn).await?;
+        let t = p1.telemetry().await?;
+        daemons["powerd"]["status"] = json!(t.status);
+        daemons["powerd"]["version"] = json!(p1.version().await?);
+        daemons["powerd"]["profile"] = json!(t.profile);
+        daemons["powerd"]["budget_watts"] = json!(t.budget_watts);
+        daemons["powerd"]["degraded_reason"] = json!(t.degraded_reason);
     }
     let mut models = json!(null);
     if daemons["modeld"]["running"] == true {
@@ -428,6 +455,84 @@ async fn runtime(conn: &zbus::Connection, cmd: RuntimeCmd, json: bool) -> Result
                 return print_json(&json!({ "name": name, "unloaded": true }));
             }
             println!("unloaded {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn power(conn: &zbus::Connection, cmd: PowerCmd, json: bool) -> Result<()> {
+    use pocket_proto::power::{Power1Proxy, PowerProfilesProxy};
+    let ppd = PowerProfilesProxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .context("powerd is not reachable")?;
+    let p1 = Power1Proxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .context("powerd is not reachable")?;
+    match cmd {
+        PowerCmd::Get => {
+            let p = ppd.active_profile().await?;
+            if json {
+                return print_json(&json!({ "profile": p }));
+            }
+            println!("{p}");
+        }
+        PowerCmd::Set { profile } => {
+            ppd.set_active_profile(&profile).await?;
+            if json {
+                return print_json(&json!({ "profile": ppd.active_profile().await? }));
+            }
+            println!("profile {}", ppd.active_profile().await?);
+        }
+        PowerCmd::Budget { watts } => {
+            p1.set_budget(watts).await?;
+            if json {
+                return print_json(&json!({ "budget_watts": p1.budget_watts().await? }));
+            }
+            println!("budget {} W", p1.budget_watts().await?);
+        }
+        PowerCmd::Status => {
+            let t = p1.telemetry().await?;
+            if json {
+                return print_json(&t);
+            }
+            println!("profile:   {}", t.profile);
+            let watts = if t.system_watts.is_nan() {
+                "unknown".to_string()
+            } else {
+                format!("{:.1} W", t.system_watts)
+            };
+            println!("power:     {watts} of a {:.1} W budget", t.budget_watts);
+            let mut rails: Vec<_> = t.rails.iter().collect();
+            rails.sort_by(|a, b| a.0.cmp(b.0));
+            for (r, w) in rails {
+                println!("  rail {r:<8} {w:.2} W");
+            }
+            let mut temps: Vec<_> = t.temperatures.iter().collect();
+            temps.sort_by(|a, b| a.0.cmp(b.0));
+            for (z, c) in temps {
+                println!("  {z:<14} {c:.1} °C");
+            }
+            let mut caps: Vec<_> = t.caps.iter().collect();
+            caps.sort_by(|a, b| a.0.cmp(b.0));
+            for (d, c) in caps {
+                println!(
+                    "  {d:<22} {:<16} max {} MHz",
+                    c.governor,
+                    c.max_hz / 1_000_000
+                );
+            }
+            if !t.degraded_reason.is_empty() {
+                println!(
+                    "degraded:  {} (caps held at {:.0}%)",
+                    t.degraded_reason,
+                    t.cap_fraction * 100.0
+                );
+            }
+            println!("status:    {}", t.status);
         }
     }
     Ok(())

@@ -1,0 +1,181 @@
+//! The closed-loop budget and thermal controller: pure decisions, no I/O.
+//!
+//! One number, the cap fraction `f` in `[min_fraction, 1]`, holds every
+//! device back together: each device's cap is the highest frequency at or
+//! under `f` times its profile's maximum. Each period:
+//! - near a passive trip point (within the board's margin) `f` drops 15%;
+//! - over the budget it is cut in proportion (`f · budget / power`, a little
+//!   under), which lands under the budget in one period when power follows
+//!   frequency;
+//! - under the budget it rises one frequency step at a time, and only when
+//!   the power predicted at that step (scaled up from now, which
+//!   overestimates because idle power does not scale) stays under the budget
+//!   by the hysteresis. That prediction is what keeps discrete frequency
+//!   steps from oscillating around the budget.
+
+/// Why performance is held back; the strings are power-profiles-daemon's
+/// `PerformanceDegraded` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    None,
+    PowerBudget,
+    Thermal,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::None => "",
+            Reason::PowerBudget => "power-budget",
+            Reason::Thermal => "high-operating-temperature",
+        }
+    }
+}
+
+/// One period's measurements.
+#[derive(Debug, Clone)]
+pub struct Reading {
+    /// System power, when a sensor gives it.
+    pub watts: Option<f64>,
+    pub budget: f64,
+    /// (temperature, passive trip) per zone, °C.
+    pub temps: Vec<(f64, Option<f64>)>,
+    /// Degrees below a passive trip where capping starts.
+    pub margin: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Controller {
+    pub fraction: f64,
+    pub min_fraction: f64,
+    pub hysteresis: f64,
+    thermal: bool,
+}
+
+impl Default for Controller {
+    fn default() -> Self {
+        Controller {
+            fraction: 1.0,
+            min_fraction: 0.05,
+            hysteresis: 0.03,
+            thermal: false,
+        }
+    }
+}
+
+impl Controller {
+    /// Decides this period's fraction. `next_up(f)` is the fraction at which
+    /// the next device cap above `f` moves up (`None` when all are at their
+    /// profile's maximum).
+    pub fn step(&mut self, r: &Reading, next_up: impl Fn(f64) -> Option<f64>) -> Reason {
+        let near = |k: f64| {
+            r.temps
+                .iter()
+                .any(|(t, trip)| trip.is_some_and(|p| *t >= p - k * r.margin))
+        };
+        let (hot, warm) = (near(1.0), near(2.0));
+        if hot {
+            self.fraction = (self.fraction * 0.85).max(self.min_fraction);
+            self.thermal = true;
+        } else if let Some(p) = r.watts.filter(|p| *p > r.budget) {
+            self.fraction = (self.fraction * r.budget / p * 0.98).max(self.min_fraction);
+            self.thermal = false;
+        } else if self.fraction < 1.0 && !warm {
+            match next_up(self.fraction) {
+                None => self.fraction = 1.0,
+                Some(up) => {
+                    let fits = match r.watts {
+                        Some(p) => p * up / self.fraction <= r.budget * (1.0 - self.hysteresis),
+                        None => true,
+                    };
+                    if fits {
+                        self.fraction = up.min(1.0);
+                    }
+                }
+            }
+            if self.fraction >= 1.0 {
+                self.thermal = false;
+            }
+        }
+        if self.fraction >= 1.0 {
+            Reason::None
+        } else if self.thermal || hot {
+            Reason::Thermal
+        } else {
+            Reason::PowerBudget
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device with ten even steps; power = 2 W idle + load · f.
+    fn steps(f: f64) -> Option<f64> {
+        let cur = (f * 10.0 + 1e-9).floor() / 10.0;
+        (cur < 1.0).then_some(cur + 0.1)
+    }
+
+    fn quantized(f: f64) -> f64 {
+        ((f * 10.0 + 1e-9).floor() / 10.0).max(0.1)
+    }
+
+    fn reading(watts: f64) -> Reading {
+        Reading {
+            watts: Some(watts),
+            budget: 20.0,
+            temps: vec![],
+            margin: 5.0,
+        }
+    }
+
+    #[test]
+    fn settles_under_the_budget_and_does_not_oscillate() {
+        let mut c = Controller::default();
+        let load = 40.0;
+        let mut history = Vec::new();
+        for _ in 0..30 {
+            let p = 2.0 + load * quantized(c.fraction);
+            history.push(p);
+            c.step(&reading(p), steps);
+        }
+        assert!(history[0] > 20.0);
+        assert!(history[2..].iter().all(|p| *p <= 20.0), "{history:?}");
+        let tail = &history[5..];
+        assert!(
+            tail.windows(2).all(|w| (w[0] - w[1]).abs() < 1e-9),
+            "oscillates: {history:?}"
+        );
+        assert!(tail[0] >= 20.0 * 0.75, "held too far under: {history:?}");
+    }
+
+    #[test]
+    fn passive_trip_wins_and_recovery_waits_for_cooling() {
+        let mut c = Controller::default();
+        let hot = Reading {
+            watts: Some(5.0),
+            budget: 20.0,
+            temps: vec![(82.0, Some(85.0))],
+            margin: 5.0,
+        };
+        assert_eq!(c.step(&hot, steps), Reason::Thermal);
+        assert!(c.fraction < 1.0);
+        let f = c.fraction;
+        let warm = Reading {
+            temps: vec![(76.0, Some(85.0))],
+            ..hot.clone()
+        };
+        assert_eq!(c.step(&warm, steps), Reason::Thermal);
+        assert_eq!(c.fraction, f, "raised while still warm");
+        let cool = Reading {
+            temps: vec![(50.0, Some(85.0))],
+            ..hot
+        };
+        for _ in 0..10 {
+            c.step(&cool, steps);
+        }
+        assert_eq!(c.fraction, 1.0);
+        assert_eq!(c.step(&reading(5.0), steps), Reason::None);
+    }
+}
