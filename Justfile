@@ -42,6 +42,7 @@ bench: deps
     cargo build --release --workspace --bins
     cargo bench -p pocket-tests --bench install
     cargo bench -p pocket-tests --bench infer
+    cargo bench -p pocket-tests --bench power
 
 # Generate the seeded ONNX fixture models into DIR.
 fixtures DIR:
