@@ -107,6 +107,8 @@ impl SimBoard {
         put(&root.join("class/hwmon/hwmon1/name"), "npu_power");
         put(&root.join("class/hwmon/hwmon1/power1_input"), 500_000);
         put(&root.join("class/powercap/gpu/energy_uj"), 0);
+        put(&root.join("class/hwmon/hwmon2/name"), "board_temp");
+        put(&root.join("class/hwmon/hwmon2/temp1_input"), 35000);
         let plant = Arc::new(Mutex::new(Plant {
             load: Load::default(),
             ambient: 30.0,

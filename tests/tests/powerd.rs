@@ -189,6 +189,11 @@ fn budget_is_enforced_without_oscillation_and_degradation_is_reported() {
     assert!(settle < Duration::from_secs(2), "took {settle:?} to settle");
     let status = w.ctl(&["power", "status", "--json"]).ok().json();
     assert_eq!(status["degraded_reason"], "power-budget");
+    assert_eq!(status["temperatures"]["board"], 35.0);
+    assert!(
+        status["rails"]["gpu"].as_f64().unwrap() > 0.0,
+        "the energy counter rail reads"
+    );
     assert!(status["cap_fraction"].as_f64().unwrap() < 1.0);
     assert!(ppctl(&w, &["list"])
         .ok()

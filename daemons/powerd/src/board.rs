@@ -50,6 +50,14 @@ pub struct Rail {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct TempSensor {
+    pub name: String,
+    /// Relative to the sysfs root, e.g. `class/hwmon/hwmon2/temp1_input`.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Board {
     pub name: String,
     #[serde(default)]
@@ -58,6 +66,10 @@ pub struct Board {
     pub devfreq: Vec<DevfreqDevice>,
     #[serde(default)]
     pub rail: Vec<Rail>,
+    /// Extra temperature sensors (hwmon `tempN_input`, millidegrees),
+    /// reported beside the thermal zones.
+    #[serde(default)]
+    pub temp: Vec<TempSensor>,
     /// Thermal zones watched (`thermal_zoneN`); empty means every zone.
     #[serde(default)]
     pub thermal_zones: Vec<String>,
@@ -101,5 +113,31 @@ impl Board {
             }
         }
         Ok(board)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_board_files_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("boards");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let b = Board::load(&e.unwrap().path()).unwrap();
+            assert!(!b.cpufreq.is_empty() && !b.rail.is_empty(), "{}", b.name);
+            n += 1;
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn a_profile_missing_for_a_device_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.toml");
+        std::fs::write(&p, "name = \"x\"\n[[cpufreq]]\npolicy = \"policy0\"\nprofiles.balanced = { governor = \"schedutil\" }\n").unwrap();
+        let e = Board::load(&p).unwrap_err().to_string();
+        assert!(e.contains("policy0 has no power-saver profile"), "{e}");
     }
 }

@@ -215,6 +215,14 @@ impl Governor {
                 Err(e) => problems.push(e),
             }
         }
+        for (name, path) in &self.hw.temps {
+            match crate::sysfs::read_num::<f64>(path) {
+                Ok(m) => {
+                    temps.insert(name.clone(), m / 1000.0);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
         let reading = Reading {
             watts: total,
             budget: self.budget,
@@ -227,7 +235,7 @@ impl Governor {
             devices
                 .iter()
                 .filter_map(|d| d.next_step_up(&profile, f))
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
         };
         let reason = self.controller.step(&reading, next_up);
         self.telemetry.system_watts = total.unwrap_or(f64::NAN);

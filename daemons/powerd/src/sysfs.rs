@@ -62,8 +62,9 @@ impl Scaled {
     }
 
     /// The smallest fraction above `fraction` at which this device's cap
-    /// moves up, if any.
-    pub fn next_step_up(&self, profile: &str, fraction: f64) -> Option<f64> {
+    /// moves up, and where the device runs now as a fraction of its
+    /// profile's maximum; `None` when it is at that maximum.
+    pub fn next_step_up(&self, profile: &str, fraction: f64) -> Option<(f64, f64)> {
         let top = *self.freqs.last()? as f64;
         let pct = self
             .profiles
@@ -75,7 +76,7 @@ impl Scaled {
         self.freqs
             .iter()
             .find(|f| **f > cur && **f as f64 <= profile_max + 0.5)
-            .map(|f| *f as f64 / profile_max)
+            .map(|f| (*f as f64 / profile_max, cur as f64 / profile_max))
     }
 
     /// Writes governor and cap when they differ from what was applied.
@@ -176,6 +177,8 @@ pub struct Hardware {
     pub devices: Vec<Scaled>,
     pub zones: Vec<Zone>,
     pub rails: Vec<RailProbe>,
+    /// Extra temperature sensors: (name, path of a millidegree file).
+    pub temps: Vec<(String, PathBuf)>,
     /// What is missing or unreadable, for the status.
     pub problems: Vec<String>,
 }
@@ -310,6 +313,15 @@ pub fn probe(root: &Path, board: &Board) -> Hardware {
             Err(e) => hw
                 .problems
                 .push(format!("power rail {} unreadable: {e}", r.name)),
+        }
+    }
+    for t in &board.temp {
+        let path = root.join(&t.path);
+        match read_num::<f64>(&path) {
+            Ok(_) => hw.temps.push((t.name.clone(), path)),
+            Err(e) => hw
+                .problems
+                .push(format!("temperature {} unreadable: {e}", t.name)),
         }
     }
     if hw.rails.is_empty() {

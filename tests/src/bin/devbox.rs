@@ -10,7 +10,7 @@
 use pocket_tests::*;
 use std::process::Command;
 
-fn up() -> World {
+fn up() -> (World, SimBoard) {
     println!("== a private system bus with PocketOS's bus policies,");
     println!("   a publisher signing seeded ONNX models and a catalog on 127.0.0.1");
     let mut w = World::start();
@@ -35,7 +35,18 @@ fn up() -> World {
         onnxruntime_library().display()
     );
     w.start_npud("");
-    w
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    board.set_load(Load {
+        cpu: 0.6,
+        npu: 0.8,
+        gpu: 0.2,
+    });
+    println!(
+        "== pocket-powerd on a simulated RK3588 (sysfs tree in {})",
+        board.root().display()
+    );
+    w.start_powerd(board.root(), "budget_watts = 25.0");
+    (w, board)
 }
 
 fn step(w: &World, args: &[&str]) {
@@ -55,7 +66,7 @@ fn main() {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "demo".into());
     match mode.as_str() {
         "demo" => {
-            let w = up();
+            let (w, _board) = up();
             step(&w, &["status"]);
             step(&w, &["model", "catalog"]);
             step(&w, &["model", "install", "mlp"]);
@@ -89,11 +100,14 @@ fn main() {
             );
             step(&w, &["run", "attention", "--input", &input]);
             step(&w, &["runtime", "loaded"]);
+            step(&w, &["power", "set", "performance"]);
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            step(&w, &["power", "status"]);
             step(&w, &["status"]);
             println!("\ndemo done");
         }
         "up" => {
-            let w = up();
+            let (w, _board) = up();
             println!("\nexport DBUS_SYSTEM_BUS_ADDRESS='{}'", w.bus.address());
             println!("PocketOS devbox is up; Ctrl-C stops it.");
             let rt = tokio::runtime::Builder::new_current_thread()
