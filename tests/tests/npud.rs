@@ -139,8 +139,27 @@ fn concurrent_requests_are_served_safely() {
 #[test]
 fn providers_are_reported_honestly() {
     // Prefers an NPU this machine lacks; CPU fallback allowed and said so.
-    let w = world("providers = [\"qnn\", \"cpu\"]\nallow_cpu_fallback = true");
+    // A vendor plugin EP library that is not there is reported, not fatal.
+    let w = world(
+        "providers = [\"qnn\", \"cpu\"]\nallow_cpu_fallback = true\n[[ep_libraries]]\nname = \"vendor_npu\"\npath = \"/nonexistent/libvendor_npu_ep.so\"",
+    );
     let p = w.ctl(&["runtime", "providers", "--json"]).ok().json();
+    let devices = p["devices"].as_array().unwrap();
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.as_str().unwrap().starts_with("CPUExecutionProvider: ")),
+        "{p}"
+    );
+    assert!(p["plugins"].as_array().unwrap().is_empty());
+    let status = w.ctl(&["status", "--json"]).ok().json();
+    let s = status["daemons"]["npud"]["status"].as_str().unwrap();
+    assert!(
+        s.contains(
+            "plugin EP library vendor_npu (/nonexistent/libvendor_npu_ep.so) not registered"
+        ),
+        "{s}"
+    );
     assert!(p["library"].as_array().unwrap().contains(&json!("cpu")));
     assert!(!p["library"].as_array().unwrap().contains(&json!("qnn")));
     assert_eq!(p["selected"], "cpu");

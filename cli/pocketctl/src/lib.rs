@@ -421,6 +421,9 @@ async fn runtime(conn: &zbus::Connection, cmd: RuntimeCmd, json: bool) -> Result
             for (name, path) in p.plugins {
                 println!("plugin:    {name} ({path})");
             }
+            for d in p.devices {
+                println!("device:    {d}");
+            }
         }
         RuntimeCmd::Loaded => {
             let l = rt.loaded().await?;

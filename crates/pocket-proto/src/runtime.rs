@@ -76,6 +76,9 @@ pub struct Providers {
     pub preferred: Vec<String>,
     /// Registered plugin EP libraries (name and path).
     pub plugins: Vec<(String, String)>,
+    /// The hardware ONNX Runtime found for its providers, as
+    /// `provider: vendor type`, e.g. `CPUExecutionProvider: Intel CPU`.
+    pub devices: Vec<String>,
     /// What a load gets now, e.g. `xnnpack` or `cpu (fallback from qnn)`.
     pub selected: String,
     pub allow_cpu_fallback: bool,

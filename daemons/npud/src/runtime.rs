@@ -185,6 +185,9 @@ pub struct Runtime {
     env: Option<ort::environment::Environment>,
     library: Vec<String>,
     plugins: Vec<(String, String)>,
+    /// Plugin EP libraries that could not be registered, and why.
+    plugin_problems: Vec<String>,
+    devices: Vec<String>,
     models: Mutex<HashMap<String, Arc<Loaded>>>,
     threads: usize,
 }
@@ -211,6 +214,8 @@ impl Runtime {
             env: None,
             library: Vec::new(),
             plugins: Vec::new(),
+            plugin_problems: Vec::new(),
+            devices: Vec::new(),
             models: Mutex::new(HashMap::new()),
             threads,
             cfg,
@@ -235,10 +240,27 @@ impl Runtime {
                             .plugins
                             .push((lib.name.clone(), lib.path.display().to_string())),
                         Err(e) => {
-                            tracing::warn!(name = %lib.name, "plugin EP library not registered: {e}")
+                            tracing::warn!(name = %lib.name, "plugin EP library not registered: {e}");
+                            rt.plugin_problems.push(format!(
+                                "plugin EP library {} ({}) not registered: {e}",
+                                lib.name,
+                                lib.path.display()
+                            ));
                         }
                     }
                 }
+                rt.devices = env
+                    .devices()
+                    .map(|d| {
+                        let hw = d.hardware_device();
+                        format!(
+                            "{}: {} {:?}",
+                            d.ep().unwrap_or("?"),
+                            hw.vendor().unwrap_or("?"),
+                            hw.ty()
+                        )
+                    })
+                    .collect();
                 rt.library = KNOWN
                     .iter()
                     .filter(|p| provider_available(p))
@@ -260,9 +282,16 @@ impl Runtime {
     }
 
     pub fn status(&self) -> String {
-        match &self.problem {
-            None => "ok".into(),
-            Some(p) => format!("degraded: ONNX Runtime is not available: {p}"),
+        let mut problems: Vec<String> = self
+            .problem
+            .iter()
+            .map(|p| format!("ONNX Runtime is not available: {p}"))
+            .collect();
+        problems.extend(self.plugin_problems.iter().cloned());
+        if problems.is_empty() {
+            "ok".into()
+        } else {
+            format!("degraded: {}", problems.join("; "))
         }
     }
 
@@ -312,6 +341,7 @@ impl Runtime {
             library: self.library.clone(),
             preferred: self.cfg.providers.clone(),
             plugins: self.plugins.clone(),
+            devices: self.devices.clone(),
             selected: match (&self.problem, self.select("")) {
                 (Some(_), _) => "none (ONNX Runtime not loaded)".into(),
                 (None, Ok(s)) => s,
