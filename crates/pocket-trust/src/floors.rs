@@ -90,9 +90,15 @@ impl VersionFloors {
         Ok(())
     }
 
-    /// Checks and raises in one committed transaction.
+    /// Checks and raises in one committed transaction (none when the same
+    /// metadata was accepted before).
     pub fn accept(&self, subject: &str, version: &Version, digest: &str) -> Result<(), TrustError> {
         self.check(subject, version, digest)?;
+        if let Some((floor, d)) = self.floor(subject)? {
+            if floor == *version && d == digest {
+                return Ok(());
+            }
+        }
         let txn = self.db.begin_write().map_err(store_err)?;
         Self::raise_in(&txn, subject, version, digest)?;
         txn.commit().map_err(store_err)

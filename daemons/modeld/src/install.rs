@@ -73,7 +73,26 @@ pub fn mem_total(meminfo: &Path) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Bytes written between two starts of background writeback.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+
+/// Asks the kernel to start writing the file's dirty pages to disk now,
+/// without waiting, so that the fsync before publishing has only the tail
+/// left (the download is not held up by one long fsync at the end).
+/// Failure is harmless: the fsync that follows is what is checked.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    #[allow(unsafe_code)]
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is
+    // open for the duration of the call because `file` is borrowed.
+    let _ = unsafe {
+        nix::libc::sync_file_range(file.as_raw_fd(), 0, 0, nix::libc::SYNC_FILE_RANGE_WRITE)
+    };
+}
+
 struct Current {
+    /// Bytes written since writeback was last started.
+    unsynced: u64,
     verifier: PayloadVerifier,
     /// `None` when the blob is already stored and the bytes are only checked.
     out: Option<(PathBuf, BufWriter<File>)>,
@@ -175,6 +194,7 @@ impl PackWriter {
                 .map_err(|e| ModelError::io("trimming partial download", &part, e))?;
             self.pos += done;
             self.current = Some(Current {
+                unsynced: 0,
                 verifier,
                 out: Some((part, BufWriter::with_capacity(1 << 20, out))),
             });
@@ -271,6 +291,11 @@ impl PackWriter {
             if let Some((path, out)) = cur.out.as_mut() {
                 out.write_all(&data[..take])
                     .map_err(|e| ModelError::io("writing model", path, e))?;
+                cur.unsynced += take as u64;
+                if cur.unsynced >= WRITEBACK_EVERY {
+                    cur.unsynced = 0;
+                    start_writeback(out.get_ref());
+                }
             }
             self.advance(&mut data, take);
             if self
@@ -305,7 +330,11 @@ impl PackWriter {
                     .map_err(|e| ModelError::io("creating partial download", &part, e))?;
                 Some((part, BufWriter::with_capacity(1 << 20, file)))
             };
-            self.current = Some(Current { verifier, out });
+            self.current = Some(Current {
+                unsynced: 0,
+                verifier,
+                out,
+            });
             if f.size > 0 {
                 return Ok(());
             }

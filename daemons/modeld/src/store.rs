@@ -228,16 +228,19 @@ impl Store {
             let _ = std::fs::remove_file(&tmp);
             std::os::unix::fs::symlink(&target, &tmp).map_err(io("linking", &tmp))?;
             std::fs::rename(&tmp, &link).map_err(io("linking", &link))?;
+            fsync_dir(&self.models.join("by-name"))?;
         }
         let manifest = self
             .models
             .join("manifests")
             .join(format!("{}.json", m.name));
-        write_atomic(
-            &manifest,
-            &serde_json::to_vec_pretty(m).expect("serialisable"),
-        )?;
-        fsync_dir(&self.models.join("by-name"))
+        // Unchanged files are left alone: a collection after every install
+        // rebuilds every model's view, which must cost no writes.
+        let text = serde_json::to_vec_pretty(m).expect("serialisable");
+        if std::fs::read(&manifest).ok().as_deref() != Some(text.as_slice()) {
+            write_atomic(&manifest, &text)?;
+        }
+        Ok(())
     }
 
     /// Makes the files agree with the database after a crash: rebuilds what
