@@ -27,6 +27,14 @@ fn setup(extra: &str) -> (World, SimBoard) {
     (w, board)
 }
 
+/// Waits until powerd's status mentions `needle`.
+fn wait_status(w: &World, what: &str, needle: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        let s = w.ctl(&["power", "status", "--json"]).ok().json();
+        s["status"].as_str().unwrap().contains(needle).then_some(())
+    });
+}
+
 fn wait_file(board: &SimBoard, rel: &str, want: &str) {
     wait_for(&format!("{rel} = {want}"), Duration::from_secs(10), || {
         (board.read(rel) == want).then_some(())
@@ -283,28 +291,10 @@ fn missing_garbage_and_refused_sysfs_degrade_without_crashing() {
     std::thread::sleep(Duration::from_millis(100));
     std::fs::remove_file(&sensor).unwrap();
     std::fs::create_dir(&sensor).unwrap();
-    wait_for(
-        "the bad sensor in the status",
-        Duration::from_secs(10),
-        || {
-            let s = w.ctl(&["power", "status", "--json"]).ok().json();
-            s["status"]
-                .as_str()
-                .unwrap()
-                .contains("hwmon1/power1_input")
-                .then_some(())
-        },
-    );
+    wait_status(&w, "the bad sensor in the status", "hwmon1/power1_input");
     std::fs::remove_dir(&sensor).unwrap();
     std::fs::write(&sensor, "garbage\n").unwrap();
-    wait_for("garbage in the status", Duration::from_secs(10), || {
-        let s = w.ctl(&["power", "status", "--json"]).ok().json();
-        s["status"]
-            .as_str()
-            .unwrap()
-            .contains("not a number: \"garbage\"")
-            .then_some(())
-    });
+    wait_status(&w, "garbage in the status", "not a number: \"garbage\"");
     // A governor the kernel does not offer is refused and reported.
     let gov = board
         .root()
@@ -312,17 +302,10 @@ fn missing_garbage_and_refused_sysfs_degrade_without_crashing() {
     std::fs::write(&gov, "schedutil").unwrap();
     let _ = &w.powerd.as_mut().unwrap().restart(&w.bus);
     ppctl(&w, &["set", "performance"]).ok();
-    wait_for(
+    wait_status(
+        &w,
         "the refused governor in the status",
-        Duration::from_secs(10),
-        || {
-            let s = w.ctl(&["power", "status", "--json"]).ok().json();
-            s["status"]
-                .as_str()
-                .unwrap()
-                .contains("governor \"performance\" is not available")
-                .then_some(())
-        },
+        "governor \"performance\" is not available",
     );
     ppctl(&w, &["list"]).ok();
 
@@ -331,17 +314,10 @@ fn missing_garbage_and_refused_sysfs_degrade_without_crashing() {
         let dir = board.root().join("devices/system/cpu/cpufreq/policy6");
         let ro = ReadOnly::mount(&dir);
         ppctl(&w, &["set", "power-saver"]).ok();
-        wait_for(
+        wait_status(
+            &w,
             "the refused write in the status",
-            Duration::from_secs(10),
-            || {
-                let s = w.ctl(&["power", "status", "--json"]).ok().json();
-                s["status"]
-                    .as_str()
-                    .unwrap()
-                    .contains("policy6/scaling_governor: Read-only file system")
-                    .then_some(())
-            },
+            "policy6/scaling_governor: Read-only file system",
         );
         drop(ro);
         ppctl(&w, &["list"]).ok();
