@@ -80,10 +80,9 @@ impl RuntimeIface {
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, String, f64), Error> {
         let model = self.ensure_loaded(conn, name, "").await?;
         self.hold.touch(conn).await;
-        let m = model.clone();
-        let (outputs, latency) = tokio::task::spawn_blocking(move || m.run(inputs))
-            .await
-            .map_err(|e| Error::Inference(e.to_string()))??;
+        // Run on this worker thread, telling the runtime to move its other
+        // tasks away: no hand-off to another thread and back.
+        let (outputs, latency) = tokio::task::block_in_place(|| model.run(inputs))?;
         Ok((outputs, model.provider.clone(), latency))
     }
 }
