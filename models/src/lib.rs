@@ -87,10 +87,20 @@ impl PackManifest {
                     f.path
                 )));
             }
-            if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if !is_sha256(&f.sha256) {
                 return Err(FormatError::Invalid(format!(
                     "file {:?} has a bad sha256",
                     f.path
+                )));
+            }
+        }
+        // A file cannot also be a directory of another ("a" and "a/b").
+        for f in &self.files {
+            let dir = format!("{}/", f.path);
+            if let Some(other) = self.files.iter().find(|g| g.path.starts_with(&dir)) {
+                return Err(FormatError::Invalid(format!(
+                    "file {:?} is also the directory of {:?}",
+                    f.path, other.path
                 )));
             }
         }
@@ -102,6 +112,13 @@ impl PackManifest {
         }
         Ok(())
     }
+}
+
+/// 64 lower-case hex digits.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A model name: lower-case letters, digits, `.`, `_` and `-`, starting with
@@ -181,6 +198,12 @@ impl Catalog {
         for e in &signed.body.models {
             validate_name(&e.name)?;
             validate_path(&e.pack.path)?;
+            if !is_sha256(&e.pack.header_sha256) {
+                return Err(FormatError::Invalid(format!(
+                    "catalog entry {:?} has a bad header sha256",
+                    e.name
+                )));
+            }
         }
         Ok(signed)
     }
@@ -359,5 +382,67 @@ mod tests {
         let mut p = encode_prefix(1);
         p[0] = b'X';
         assert!(matches!(parse_prefix(&p), Err(FormatError::BadMagic)));
+    }
+}
+
+#[cfg(test)]
+mod catalog_tests {
+    use super::*;
+    use pocket_trust::{KeyringBody, SecretKey};
+
+    #[test]
+    fn a_header_hash_that_is_not_hex_is_refused() {
+        let root = SecretKey::from_seed([1; 32]);
+        let models = SecretKey::from_seed([2; 32]);
+        let body = KeyringBody::new(
+            &[
+                (Role::Root, vec![root.public().clone()]),
+                (Role::Models, vec![models.public().clone()]),
+                (Role::Updates, vec![root.public().clone()]),
+            ],
+            &Default::default(),
+        )
+        .unwrap();
+        let env = Keyring::create(
+            body,
+            "1".parse().unwrap(),
+            None,
+            std::slice::from_ref(&root),
+        )
+        .unwrap();
+        let keyring = Keyring::anchor(env, SystemTime::now()).unwrap();
+        let entry = |sha: &str| CatalogEntry {
+            name: "m".into(),
+            version: "1".parse().unwrap(),
+            description: String::new(),
+            size_bytes: 1,
+            memory_bytes: 1,
+            pack: PackRef {
+                path: "packs/m.pack".into(),
+                size: 10,
+                header_size: 5,
+                header_sha256: sha.into(),
+            },
+        };
+        let sign = |sha: &str| {
+            Envelope::sign(
+                CATALOG_KIND,
+                "1".parse().unwrap(),
+                None,
+                Catalog {
+                    models: vec![entry(sha)],
+                },
+                std::slice::from_ref(&models),
+            )
+            .unwrap()
+        };
+        let now = SystemTime::now();
+        assert!(Catalog::verify(&keyring, &sign(&"ab".repeat(32)), now).is_ok());
+        for bad in ["x/../../../../..", "é", &"AB".repeat(32)] {
+            assert!(
+                Catalog::verify(&keyring, &sign(bad), now).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

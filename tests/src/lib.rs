@@ -51,8 +51,22 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>
     }
 }
 
-/// Whether this process may mount and switch users (tests that need it say
-/// so and are skipped elsewhere).
+/// Whether this process may mount and switch users.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// For a test that needs root for `what`: true when it may go on. Without
+/// root it fails, unless `POCKET_SKIP_ROOT_TESTS=1` says to skip it (then
+/// it says so), so that a run without root never reports these as passed
+/// by accident.
+pub fn root_or_skip(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var_os("POCKET_SKIP_ROOT_TESTS").is_some() {
+        eprintln!("skipped: {what} needs root (POCKET_SKIP_ROOT_TESTS is set)");
+        return false;
+    }
+    panic!("{what} needs root: run the tests as root, or set POCKET_SKIP_ROOT_TESTS=1 to skip this one");
 }

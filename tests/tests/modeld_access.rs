@@ -25,8 +25,7 @@ fn find_or_create_pocket_group() -> Option<u32> {
 
 #[test]
 fn shipped_policy_lets_anyone_read_and_only_pocket_change() {
-    if !is_root() {
-        eprintln!("skipped: switching users needs root");
+    if !root_or_skip("switching users") {
         return;
     }
     let gid = pocket_gid().expect("the pocket group exists or can be created");
@@ -52,8 +51,7 @@ fn shipped_policy_lets_anyone_read_and_only_pocket_change() {
 
 #[test]
 fn modeld_checks_the_caller_even_on_a_permissive_bus() {
-    if !is_root() {
-        eprintln!("skipped: switching users needs root");
+    if !root_or_skip("switching users") {
         return;
     }
     let gid = pocket_gid().expect("the pocket group exists or can be created");

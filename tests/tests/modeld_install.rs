@@ -86,3 +86,49 @@ fn install_from_a_pack_file_and_a_usb_catalog() {
     assert_eq!(w.installed().len(), 2);
     assert_eq!(w.count("partial"), 0);
 }
+
+#[test]
+fn concurrent_file_installs_keep_apart() {
+    let mut w = World::start();
+    w.start_modeld();
+    let children: Vec<_> = ["mlp", "attention"]
+        .iter()
+        .map(|m| {
+            let pack = w.packs.join(format!("{m}-1.0.pack"));
+            std::process::Command::new(bin_path("pocketctl"))
+                .args([
+                    "model",
+                    "install",
+                    "--file",
+                    pack.to_str().unwrap(),
+                    "--json",
+                ])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", w.bus.address())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(w.installed().len(), 2);
+    for m in ["mlp", "attention"] {
+        let info = w.ctl(&["model", "info", m, "--json"]).ok().json();
+        let (_, sha) =
+            pocket_publish::hash_file(std::path::Path::new(info["path"].as_str().unwrap()))
+                .unwrap();
+        assert_eq!(
+            info["sha256"],
+            sha.as_str(),
+            "{m} on disk is not what was signed"
+        );
+    }
+    assert_eq!(w.count("partial"), 0);
+}

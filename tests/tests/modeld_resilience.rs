@@ -219,8 +219,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn disk_full_is_a_clear_error_and_gives_the_space_back() {
-    if !is_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    if !root_or_skip("mounting a tmpfs") {
         return;
     }
     let (mut w, size) = world_with_big();

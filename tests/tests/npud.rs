@@ -397,3 +397,50 @@ fn inference_holds_performance_on_powerd_and_releases_it_when_idle() {
         || (w.ctl(&["power", "get"]).ok().stdout.trim() == "balanced").then_some(()),
     );
 }
+
+#[test]
+fn infer_fd_checks_sizes_before_reading() {
+    let w = world("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = pocket_proto::runtime::Runtime1Proxy::new(&conn)
+            .await
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(64).unwrap();
+        // Claims a terabyte of input in a 64-byte file.
+        let refs = std::collections::HashMap::from([(
+            "x".to_string(),
+            pocket_proto::runtime::TensorRef {
+                dtype: "f32".into(),
+                shape: vec![1, 16],
+                offset: 0,
+                len: 1 << 40,
+            },
+        )]);
+        use std::os::fd::AsFd;
+        let err = npud
+            .infer_fd("mlp", refs, zbus::zvariant::Fd::from(file.as_fd()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs 64 bytes, got 1099511627776"), "{err}");
+        // A shape whose size overflows is refused, not a crash.
+        let huge = std::collections::HashMap::from([(
+            "x".to_string(),
+            pocket_proto::runtime::Tensor {
+                dtype: "f32".into(),
+                shape: vec![1, i64::MAX],
+                data: vec![],
+            },
+        )]);
+        assert!(npud.infer("wide", huge).await.is_err());
+    });
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+    )
+    .ok();
+}

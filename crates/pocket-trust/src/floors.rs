@@ -113,13 +113,14 @@ impl VersionFloors {
             return Ok(base);
         };
         let env = Envelope::from_bytes("stored keyring", stored.value())?;
-        // The stored keyring was chain-verified when it was accepted; it is
-        // checked again against its own root keys in case the file was
-        // damaged.
-        match Keyring::anchor(env, now) {
-            Ok(k) if k.version() > base.version() => Ok(k),
-            _ => Ok(base),
+        let offered = env.peek::<serde_json::Value>()?.version;
+        if offered <= *base.version() {
+            return Ok(base); // the rootfs (after an update) carries a newer one
         }
+        // The stored keyring was chain-verified when it was accepted. If it
+        // no longer checks out (expired, damaged), falling back to the older
+        // rootfs keyring would bring back keys the rotation revoked: refuse.
+        Keyring::anchor(env, now)
     }
 
     /// Rotates to `next` when it chains from `current`, and persists it.

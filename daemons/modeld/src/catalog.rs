@@ -54,13 +54,22 @@ impl Source {
                 if resp.status() == reqwest::StatusCode::NOT_FOUND {
                     return Ok(None);
                 }
-                let resp = resp.error_for_status().map_err(net(&url))?;
+                let mut resp = resp.error_for_status().map_err(net(&url))?;
+                let too_large =
+                    || ModelError::Corrupt(format!("{url} is larger than {LIMIT} bytes"));
                 if resp.content_length().unwrap_or(0) > LIMIT {
-                    return Err(ModelError::Corrupt(format!(
-                        "{url} is larger than {LIMIT} bytes"
-                    )));
+                    return Err(too_large());
                 }
-                Ok(Some(resp.bytes().await.map_err(net(&url))?.to_vec()))
+                // The limit holds while the body streams too (a chunked
+                // response has no length up front).
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(net(&url))? {
+                    if (body.len() + chunk.len()) as u64 > LIMIT {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(Some(body))
             }
             Source::Dir(dir) => {
                 let path = dir.join(rel);

@@ -75,7 +75,7 @@ pub struct Engine {
     http: reqwest::Client,
     sources: Vec<Source>,
     keyring: tokio::sync::Mutex<Option<Keyring>>,
-    keyring_problem: Mutex<Option<String>>,
+    start_problem: Mutex<Option<String>>,
     catalogs: tokio::sync::Mutex<Catalogs>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     limits: Limits,
@@ -107,10 +107,13 @@ enum PumpEnd {
 impl Engine {
     pub fn new(cfg: Config) -> Result<Arc<Engine>, ModelError> {
         let store = Store::open(&cfg.data_dir)?;
-        store.reconcile()?;
-        // Local-file installs cannot resume (the caller's file is gone);
-        // what they left behind is dropped now.
-        for p in store.partials_of("")? {
+        let mut start_problem = None;
+        if let Err(e) = store.reconcile() {
+            // Installed models stay listed; what cannot be rebuilt is said.
+            tracing::error!("model store not fully consistent: {e}");
+            start_problem = Some(format!("model store: {e}"));
+        }
+        for p in store.file_partials()? {
             crate::store::remove_partial(&p);
         }
         let sources = cfg
@@ -119,8 +122,10 @@ impl Engine {
             .map(|s| Source::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
         let now = SystemTime::now();
-        let (keyring, problem) = match Keyring::load_dir(&cfg.keyring_dir, now) {
-            Ok(base) => (Some(store.floors().current_keyring(base, now)?), None),
+        let keyring = Keyring::load_dir(&cfg.keyring_dir, now)
+            .and_then(|base| store.floors().current_keyring(base, now));
+        let (keyring, problem) = match keyring {
+            Ok(k) => (Some(k), None),
             Err(e) => {
                 tracing::error!("no usable keyring, installs are refused: {e}");
                 (None, Some(format!("keyring: {e}")))
@@ -141,7 +146,7 @@ impl Engine {
             http,
             sources,
             keyring: tokio::sync::Mutex::new(keyring),
-            keyring_problem: Mutex::new(problem),
+            start_problem: Mutex::new(problem.or(start_problem)),
             catalogs: tokio::sync::Mutex::new(Catalogs::default()),
             jobs: Mutex::new(HashMap::new()),
             limits,
@@ -165,7 +170,7 @@ impl Engine {
     /// `ok`, or what is degraded.
     pub async fn status(&self) -> String {
         let mut problems: Vec<String> = self.catalogs.lock().await.problems.clone();
-        if let Some(p) = self.keyring_problem.lock().expect("not poisoned").clone() {
+        if let Some(p) = self.start_problem.lock().expect("not poisoned").clone() {
             problems.insert(0, p);
         }
         if problems.is_empty() {
@@ -363,12 +368,16 @@ impl Engine {
         let mut started = Vec::new();
         for p in self.store.pending()? {
             let source = Source::parse(&p.source)?;
-            let job = self.new_job(&p.entry.name);
+            let job = {
+                let mut jobs = self.jobs.lock().expect("not poisoned");
+                if jobs.contains_key(&p.entry.name) {
+                    continue; // already under way
+                }
+                let job = self.new_job(&p.entry.name);
+                jobs.insert(p.entry.name.clone(), job.clone());
+                job
+            };
             job.total.store(p.entry.pack.size, Ordering::Relaxed);
-            self.jobs
-                .lock()
-                .expect("not poisoned")
-                .insert(p.entry.name.clone(), job.clone());
             tracing::info!(model = %p.entry.name, "resuming interrupted install");
             self.spawn_catalog_job(job.clone(), source, p.entry);
             started.push(job);
@@ -495,8 +504,12 @@ impl Engine {
             .len();
         let job = self.new_job("");
         job.total.store(size, Ordering::Relaxed);
-        let dir = self.store.partial_dir("", &format!("file-{:016}", job.id));
+        let dir = self.store.file_partial_dir(job.id);
         *job.partial.lock().expect("not poisoned") = Some(dir.clone());
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .insert(format!("/file/{}", job.id), job.clone());
         let this = self.clone();
         let j = job.clone();
         tokio::spawn(async move {
@@ -539,11 +552,10 @@ impl Engine {
                 Err((e.name().to_string(), e.to_string()))
             }
         };
-        let mut jobs = self.jobs.lock().expect("not poisoned");
-        if jobs.get(&job.name()).is_some_and(|j| j.id == job.id) {
-            jobs.remove(&job.name());
-        }
-        drop(jobs);
+        self.jobs
+            .lock()
+            .expect("not poisoned")
+            .retain(|_, j| j.id != job.id);
         job.outcome.send_replace(Some(outcome));
     }
 
@@ -571,6 +583,7 @@ impl Engine {
     }
 
     pub async fn remove_partial(&self, name: &str) -> Result<u64, ModelError> {
+        pocket_models::validate_name(name)?;
         if self.jobs.lock().expect("not poisoned").contains_key(name) {
             return Err(ModelError::InvalidArgument(format!(
                 "model {name:?} is being installed; cancel the install first"

@@ -272,6 +272,10 @@ impl PackWriter {
                 self.advance(&mut data, take);
                 if self.header.len() as u64 == header_len {
                     self.accept_header()?;
+                    // Once the header is on disk a collection keeps every
+                    // blob it lists; until then, none may run.
+                    let store = self.store.clone();
+                    let _g = store.guard();
                     write_atomic(&self.dir.join(HEADER_FILE), &self.header)?;
                     self.start_file()?;
                 }

@@ -26,6 +26,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         tracing::warn!(group = %cfg.admin_group, "admin group not found; only root may change models");
     }
     let engine = Engine::new(cfg)?;
+    // Interrupted installs restart before the name is taken, so that no
+    // Install call can start a second writer on the same partial download.
+    let resumed = engine.resume_pending()?;
     let conn = zbus::connection::Builder::system()?
         .name(pocket_proto::models::BUS_NAME)?
         .serve_at(
@@ -37,7 +40,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
     if let Err(e) = engine.refresh().await {
         tracing::warn!("catalogs not loaded: {e}");
     }
-    for job in engine.resume_pending()? {
+    for job in resumed {
         interface::track(&conn, job).await?;
     }
     Ok(conn)

@@ -56,6 +56,11 @@ pub struct Store {
     models: PathBuf,
     db: Arc<Database>,
     floors: VersionFloors,
+    /// Held while the set of needed blobs changes or is collected:
+    /// publishing, removing, reconciling, collecting, and a writer deciding
+    /// which blobs it can reuse. Without it a collection could delete a
+    /// blob an install has just decided not to write again.
+    lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -82,7 +87,12 @@ impl Store {
         txn.open_table(PENDING)?;
         txn.commit()?;
         let floors = VersionFloors::new(db.clone())?;
-        Ok(Store { models, db, floors })
+        Ok(Store {
+            models,
+            db,
+            floors,
+            lock: Arc::new(std::sync::Mutex::new(())),
+        })
     }
 
     pub fn floors(&self) -> &VersionFloors {
@@ -103,10 +113,26 @@ impl Store {
 
     /// Where a download of the pack with this header hash keeps its bytes.
     pub fn partial_dir(&self, name: &str, header_sha256: &str) -> PathBuf {
-        self.models.join("partial").join(format!(
-            "{name}@{}",
-            &header_sha256[..16.min(header_sha256.len())]
-        ))
+        // Both parts were validated (a model name, 64 hex digits) before
+        // they get here, so the path stays inside `partial/`.
+        self.models
+            .join("partial")
+            .join(format!("{name}@{header_sha256}"))
+    }
+
+    /// Where the install of a local pack file (job `id`) keeps its bytes.
+    pub fn file_partial_dir(&self, id: u64) -> PathBuf {
+        self.models.join("partial").join(format!("file-{id}"))
+    }
+
+    /// Partial directories of local-file installs; they cannot resume (the
+    /// caller's file is gone), so they are dropped at start.
+    pub fn file_partials(&self) -> Result<Vec<PathBuf>, ModelError> {
+        Ok(read_dir(&self.models.join("partial"))?
+            .into_iter()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("file-"))
+            .map(|e| e.path())
+            .collect())
     }
 
     /// Moves a verified, synced file into the blob store.
@@ -171,7 +197,19 @@ impl Store {
 
     /// Publishes a model whose blobs are all stored: one redb transaction
     /// records it, raises its version floor and clears its pending install.
+    /// Serialises changes to which blobs are needed (see `lock`).
+    pub fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn publish(&self, model: &InstalledModel, digest: &str) -> Result<(), ModelError> {
+        let _g = self.guard();
+        if let Some(f) = model.files.iter().find(|f| !self.has_blob(&f.sha256)) {
+            return Err(ModelError::Corrupt(format!(
+                "file {:?} of model {:?} is missing from the store",
+                f.path, model.name
+            )));
+        }
         let subject = format!("model:{}", model.name);
         self.floors.check(&subject, &model.version, digest)?;
         let txn = self.db.begin_write()?;
@@ -185,6 +223,7 @@ impl Store {
 
     /// Forgets a model; its blobs go at the next collection.
     pub fn unpublish(&self, name: &str) -> Result<InstalledModel, ModelError> {
+        let _g = self.guard();
         let txn = self.db.begin_write()?;
         let old = txn
             .open_table(INSTALLED)?
@@ -193,7 +232,7 @@ impl Store {
             .transpose()?
             .ok_or_else(|| ModelError::NotInstalled(name.to_string()))?;
         txn.commit()?;
-        self.reconcile()?;
+        self.reconcile_locked()?;
         Ok(old)
     }
 
@@ -246,6 +285,11 @@ impl Store {
     /// Makes the files agree with the database after a crash: rebuilds what
     /// installed models need, removes what no installed model owns.
     pub fn reconcile(&self) -> Result<(), ModelError> {
+        let _g = self.guard();
+        self.reconcile_locked()
+    }
+
+    fn reconcile_locked(&self) -> Result<(), ModelError> {
         let installed = self.installed()?;
         for m in &installed {
             self.materialize(m)?;
@@ -281,6 +325,7 @@ impl Store {
     /// Deletes partial downloads that are neither pending nor in `active`,
     /// then blobs nothing references. Returns bytes freed.
     pub fn gc(&self, active: &[PathBuf]) -> Result<u64, ModelError> {
+        let _g = self.guard();
         let pending: Vec<PathBuf> = self
             .pending()?
             .iter()
@@ -293,13 +338,18 @@ impl Store {
                 freed += remove_partial(&p);
             }
         }
-        Ok(freed + self.gc_blobs()?)
+        Ok(freed + self.gc_blobs_locked()?)
     }
 
     /// Deletes blobs that neither an installed model nor a partial download
     /// (whose verified header lists what it is storing) references.
     pub fn gc_blobs(&self) -> Result<u64, ModelError> {
-        self.reconcile()?;
+        let _g = self.guard();
+        self.gc_blobs_locked()
+    }
+
+    fn gc_blobs_locked(&self) -> Result<u64, ModelError> {
+        self.reconcile_locked()?;
         let mut referenced: std::collections::BTreeSet<String> = self
             .installed()?
             .into_iter()

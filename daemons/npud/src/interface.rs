@@ -152,6 +152,15 @@ impl RuntimeIface {
             .metadata()
             .map_err(|e| Error::InvalidArgument(format!("input file: {e}")))?
             .len();
+        // Check every input against the model before a byte is read, so a
+        // request cannot make npud allocate more than the model takes.
+        let model = self.ensure_loaded(conn, name, "").await?;
+        for (n, r) in &inputs {
+            let spec = model.inputs.iter().find(|s| &s.name == n).ok_or_else(|| {
+                Error::InvalidArgument(format!("model {name:?} has no input {n:?}"))
+            })?;
+            crate::tensor::check(spec, &r.dtype, &r.shape, r.len as usize)?;
+        }
         let mut read = Vec::new();
         for (n, r) in inputs {
             if r.offset.checked_add(r.len).is_none_or(|end| end > size) {

@@ -64,15 +64,17 @@ pub fn check(
     if !shape_ok {
         return bad(format!("expected shape {:?}, got {:?}", spec.shape, shape));
     }
-    let count: usize = shape.iter().map(|d| *d as usize).product();
     let size = dtype_size(dtype).expect("dtype checked against the model");
-    if count.checked_mul(size) != Some(bytes) {
-        return bad(format!(
-            "shape {shape:?} of {dtype} needs {} bytes, got {bytes}",
-            count * size
-        ));
+    let needed = shape
+        .iter()
+        .try_fold(size, |acc, d| acc.checked_mul(*d as usize));
+    match needed {
+        Some(n) if n == bytes => Ok(()),
+        Some(n) => bad(format!(
+            "shape {shape:?} of {dtype} needs {n} bytes, got {bytes}"
+        )),
+        None => bad(format!("shape {shape:?} is too large")),
     }
-    Ok(())
 }
 
 macro_rules! from_le {

@@ -7,6 +7,16 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use zbus::message::Header;
 
+/// `org.pocketos.Error.*`, as every PocketOS interface answers.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.pocketos.Error")]
+pub enum Error {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    PermissionDenied(String),
+    InvalidArgument(String),
+}
+
 pub struct Power1 {
     pub gov: Arc<Mutex<Governor>>,
     pub admin_gid: Option<u32>,
@@ -51,15 +61,15 @@ impl Power1 {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &zbus::Connection,
         #[zbus(signal_emitter)] emitter: zbus::object_server::SignalEmitter<'_>,
-    ) -> zbus::fdo::Result<()> {
+    ) -> Result<(), Error> {
         require_admin(conn, &hdr, self.admin_gid, "changing the power budget")
             .await
-            .map_err(|e| zbus::fdo::Error::AccessDenied(e.0))?;
+            .map_err(|e| Error::PermissionDenied(e.0))?;
         self.gov
             .lock()
             .await
             .set_budget(watts)
-            .map_err(zbus::fdo::Error::InvalidArgs)?;
+            .map_err(Error::InvalidArgument)?;
         tracing::info!(watts, "budget set");
         self.budget_watts_changed(&emitter).await?;
         Ok(())

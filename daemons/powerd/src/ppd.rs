@@ -168,8 +168,29 @@ macro_rules! ppd_interface {
             async fn release_profile(
                 &self,
                 cookie: u32,
+                #[zbus(header)] hdr: Header<'_>,
                 #[zbus(connection)] conn: &zbus::Connection,
             ) -> zbus::fdo::Result<()> {
+                // Only the holder (or an admin) may release a hold.
+                let sender = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
+                let owner = self
+                    .0
+                    .gov
+                    .lock()
+                    .await
+                    .holds
+                    .iter()
+                    .find(|h| h.cookie == cookie)
+                    .map(|h| h.owner.clone());
+                if owner.is_some_and(|o| o != sender) {
+                    check_caller(
+                        conn,
+                        Some(&hdr),
+                        self.0.admin_gid,
+                        "releasing another client's hold",
+                    )
+                    .await?;
+                }
                 let before = self.0.gov.lock().await.active_profile();
                 self.0
                     .gov
