@@ -264,3 +264,42 @@ fn disk_full_is_a_clear_error_and_gives_the_space_back() {
     w.ctl(&["model", "install", "big"]).ok();
     assert_big_installed(&w);
 }
+
+#[test]
+fn a_partial_file_damaged_by_a_power_cut_is_fetched_again() {
+    let (mut w, _size) = world_with_big();
+    w.start_modeld();
+    w.http.throttle(2 * MIB);
+    let mut client = spawn_install(&w, "big");
+    wait_for("a third of the pack", Duration::from_secs(30), || {
+        (bytes_served(&w, "big-1.0.pack") > 3 * MIB).then_some(())
+    });
+    w.modeld().kill9();
+    let _ = client.kill();
+    let _ = client.wait();
+    // What a cut can leave of unsynced data: bytes that are not what was
+    // received. Damage the middle of the partial file.
+    let partial = std::fs::read_dir(w.models_dir().join("partial"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let part = partial.join("0.part");
+    let mut bytes = std::fs::read(&part).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&part, bytes).unwrap();
+    w.http.throttle(0);
+    w.restart_modeld();
+    let info = w.ctl(&["model", "install", "big", "--json"]).ok().json();
+    assert_eq!(info["name"], "big");
+    assert_big_installed(&w);
+    assert!(
+        w.modeld()
+            .log_text()
+            .contains("was damaged; fetching that file again"),
+        "{}",
+        w.modeld().log_text()
+    );
+}

@@ -413,13 +413,21 @@ impl Engine {
         dir: PathBuf,
     ) -> Result<(), ModelError> {
         let keyring = self.keyring().await?;
-        let (store, e, limits) = (self.store.clone(), entry.clone(), self.limits);
-        let mut writer = blocking(move || {
-            let mut w = PackWriter::new(store, dir, keyring, Some(e), limits)?;
-            w.resume()?;
-            Ok(w)
-        })
-        .await?;
+        let open_writer = || {
+            let (store, e, limits, dir, keyring) = (
+                self.store.clone(),
+                entry.clone(),
+                self.limits,
+                dir.clone(),
+                keyring.clone(),
+            );
+            blocking(move || {
+                let mut w = PackWriter::new(store, dir, keyring, Some(e), limits)?;
+                w.resume()?;
+                Ok(w)
+            })
+        };
+        let mut writer = open_writer().await?;
         job.set_phase(phase::DOWNLOADING);
         let mut failures = 0;
         while writer.pos() < entry.pack.size {
@@ -442,6 +450,12 @@ impl Engine {
                     }
                     PumpEnd::Interrupted(w, e) => {
                         writer = w;
+                        e
+                    }
+                    // What a power cut left in a partial file did not hash
+                    // out; that file was dropped and is fetched again.
+                    PumpEnd::Failed(e @ ModelError::ResumeDamaged(_)) => {
+                        writer = open_writer().await?;
                         e
                     }
                     PumpEnd::Failed(e) => return Err(e),

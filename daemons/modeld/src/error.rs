@@ -30,6 +30,8 @@ pub enum ModelError {
     InsufficientMemory(String),
     #[error("{0}")]
     Network(String),
+    #[error("the partial download of {0} was damaged; fetching that file again")]
+    ResumeDamaged(String),
     #[error("install of {0:?} was cancelled")]
     Cancelled(String),
     #[error("{0}")]
@@ -55,7 +57,7 @@ impl ModelError {
             ModelError::Corrupt(_) => "Corrupt",
             ModelError::DiskFull { .. } => "DiskFull",
             ModelError::InsufficientMemory(_) => "InsufficientMemory",
-            ModelError::Network(_) => "Network",
+            ModelError::Network(_) | ModelError::ResumeDamaged(_) => "Network",
             ModelError::Cancelled(_) => "Cancelled",
             ModelError::InvalidArgument(_) => "InvalidArgument",
             ModelError::Io { .. } => "Io",
@@ -85,7 +87,7 @@ impl ModelError {
 
     /// Whether the partial download should be kept for a later resume.
     pub fn keeps_partial(&self) -> bool {
-        matches!(self, ModelError::Network(_))
+        matches!(self, ModelError::Network(_) | ModelError::ResumeDamaged(_))
     }
 }
 

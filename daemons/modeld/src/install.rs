@@ -112,6 +112,9 @@ pub struct PackWriter {
     index: usize,
     current: Option<Current>,
     pos: u64,
+    /// The file whose partial bytes `resume` picked up; if it then fails
+    /// its hash, those bytes (not the source) were bad.
+    resumed: Option<usize>,
 }
 
 const HEADER_FILE: &str = "header";
@@ -140,6 +143,7 @@ impl PackWriter {
             index: 0,
             current: None,
             pos: 0,
+            resumed: None,
         })
     }
 
@@ -193,6 +197,9 @@ impl PackWriter {
             out.set_len(done)
                 .map_err(|e| ModelError::io("trimming partial download", &part, e))?;
             self.pos += done;
+            if done > 0 {
+                self.resumed = Some(self.index);
+            }
             self.current = Some(Current {
                 unsynced: 0,
                 verifier,
@@ -358,6 +365,12 @@ impl PackWriter {
         if let Some((path, out)) = cur.out {
             if let Err(e) = verified {
                 let _ = std::fs::remove_file(&path);
+                if self.resumed == Some(self.index) {
+                    // Unsynced bytes a power cut tore: fetch the file anew.
+                    return Err(ModelError::ResumeDamaged(
+                        self.files()[self.index].path.clone(),
+                    ));
+                }
                 return Err(e.into());
             }
             let file = out
