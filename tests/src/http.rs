@@ -95,10 +95,6 @@ impl HttpServer {
             .filter(|s| s.path.ends_with(suffix))
             .collect()
     }
-
-    pub fn clear_log(&self) {
-        self.state.log.lock().expect("log").clear();
-    }
 }
 
 impl Drop for HttpServer {

@@ -68,17 +68,3 @@ pub trait Power1 {
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
 }
-
-/// power-profiles-daemon's interface under its legacy name, which older
-/// clients (powerprofilesctl 0.12) use.
-#[zbus::proxy(
-    interface = "net.hadess.PowerProfiles",
-    default_service = "net.hadess.PowerProfiles",
-    default_path = "/net/hadess/PowerProfiles"
-)]
-pub trait HadessPowerProfiles {
-    fn hold_profile(&self, profile: &str, reason: &str, application_id: &str) -> zbus::Result<u32>;
-    fn release_profile(&self, cookie: u32) -> zbus::Result<()>;
-    #[zbus(property)]
-    fn active_profile(&self) -> zbus::Result<String>;
-}

@@ -7,11 +7,6 @@ use zbus::zvariant::Type;
 pub const BUS_NAME: &str = "org.pocketos.Runtime1";
 pub const PATH: &str = "/org/pocketos/Runtime1";
 
-/// Element types a tensor may have on the bus.
-pub const DTYPES: [&str; 10] = [
-    "f32", "f16", "f64", "i64", "i32", "i16", "i8", "u8", "u16", "bool",
-];
-
 /// Bytes per element of `dtype`.
 pub fn dtype_size(dtype: &str) -> Option<usize> {
     Some(match dtype {

@@ -203,54 +203,77 @@ fn freqs(path: &Path) -> Result<Vec<u64>, String> {
     Ok(v)
 }
 
+/// The files of one kind of frequency-scaled device.
+struct ScaledFiles {
+    kind: &'static str,
+    id_prefix: &'static str,
+    available: &'static str,
+    governors: &'static str,
+    governor: &'static str,
+    max: &'static str,
+}
+
+const CPUFREQ: ScaledFiles = ScaledFiles {
+    kind: "cpufreq",
+    id_prefix: "cpu",
+    available: "scaling_available_frequencies",
+    governors: "scaling_available_governors",
+    governor: "scaling_governor",
+    max: "scaling_max_freq",
+};
+
+const DEVFREQ: ScaledFiles = ScaledFiles {
+    kind: "devfreq",
+    id_prefix: "devfreq",
+    available: "available_frequencies",
+    governors: "available_governors",
+    governor: "governor",
+    max: "max_freq",
+};
+
+fn probe_scaled(
+    files: &ScaledFiles,
+    dir: PathBuf,
+    name: &str,
+    profiles: &BTreeMap<String, Setting>,
+) -> Result<Scaled, String> {
+    let freqs = freqs(&dir.join(files.available))?;
+    let governors = list(&dir.join(files.governors)).unwrap_or_default();
+    read(&dir.join(files.max))?;
+    Ok(Scaled {
+        id: format!("{}:{name}", files.id_prefix),
+        dir,
+        governor_file: files.governor,
+        max_file: files.max,
+        freqs,
+        governors,
+        profiles: profiles.clone(),
+        applied: None,
+    })
+}
+
 /// Probes what the board file names under `root`; whatever is missing is
 /// left out and reported.
 pub fn probe(root: &Path, board: &Board) -> Hardware {
     let mut hw = Hardware::default();
-    for c in &board.cpufreq {
-        let dir = root.join("devices/system/cpu/cpufreq").join(&c.policy);
-        let found = freqs(&dir.join("scaling_available_frequencies")).and_then(|f| {
-            let governors = list(&dir.join("scaling_available_governors")).unwrap_or_default();
-            read(&dir.join("scaling_max_freq"))?;
-            Ok((f, governors))
-        });
-        match found {
-            Ok((freqs, governors)) => hw.devices.push(Scaled {
-                id: format!("cpu:{}", c.policy),
-                dir,
-                governor_file: "scaling_governor",
-                max_file: "scaling_max_freq",
-                freqs,
-                governors,
-                profiles: c.profiles.clone(),
-                applied: None,
-            }),
+    let cpu = root.join("devices/system/cpu/cpufreq");
+    let devfreq = root.join("class/devfreq");
+    let scaled = board
+        .cpufreq
+        .iter()
+        .map(|c| (&CPUFREQ, cpu.join(&c.policy), &c.policy, &c.profiles))
+        .chain(
+            board
+                .devfreq
+                .iter()
+                .map(|d| (&DEVFREQ, devfreq.join(&d.device), &d.device, &d.profiles)),
+        );
+    for (files, dir, name, profiles) in scaled {
+        match probe_scaled(files, dir, name, profiles) {
+            Ok(d) => hw.devices.push(d),
             Err(e) => hw
                 .problems
-                .push(format!("cpufreq {} missing: {e}", c.policy)),
-        }
-    }
-    for d in &board.devfreq {
-        let dir = root.join("class/devfreq").join(&d.device);
-        let found = freqs(&dir.join("available_frequencies")).and_then(|f| {
-            let governors = list(&dir.join("available_governors")).unwrap_or_default();
-            read(&dir.join("max_freq"))?;
-            Ok((f, governors))
-        });
-        match found {
-            Ok((freqs, governors)) => hw.devices.push(Scaled {
-                id: format!("devfreq:{}", d.device),
-                dir,
-                governor_file: "governor",
-                max_file: "max_freq",
-                freqs,
-                governors,
-                profiles: d.profiles.clone(),
-                applied: None,
-            }),
-            Err(e) => hw
-                .problems
-                .push(format!("devfreq {} missing: {e}", d.device)),
+                .push(format!("{} {name} missing: {e}", files.kind)),
         }
     }
     let thermal = root.join("class/thermal");
