@@ -43,6 +43,7 @@ bench: deps
     cargo bench -p pocket-tests --bench install
     cargo bench -p pocket-tests --bench infer
     cargo bench -p pocket-tests --bench power
+    cargo bench -p pocket-tests --bench update
 
 # Generate the seeded ONNX fixture models into DIR.
 fixtures DIR:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what PocketOS's tests and demo need on a Debian/Ubuntu machine,
 # only where it is missing: dbus-daemon and dbus-send, curl, shellcheck,
-# setpriv, powerprofilesctl, Python's onnx, numpy and onnxruntime (fixture models and the
+# setpriv, powerprofilesctl, fw_printenv/fw_setenv, grub-editenv, Python's onnx, numpy and onnxruntime (fixture models and the
 # inference reference), and the pinned libonnxruntime.so.
 set -euo pipefail
 
@@ -20,6 +20,10 @@ need setpriv util-linux
 need sha256sum coreutils
 # Only its client, powerprofilesctl, runs in the tests (against powerd).
 need powerprofilesctl power-profiles-daemon
+# The real bootloader-environment tools otad's environments are checked
+# against.
+need fw_printenv libubootenv-tool
+need grub-editenv grub-common
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"

@@ -4,43 +4,17 @@
 //!
 //! Size: `POCKET_BENCH_MB` (default 256). Runs: `POCKET_BENCH_RUNS` (3).
 
+use pocket_tests::bench::{env_or, median, run, time};
 use pocket_tests::*;
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn time(mut f: impl FnMut()) -> Duration {
-    let t = Instant::now();
-    f();
-    t.elapsed()
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("run");
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use std::time::Duration;
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mb: u64 = std::env::var("POCKET_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(256);
-    let runs: usize = std::env::var("POCKET_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let mb = env_or("POCKET_BENCH_MB", 256);
+    let runs = env_or("POCKET_BENCH_RUNS", 3) as usize;
     let mut w = World::start();
     let work = w.tmp.path().to_path_buf();
     let weights = work.join("weights.bin");

@@ -52,6 +52,7 @@ pub struct Publisher {
     pub dir: PathBuf,
     pub root_key: PathBuf,
     pub models_key: PathBuf,
+    pub updates_key: PathBuf,
     pub keyring_dir: PathBuf,
 }
 
@@ -67,7 +68,7 @@ impl Publisher {
         let keys = dir.join("keys");
         let (root_key, root_pub) = keygen(&keys);
         let (models_key, models_pub) = keygen(&keys);
-        let (_, updates_pub) = keygen(&keys);
+        let (updates_key, updates_pub) = keygen(&keys);
         let keyring_dir = dir.join("keyring");
         pocket_publish::keyring_create(
             &[
@@ -87,6 +88,7 @@ impl Publisher {
             dir: dir.to_path_buf(),
             root_key,
             models_key,
+            updates_key,
             keyring_dir,
         }
     }

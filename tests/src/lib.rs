@@ -8,13 +8,17 @@
 //!   connection mid-body and logs what it sent;
 //! - [`Publisher`]: keys, keyrings, packs and catalogs made with the real
 //!   `pocket-publish` code, and the seeded ONNX fixture models;
-//! - [`SimBoard`]: a fake sysfs tree with a plant model for powerd.
+//! - [`SimBoard`]: a fake sysfs tree with a plant model for powerd;
+//! - [`UpdateBox`]: file-backed A/B slots and a real bootloader
+//!   environment for otad.
 
+pub mod bench;
 mod bus;
 mod daemon;
 mod fixtures;
 mod http;
 mod simboard;
+mod updatebox;
 mod world;
 
 pub use bus::{BusPolicy, DevBus};
@@ -24,6 +28,7 @@ pub use fixtures::{
 };
 pub use http::{HttpServer, Served};
 pub use simboard::{Load, Sample, SimBoard};
+pub use updatebox::{BundleFiles, Loader, UpdateBox, COMPATIBLE};
 pub use world::World;
 
 use std::path::PathBuf;

@@ -100,3 +100,36 @@ fn shipped_introspection_matches_the_daemons() {
         ],
     );
 }
+
+#[test]
+fn shipped_otad_introspection_matches_the_daemon() {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::UBoot, &publisher, "");
+    b.boot(&bus);
+    let v2 = publisher.bundle(&tmp.path().join("v2"), "2.0");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (main, job) = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let conn = bus.connect().await;
+            let u = pocket_proto::update::Update1Proxy::new(&conn)
+                .await
+                .unwrap();
+            let path = u.install(v2.bundle.to_str().unwrap()).await.unwrap();
+            (
+                introspect(&conn, "org.pocketos.Update1", "/org/pocketos/Update1").await,
+                introspect(&conn, "org.pocketos.Update1", path.as_str()).await,
+            )
+        })
+        .await
+        .expect("introspection in time")
+    });
+    check_shipped(
+        "daemons/otad/data/org.pocketos.Update1.xml",
+        &[
+            interface_block(&main, "org.pocketos.Update1"),
+            interface_block(&job, "org.pocketos.Update1.Job"),
+        ],
+    );
+}

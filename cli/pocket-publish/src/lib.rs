@@ -214,12 +214,61 @@ fn read_header(path: &Path) -> Result<(Vec<u8>, u64)> {
     Ok((header, size))
 }
 
-/// Verifies `file` (a keyring, a catalog or a model pack) and says what it is.
+/// What an update bundle is built from.
+#[derive(Debug, Clone)]
+pub struct BundleArgs {
+    pub rootfs: PathBuf,
+    pub components: Vec<(String, PathBuf)>,
+    pub version: String,
+    pub compatible: String,
+    pub security_version: u64,
+    pub chunk_size: u64,
+    pub expires: Option<String>,
+}
+
+/// Writes a signed update bundle to `out` and returns its manifest.
+pub fn bundle_create(
+    args: &BundleArgs,
+    keys: &[PathBuf],
+    out: &Path,
+    now: SystemTime,
+) -> Result<pocket_ota::BundleManifest> {
+    let spec = pocket_ota::BundleSpec {
+        rootfs: &args.rootfs,
+        components: args
+            .components
+            .iter()
+            .map(|(n, p)| (n.clone(), p.as_path()))
+            .collect(),
+        version: args.version.parse()?,
+        compatible: args.compatible.clone(),
+        security_version: args.security_version,
+        chunk_size: args.chunk_size,
+        expires: expiry(args.expires.as_deref(), now)?,
+    };
+    Ok(pocket_ota::create(&spec, &load_keys(keys)?, out)?.manifest)
+}
+
+/// Verifies `file` (a keyring, a catalog, a model pack or an update
+/// bundle) and says what it is.
 pub fn verify(file: &Path, keyring_dir: &Path, now: SystemTime) -> Result<String> {
     let keyring = Keyring::load_dir(keyring_dir, now)?;
     let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let mut magic = [0u8; 8];
-    let is_pack = f.read_exact(&mut magic).is_ok() && &magic == pocket_models::PACK_MAGIC;
+    let has_magic = f.read_exact(&mut magic).is_ok();
+    if has_magic && &magic == pocket_ota::BUNDLE_MAGIC {
+        let vh = pocket_ota::verify_file(file, &keyring, now)?;
+        let m = vh.manifest();
+        return Ok(format!(
+            "update bundle {} for {} (security version {}, {} payload(s), {} bytes)",
+            vh.version(),
+            m.compatible,
+            m.security_version,
+            m.payloads.len(),
+            m.total_bytes()
+        ));
+    }
+    let is_pack = has_magic && &magic == pocket_models::PACK_MAGIC;
     if is_pack {
         let f = std::io::BufReader::new(std::fs::File::open(file)?);
         let m = pocket_models::read_pack(&keyring, f, now, |_, _| Ok(()))?;

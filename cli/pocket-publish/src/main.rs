@@ -38,7 +38,48 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CatalogCmd,
     },
-    /// Verify a keyring, catalog or model pack against a keyring directory
+    /// Update bundles
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCmd,
+    },
+    /// Verify a keyring, catalog, model pack or update bundle against a keyring directory
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        keyring: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Sign a rootfs image (and components) into an update bundle
+    Create {
+        #[arg(long)]
+        rootfs: PathBuf,
+        #[arg(long)]
+        version: String,
+        /// The device family it is for (system.toml's `compatible`)
+        #[arg(long)]
+        compatible: String,
+        /// NAME=FILE, for example npu-firmware=fw.bin
+        #[arg(long, num_args = 1..)]
+        component: Vec<String>,
+        /// Forward-only; devices refuse bundles below the last one booted good
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
+        /// Bytes per verified chunk (a power of two, 4 KiB to 64 MiB)
+        #[arg(long, default_value_t = pocket_ota::DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+        #[arg(long, num_args = 1.., required = true)]
+        key: Vec<PathBuf>,
+        /// RFC 3339 time or a duration such as 90d
+        #[arg(long)]
+        expires: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a bundle: header, every chunk and every payload
     Verify {
         file: PathBuf,
         #[arg(long)]
@@ -226,6 +267,51 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} with {n} model(s)",
                 out.join("catalog.json").display()
             );
+        }
+        Cmd::Bundle {
+            cmd:
+                BundleCmd::Create {
+                    rootfs,
+                    version,
+                    compatible,
+                    component,
+                    security_version,
+                    chunk_size,
+                    key,
+                    expires,
+                    out,
+                },
+        } => {
+            let components = component
+                .iter()
+                .map(|c| {
+                    c.split_once('=')
+                        .map(|(n, f)| (n.to_string(), PathBuf::from(f)))
+                        .with_context(|| format!("component {c:?} is not NAME=FILE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let spec = pocket_publish::BundleArgs {
+                rootfs,
+                components,
+                version,
+                compatible,
+                security_version,
+                chunk_size,
+                expires,
+            };
+            let m = pocket_publish::bundle_create(&spec, &key, &out, now)?;
+            eprintln!(
+                "wrote {} ({} payload(s), {} bytes)",
+                out.display(),
+                m.payloads.len(),
+                m.total_bytes()
+            );
+        }
+        Cmd::Bundle {
+            cmd: BundleCmd::Verify { file, keyring },
+        } => {
+            let what = pocket_publish::verify(&file, &keyring, now)?;
+            println!("{}: OK, {what}", file.display());
         }
         Cmd::Verify { file, keyring } => {
             let what = pocket_publish::verify(&file, &keyring, now)?;

@@ -2,6 +2,7 @@
 //! document on stdout) and fails with one line on stderr.
 
 mod tensors;
+mod update;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -41,6 +42,11 @@ pub enum Cmd {
     Power {
         #[command(subcommand)]
         cmd: PowerCmd,
+    },
+    /// System updates: A/B slots, install, rollback
+    Update {
+        #[command(subcommand)]
+        cmd: update::UpdateCmd,
     },
     /// Run an installed model once
     Run {
@@ -140,6 +146,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Model { cmd } => model(&conn, cmd, cli.json).await,
         Cmd::Runtime { cmd } => runtime(&conn, cmd, cli.json).await,
         Cmd::Power { cmd } => power(&conn, cmd, cli.json).await,
+        Cmd::Update { cmd } => update::update(&conn, cmd, cli.json).await,
         Cmd::Run {
             name,
             input,
@@ -156,7 +163,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -197,6 +204,14 @@ async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
         daemons["powerd"]["budget_watts"] = json!(t.budget_watts);
         daemons["powerd"]["degraded_reason"] = json!(t.degraded_reason);
     }
+    if daemons["otad"]["running"] == true {
+        let u = pocket_proto::update::Update1Proxy::new(conn).await?;
+        daemons["otad"]["status"] = json!(u.status().await?);
+        daemons["otad"]["booted_slot"] = json!(u.booted_slot().await?);
+        daemons["otad"]["primary_slot"] = json!(u.primary_slot().await?);
+        daemons["otad"]["system_version"] = json!(u.system_version().await?);
+        daemons["otad"]["health"] = json!(u.health().await?);
+    }
     let mut models = json!(null);
     if daemons["modeld"]["running"] == true {
         let m = Models1Proxy::new(conn).await?;
@@ -219,6 +234,16 @@ async fn status(conn: &zbus::Connection, json: bool) -> Result<()> {
             "not running".into()
         };
         println!("{name:<8} {state}");
+    }
+    let otad = &doc["daemons"]["otad"];
+    if otad["running"] == true {
+        println!(
+            "system   {} on slot {} (next boot: {}, health: {})",
+            otad["system_version"].as_str().unwrap_or(""),
+            otad["booted_slot"].as_str().unwrap_or("?"),
+            otad["primary_slot"].as_str().unwrap_or("?"),
+            otad["health"].as_str().unwrap_or("")
+        );
     }
     if let Some(list) = doc["models"]["installed"].as_array() {
         let names: Vec<String> = list
@@ -632,7 +657,7 @@ async fn infer_by_memfd(
 }
 
 /// A progress bar on a terminal, nothing without one.
-fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
+pub(crate) fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
     if json || !std::io::stderr().is_terminal() {
         return None;
     }

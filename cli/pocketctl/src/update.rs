@@ -1,0 +1,183 @@
+//! `pocketctl update`: slots, checks and installs through otad.
+
+use crate::{print_json, progress_bar};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use futures_util::StreamExt;
+use pocket_proto::update::{phase, Update1Proxy, UpdateJobProxy};
+use serde_json::json;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum UpdateCmd {
+    /// Slots, versions and the booted and primary slot
+    Status,
+    /// Ask the update server whether a newer system is available
+    Check,
+    /// Install a bundle (a file or an http(s):// URL) into the other slot
+    Install { source: String },
+    /// Mark the booted slot good
+    MarkGood,
+    /// Boot the other slot from the next restart (when it is good)
+    Rollback,
+}
+
+pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Result<()> {
+    let u = Update1Proxy::new(conn)
+        .await
+        .context("otad is not reachable")?;
+    match cmd {
+        UpdateCmd::Status => {
+            let slots = u.slots().await?;
+            let doc = json!({
+                "booted": u.booted_slot().await?,
+                "primary": u.primary_slot().await?,
+                "system_version": u.system_version().await?,
+                "security_version": u.security_version().await?,
+                "compatible": u.compatible().await?,
+                "operation": u.operation().await?,
+                "health": u.health().await?,
+                "last_error": u.last_error().await?,
+                "status": u.status().await?,
+                "slots": slots,
+            });
+            if json {
+                return print_json(&doc);
+            }
+            println!(
+                "system {} ({}), booted slot {}, next boot {}",
+                doc["system_version"].as_str().unwrap_or(""),
+                doc["compatible"].as_str().unwrap_or(""),
+                doc["booted"].as_str().unwrap_or("?"),
+                doc["primary"].as_str().unwrap_or("?"),
+            );
+            println!(
+                "health {}, operation {}",
+                doc["health"].as_str().unwrap_or(""),
+                doc["operation"].as_str().unwrap_or("")
+            );
+            println!(
+                "{:<5} {:<10} {:<6} {:<10} {:>5}  FLAGS",
+                "SLOT", "VERSION", "STATE", "HEALTH", "TRIES"
+            );
+            for s in &slots {
+                let mut flags = Vec::new();
+                if s.booted {
+                    flags.push("booted");
+                }
+                if s.primary {
+                    flags.push("primary");
+                }
+                println!(
+                    "{:<5} {:<10} {:<6} {:<10} {:>5}  {}",
+                    s.name,
+                    if s.version.is_empty() {
+                        "-"
+                    } else {
+                        &s.version
+                    },
+                    s.state,
+                    if s.health.is_empty() { "-" } else { &s.health },
+                    s.tries_left,
+                    flags.join(",")
+                );
+            }
+            let err = u.last_error().await?;
+            if !err.is_empty() {
+                println!("last error: {err}");
+            }
+        }
+        UpdateCmd::Check => {
+            let c = u.check().await?;
+            if json {
+                return print_json(&c);
+            }
+            if c.available {
+                println!(
+                    "version {} is available (running {}): pocketctl update install {}",
+                    c.version, c.current_version, c.source
+                );
+            } else {
+                println!(
+                    "up to date (running {}, server has {})",
+                    c.current_version, c.version
+                );
+            }
+        }
+        UpdateCmd::Install { source } => {
+            let source = if source.contains("://") {
+                source
+            } else {
+                std::fs::canonicalize(&source)
+                    .with_context(|| format!("cannot open {source}"))?
+                    .display()
+                    .to_string()
+            };
+            let mut finished = u.receive_install_finished().await?;
+            let path = u.install(&source).await?;
+            let job = UpdateJobProxy::builder(conn)
+                .path(path.clone())?
+                .build()
+                .await?;
+            let bar = progress_bar(json);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let result: Result<(), (String, String)> = loop {
+                let ph = job.phase().await?;
+                if phase::is_terminal(&ph) {
+                    break if ph == phase::DONE {
+                        Ok(())
+                    } else {
+                        Err((job.error_name().await?, job.error_message().await?))
+                    };
+                }
+                if let Some(bar) = &bar {
+                    bar.set_length(job.bytes_total().await?);
+                    bar.set_position(job.bytes_done().await?);
+                    bar.set_message(ph);
+                }
+                tokio::select! {
+                    sig = finished.next() => {
+                        let Some(sig) = sig else { bail!("otad left the bus during the install") };
+                        let a = sig.args()?;
+                        if a.job.as_str() == path.as_str() {
+                            break if a.success { Ok(()) } else { Err((a.error_name.to_string(), a.error_message.to_string())) };
+                        }
+                    }
+                    _ = tick.tick() => {}
+                    _ = tokio::signal::ctrl_c() => {
+                        let _ = job.cancel().await;
+                    }
+                }
+            };
+            if let Some(bar) = &bar {
+                bar.finish_and_clear();
+            }
+            if let Err((name, msg)) = result {
+                return Err(anyhow!("{msg} ({})", pocket_proto::short_error_name(&name)));
+            }
+            let (version, slot) = (job.version().await?, job.slot().await?);
+            if json {
+                return print_json(
+                    &json!({ "version": version, "slot": slot, "installed": true, "reboot_required": true }),
+                );
+            }
+            println!("installed {version} into slot {slot}; it runs from the next boot");
+        }
+        UpdateCmd::MarkGood => {
+            u.mark_good().await?;
+            let slot = u.booted_slot().await?;
+            if json {
+                return print_json(&json!({ "slot": slot, "state": "good" }));
+            }
+            println!("slot {slot} marked good");
+        }
+        UpdateCmd::Rollback => {
+            let slot = u.rollback().await?;
+            if json {
+                return print_json(&json!({ "primary": slot, "reboot_required": true }));
+            }
+            println!("slot {slot} boots next; restart to run it");
+        }
+    }
+    Ok(())
+}

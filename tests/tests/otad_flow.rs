@@ -1,0 +1,155 @@
+//! otad end to end on a private bus: install into the other slot, boot it
+//! (the boot script's choice made with the real env tools), health check,
+//! a failing update that falls back by itself, rollback, access.
+
+use pocket_tests::*;
+use std::time::Duration;
+
+fn assert_slot_holds(b: &UpdateBox, slot: &str, files: &BundleFiles) {
+    let rootfs = std::fs::read(&files.rootfs).unwrap();
+    let fw = std::fs::read(&files.firmware).unwrap();
+    assert!(
+        b.slot_bytes(slot, "rootfs", rootfs.len()) == rootfs,
+        "slot {slot} rootfs differs"
+    );
+    assert!(
+        b.slot_bytes(slot, "fw", fw.len()) == fw,
+        "slot {slot} firmware differs"
+    );
+}
+
+fn flow(loader: Loader) {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), loader, &publisher, "");
+    assert_eq!(b.boot(&bus), "A");
+    assert_eq!(b.wait_health(&bus), "good");
+    let st = b.status(&bus);
+    assert_eq!(st["booted"], "A");
+    assert_eq!(st["primary"], "A");
+    assert_eq!(st["system_version"], "1.0");
+    let status = b.ctl(&bus, &["status", "--json"]).ok().json();
+    assert_eq!(status["daemons"]["otad"]["booted_slot"], "A");
+
+    // v2 goes into B and becomes primary only once written.
+    let v2 = publisher.bundle(&tmp.path().join("v2"), "2.0");
+    let out = b
+        .ctl(
+            &bus,
+            &["update", "install", v2.bundle.to_str().unwrap(), "--json"],
+        )
+        .ok()
+        .json();
+    assert_eq!(out["slot"], "B");
+    assert_eq!(out["version"], "2.0");
+    assert_slot_holds(&b, "B", &v2);
+    assert_eq!(b.primary().as_deref(), Some("B"));
+    let st = b.status(&bus);
+    let slot_b = &st["slots"][1];
+    assert_eq!(slot_b["health"], "pending");
+    assert_eq!(slot_b["version"], "2.0");
+
+    // Boot B: one try used, then the health check marks it good and the
+    // bootloader's tries come back.
+    assert_eq!(b.boot(&bus), "B");
+    assert_eq!(b.wait_health(&bus), "good");
+    let st = b.status(&bus);
+    assert_eq!(st["system_version"], "2.0");
+    assert_eq!(st["security_version"], 1);
+    assert_eq!(st["slots"][1]["health"], "good");
+    if loader == Loader::UBoot {
+        assert_eq!(b.env()["BOOT_B_LEFT"], "3");
+    } else {
+        assert_eq!(b.env()["B_TRY"], "0");
+    }
+
+    // Rollback runs the previous system from the next boot, and back.
+    let out = b.ctl(&bus, &["update", "rollback", "--json"]).ok().json();
+    assert_eq!(out["primary"], "A");
+    assert_eq!(b.boot(&bus), "A");
+    assert_eq!(b.wait_health(&bus), "good");
+    assert_eq!(b.status(&bus)["system_version"], "1.0");
+    b.ctl(&bus, &["update", "rollback"]).ok();
+    assert_eq!(b.boot(&bus), "B");
+    assert_eq!(b.wait_health(&bus), "good");
+    assert_eq!(b.status(&bus)["system_version"], "2.0");
+
+    // v3 whose health check fails: it is tried once and the box falls
+    // back to v2 by itself.
+    let v3 = publisher.bundle(&tmp.path().join("v3"), "3.0");
+    b.ctl(&bus, &["update", "install", v3.bundle.to_str().unwrap()])
+        .ok();
+    assert_eq!(b.primary().as_deref(), Some("A"));
+    let cfg = std::fs::read_to_string(&b.otad_config).unwrap();
+    std::fs::write(
+        &b.otad_config,
+        cfg.replace(
+            "bus_names = [\"org.pocketos.Update1\"]",
+            "bus_names = [\"org.pocketos.Update1\", \"org.pocketos.Missing1\"]",
+        )
+        .replace("timeout_secs = 5", "timeout_secs = 1"),
+    )
+    .unwrap();
+    assert_eq!(b.boot(&bus), "A");
+    let health = b.wait_health(&bus);
+    assert!(
+        health.starts_with("failed") && health.contains("org.pocketos.Missing1"),
+        "{health}"
+    );
+    wait_for("the reboot request", Duration::from_secs(10), || {
+        b.reboot_requested().then_some(())
+    });
+    assert_eq!(b.primary().as_deref(), Some("B"));
+    std::fs::write(&b.otad_config, cfg).unwrap();
+    assert_eq!(b.boot(&bus), "B");
+    assert_eq!(b.wait_health(&bus), "good");
+    let st = b.status(&bus);
+    assert_eq!(st["system_version"], "2.0");
+    assert_eq!(st["slots"][0]["health"], "failed");
+    assert_eq!(st["slots"][0]["state"], "bad");
+
+    // Rollback to a slot the bootloader has given up on is refused.
+    b.ctl(&bus, &["update", "rollback"]).fails_with("not good");
+    assert_eq!(b.primary().as_deref(), Some("B"));
+}
+
+#[test]
+fn uboot_install_boot_fallback_and_rollback() {
+    flow(Loader::UBoot);
+}
+
+#[test]
+fn grub_install_boot_fallback_and_rollback() {
+    flow(Loader::Grub);
+}
+
+#[test]
+fn only_admins_install_mark_or_roll_back() {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::UBoot, &publisher, "");
+    b.boot(&bus);
+    b.wait_health(&bus);
+    let v2 = publisher.bundle(&tmp.path().join("v2"), "2.0");
+    let nobody = RunAs::Nobody { extra_gid: None };
+    run_pocketctl(&bus, nobody, &["update", "status", "--json"]).ok();
+    for args in [
+        vec!["update", "install", v2.bundle.to_str().unwrap()],
+        vec!["update", "mark-good"],
+        vec!["update", "rollback"],
+    ] {
+        let out = run_pocketctl(&bus, nobody, &args);
+        assert!(!out.status.success(), "{args:?} succeeded for nobody");
+        assert!(
+            out.stderr.contains("AccessDenied")
+                || out.stderr.contains("PermissionDenied")
+                || out.stderr.contains("denied"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(b.primary().as_deref(), Some("A"));
+    assert_eq!(b.status(&bus)["slots"][1]["version"], "");
+}
