@@ -145,10 +145,6 @@ impl BundleManifest {
         Ok(())
     }
 
-    pub fn payload(&self, name: &str) -> Option<&Payload> {
-        self.payloads.iter().find(|p| p.name == name)
-    }
-
     /// Byte ranges of each payload, for a header of `header_len` bytes.
     pub fn spans(&self, header_len: u64) -> Vec<Span> {
         let mut offset = align_up(PREFIX_LEN + header_len);
@@ -338,12 +334,12 @@ pub fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 /// Signs and writes a bundle to `out` (through a temporary file, so `out`
-/// is either absent or whole); returns its header.
+/// is either absent or whole); returns its manifest.
 pub fn create(
     spec: &BundleSpec<'_>,
     keys: &[SecretKey],
     out: &Path,
-) -> Result<Created, BundleError> {
+) -> Result<BundleManifest, BundleError> {
     let mut files: Vec<(String, &Path)> = vec![(ROOTFS.to_string(), spec.rootfs)];
     files.extend(spec.components.iter().cloned());
     let payloads = files
@@ -385,14 +381,7 @@ pub fn create(
     w.sync_all()?;
     drop(w);
     std::fs::rename(&tmp, out)?;
-    Ok(Created { header, manifest })
-}
-
-/// What [`create`] wrote: the header bytes and the manifest inside them.
-#[derive(Debug, Clone)]
-pub struct Created {
-    pub header: Vec<u8>,
-    pub manifest: BundleManifest,
+    Ok(manifest)
 }
 
 /// Verifies a whole bundle file: the header against `keyring`, every chunk

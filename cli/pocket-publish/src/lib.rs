@@ -246,7 +246,7 @@ pub fn bundle_create(
         chunk_size: args.chunk_size,
         expires: expiry(args.expires.as_deref(), now)?,
     };
-    Ok(pocket_ota::create(&spec, &load_keys(keys)?, out)?.manifest)
+    Ok(pocket_ota::create(&spec, &load_keys(keys)?, out)?)
 }
 
 /// Verifies `file` (a keyring, a catalog, a model pack or an update

@@ -1,10 +1,11 @@
 //! The commands behind `pocketctl`. Every command takes `--json` (one
 //! document on stdout) and fails with one line on stderr.
 
+mod jobs;
 mod tensors;
 mod update;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use pocket_proto::models::{phase, JobProxy, Models1Proxy};
@@ -12,7 +13,6 @@ use pocket_proto::runtime::Runtime1Proxy;
 use serde_json::json;
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
 
 #[derive(Parser)]
 #[command(name = "pocketctl", version, about = "Control a PocketOS box")]
@@ -332,7 +332,7 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
             }
         }
         ModelCmd::Install { name, file } => {
-            let mut finished = m.receive_install_finished().await?;
+            let finished = m.receive_install_finished().await?;
             let path = match (&name, &file) {
                 (Some(n), _) => m.install(n).await?,
                 (None, Some(f)) => {
@@ -345,42 +345,24 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 (None, None) => bail!("name a model or give --file"),
             };
             let job = JobProxy::builder(conn).path(path.clone())?.build().await?;
-            let bar = progress_bar(json);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let result: Result<(), (String, String)> = loop {
-                let ph = job.phase().await?;
-                if phase::is_terminal(&ph) {
-                    break if ph == phase::DONE {
-                        Ok(())
-                    } else {
-                        Err((job.error_name().await?, job.error_message().await?))
-                    };
-                }
-                if let Some(bar) = &bar {
-                    bar.set_length(job.bytes_total().await?);
-                    bar.set_position(job.bytes_done().await?);
-                    bar.set_message(ph);
-                }
-                tokio::select! {
-                    sig = finished.next() => {
-                        let Some(sig) = sig else { bail!("modeld left the bus during the install") };
-                        let a = sig.args()?;
-                        if a.job.as_str() == path.as_str() {
-                            break if a.success { Ok(()) } else { Err((a.error_name.to_string(), a.error_message.to_string())) };
-                        }
-                    }
-                    _ = tick.tick() => {}
-                    _ = tokio::signal::ctrl_c() => {
-                        let _ = job.cancel().await;
-                    }
-                }
-            };
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            if let Err((name, msg)) = result {
-                return Err(anyhow!("{msg} ({})", pocket_proto::short_error_name(&name)));
-            }
+            let signals = finished.filter_map(|sig| async move {
+                let a = sig.args().ok()?;
+                Some((
+                    a.job.to_string(),
+                    a.success,
+                    a.error_name.to_string(),
+                    a.error_message.to_string(),
+                ))
+            });
+            jobs::wait(
+                &job,
+                path.as_str(),
+                Box::pin(signals),
+                phase::is_terminal,
+                "modeld",
+                json,
+            )
+            .await?;
             let model_name = match name {
                 Some(n) => n,
                 None => job.name().await?,

@@ -1,12 +1,11 @@
 //! `pocketctl update`: slots, checks and installs through otad.
 
-use crate::{print_json, progress_bar};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::print_json;
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use futures_util::StreamExt;
 use pocket_proto::update::{phase, Update1Proxy, UpdateJobProxy};
 use serde_json::json;
-use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum UpdateCmd {
@@ -113,48 +112,30 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
                     .display()
                     .to_string()
             };
-            let mut finished = u.receive_install_finished().await?;
+            let finished = u.receive_install_finished().await?;
             let path = u.install(&source).await?;
             let job = UpdateJobProxy::builder(conn)
                 .path(path.clone())?
                 .build()
                 .await?;
-            let bar = progress_bar(json);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let result: Result<(), (String, String)> = loop {
-                let ph = job.phase().await?;
-                if phase::is_terminal(&ph) {
-                    break if ph == phase::DONE {
-                        Ok(())
-                    } else {
-                        Err((job.error_name().await?, job.error_message().await?))
-                    };
-                }
-                if let Some(bar) = &bar {
-                    bar.set_length(job.bytes_total().await?);
-                    bar.set_position(job.bytes_done().await?);
-                    bar.set_message(ph);
-                }
-                tokio::select! {
-                    sig = finished.next() => {
-                        let Some(sig) = sig else { bail!("otad left the bus during the install") };
-                        let a = sig.args()?;
-                        if a.job.as_str() == path.as_str() {
-                            break if a.success { Ok(()) } else { Err((a.error_name.to_string(), a.error_message.to_string())) };
-                        }
-                    }
-                    _ = tick.tick() => {}
-                    _ = tokio::signal::ctrl_c() => {
-                        let _ = job.cancel().await;
-                    }
-                }
-            };
-            if let Some(bar) = &bar {
-                bar.finish_and_clear();
-            }
-            if let Err((name, msg)) = result {
-                return Err(anyhow!("{msg} ({})", pocket_proto::short_error_name(&name)));
-            }
+            let signals = finished.filter_map(|sig| async move {
+                let a = sig.args().ok()?;
+                Some((
+                    a.job.to_string(),
+                    a.success,
+                    a.error_name.to_string(),
+                    a.error_message.to_string(),
+                ))
+            });
+            crate::jobs::wait(
+                &job,
+                path.as_str(),
+                Box::pin(signals),
+                phase::is_terminal,
+                "otad",
+                json,
+            )
+            .await?;
             let (version, slot) = (job.version().await?, job.slot().await?);
             if json {
                 return print_json(

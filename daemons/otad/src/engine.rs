@@ -78,10 +78,6 @@ impl Engine {
         }))
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     pub fn compatible(&self) -> &str {
         &self.system.compatible
     }

@@ -25,10 +25,6 @@ impl GrubEnv {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     pub fn read(&self) -> Result<Vars, EnvError> {
         let bytes = std::fs::read(&self.path).map_err(|e| EnvError::io(&self.path, e))?;
         decode(&bytes).ok_or_else(|| {

@@ -54,10 +54,6 @@ impl UBootEnv {
         }
     }
 
-    pub fn copies(&self) -> &[EnvCopy; 2] {
-        &self.copies
-    }
-
     fn read_copy(&self, i: usize) -> Result<Option<(u8, Vars)>, EnvError> {
         let c = &self.copies[i];
         let f = std::fs::File::open(&c.path).map_err(|e| EnvError::io(&c.path, e))?;
