@@ -16,20 +16,35 @@ deps:
 build:
     cargo build --workspace --bins
 
-# fmt, clippy -D warnings, cargo deny, shellcheck; then every test against
-# a private dbus-daemon, the real daemons and a 127.0.0.1 HTTP server.
-test: deps lint build
+# fmt, clippy -D warnings, cargo deny, shellcheck; then every test: against
+# a private dbus-daemon, the real daemons and a 127.0.0.1 HTTP server, and
+# end to end on the appliance image under qemu-system-aarch64.
+test: deps lint build image
     cargo test --workspace
+
+# The aarch64 appliance image (target/image/pocketos.img) from pinned inputs.
+image: deps
+    image/build.sh
+
+# Boot the appliance image on this terminal (Ctrl-A X quits).
+qemu: image
+    image/qemu.sh
 
 lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     if command -v cargo-deny >/dev/null; then cargo deny --log-level error check bans licenses sources; else echo "cargo-deny not installed (cargo install --locked cargo-deny): skipped"; fi
-    shellcheck $(git ls-files '*.sh' '.ci/run' 'daemons/*/data/S*')
+    shellcheck -x $(git ls-files '*.sh' '.ci/run' 'daemons/*/data/S*' 'crates/pocket-daemon/data/pocket-service' 'image/rootfs/etc/init.d/*')
 
-# The main job: a PocketOS box on this machine, a signed catalog on
-# 127.0.0.1, one-command model installs through pocketctl.
-demo: deps build
+# The main job: boot the appliance under QEMU, install a model in it with
+# one command from a signed catalog on 127.0.0.1, run it, show power and
+# update state, print a report.
+demo: deps build image
+    ./target/debug/pocket-demo
+
+# The same walk-through without QEMU: the daemons on this machine on a
+# private bus, with a simulated RK3588.
+host-demo: deps build
     ./target/debug/pocket-devbox demo
 
 # Keep a dev box up (private bus, daemons, catalog) for manual pocketctl use.

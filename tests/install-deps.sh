@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what PocketOS's tests and demo need on a Debian/Ubuntu machine,
 # only where it is missing: dbus-daemon and dbus-send, curl, shellcheck,
-# setpriv, powerprofilesctl, fw_printenv/fw_setenv, grub-editenv, Python's onnx, numpy and onnxruntime (fixture models and the
-# inference reference), and the pinned libonnxruntime.so.
+# setpriv, powerprofilesctl, fw_printenv/fw_setenv, grub-editenv, Python's
+# onnx, numpy and onnxruntime (fixture models and the inference reference),
+# the pinned libonnxruntime.so, and for the appliance image: the aarch64
+# cross toolchain and Rust target, GRUB's and the file-system tools,
+# qemu-system-aarch64 and its UEFI firmware.
 set -euo pipefail
 
 sudo_cmd=()
@@ -24,12 +27,49 @@ need powerprofilesctl power-profiles-daemon
 # against.
 need fw_printenv libubootenv-tool
 need grub-editenv grub-common
+# The appliance image (image/build.sh) and its QEMU runs.
+need aarch64-linux-gnu-gcc gcc-aarch64-linux-gnu
+need grub-mkimage grub-common
+need mkfs.vfat dosfstools
+need mcopy mtools
+need cpio cpio
+need sfdisk fdisk
+need debugfs e2fsprogs
+need strings binutils
+need socat socat
+need qemu-img qemu-utils
+[ -f /usr/share/AAVMF/AAVMF_CODE.fd ] || missing+=(qemu-efi-aarch64)
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     "${sudo_cmd[@]}" apt-get update -qq
     "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# qemu-system-aarch64 must come from the same release as the machine's
+# qemu-utils: where that is a backport, installing the release's own
+# qemu-system-arm would replace it with an older one.
+if ! command -v qemu-system-aarch64 >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    from=()
+    if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q bpo; then
+        codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+        list=/etc/apt/sources.list.d/${codename}-backports.list
+        if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo "deb http://deb.debian.org/debian ${codename}-backports main" | "${sudo_cmd[@]}" tee "$list" >/dev/null
+        fi
+        from=(-t "${codename}-backports")
+    fi
+    echo "installing: qemu-system-arm ${from[*]}"
+    "${sudo_cmd[@]}" apt-get update -qq
+    "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${from[@]}" qemu-system-arm >/dev/null
+fi
+
+# The aarch64 standard library for the image's cross build.
+if command -v rustup >/dev/null 2>&1; then
+    rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+        || rustup target add aarch64-unknown-linux-gnu
 fi
 
 if ! python3 -c "import onnx, numpy, onnxruntime" 2>/dev/null; then

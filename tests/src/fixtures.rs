@@ -93,6 +93,26 @@ impl Publisher {
         }
     }
 
+    /// The publisher of an existing key directory: `root/`, `models/` and
+    /// `updates/` with one `pocket-publish keygen` secret key each, and the
+    /// `keyring/` they make (what `image/build.sh` writes).
+    pub fn open(dir: &Path) -> Publisher {
+        let secret = |role: &str| {
+            std::fs::read_dir(dir.join(role))
+                .unwrap_or_else(|e| panic!("{}/{role}: {e}", dir.display()))
+                .map(|e| e.unwrap().path())
+                .find(|p| p.extension().is_some_and(|x| x == "secret"))
+                .unwrap_or_else(|| panic!("no secret key in {}/{role}", dir.display()))
+        };
+        Publisher {
+            dir: dir.to_path_buf(),
+            root_key: secret("root"),
+            models_key: secret("models"),
+            updates_key: secret("updates"),
+            keyring_dir: dir.join("keyring"),
+        }
+    }
+
     /// A new key pair in this publisher's key directory: (secret, public).
     pub fn new_key(&self) -> (PathBuf, PathBuf) {
         keygen(&self.dir.join("keys"))
@@ -260,4 +280,37 @@ pub fn reference_outputs(model: &Path, inputs: &serde_json::Value) -> serde_json
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("reference JSON")
+}
+
+/// Seeded pseudo-random f32 data.
+pub fn seeded_data(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Asserts that every output in `want` (a reference from
+/// [`reference_outputs`]) matches `got` (pocketctl run --json) to `tol`.
+pub fn assert_close(got: &serde_json::Value, want: &serde_json::Value, tol: f64) {
+    for (name, w) in want["outputs"].as_object().unwrap() {
+        let g = &got["outputs"][name];
+        assert_eq!(g["dtype"], w["dtype"], "{name}");
+        assert_eq!(g["shape"], w["shape"], "{name}");
+        let (g, w) = (g["data"].as_array().unwrap(), w["data"].as_array().unwrap());
+        assert_eq!(g.len(), w.len(), "{name}");
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            match (a.as_f64(), b.as_f64()) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= tol, "{name}[{i}]: {a} vs {b}"),
+                _ => assert_eq!(a, b, "{name}[{i}]"),
+            }
+        }
+    }
 }

@@ -11,7 +11,10 @@
 //! - [`SimBoard`]: a fake sysfs tree with a plant model for powerd;
 //! - [`UpdateBox`]: file-backed A/B slots and a real bootloader
 //!   environment for otad.
+//! - [`appliance::Appliance`]: the aarch64 appliance image booted under
+//!   `qemu-system-aarch64`, driven through a shell on its virtio console.
 
+pub mod appliance;
 pub mod bench;
 mod bus;
 mod daemon;
@@ -24,7 +27,8 @@ mod world;
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
 pub use fixtures::{
-    onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file, reference_outputs, Publisher,
+    assert_close, onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file,
+    reference_outputs, seeded_data, Publisher,
 };
 pub use http::{HttpServer, Served};
 pub use simboard::{Load, Sample, SimBoard};

@@ -27,21 +27,6 @@ fn world(npud_extra: &str) -> World {
     w
 }
 
-/// Seeded pseudo-random f32 data.
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn run(w: &World, model: &str, inputs: &Value) -> Output {
     let text = inputs.to_string();
     if text.len() < 64 * 1024 {
@@ -58,36 +43,23 @@ fn run(w: &World, model: &str, inputs: &Value) -> Output {
     ])
 }
 
-fn assert_close(got: &Value, want: &Value, tol: f64) {
-    for (name, w) in want["outputs"].as_object().unwrap() {
-        let g = &got["outputs"][name];
-        assert_eq!(g["dtype"], w["dtype"], "{name}");
-        assert_eq!(g["shape"], w["shape"], "{name}");
-        let (g, w) = (g["data"].as_array().unwrap(), w["data"].as_array().unwrap());
-        assert_eq!(g.len(), w.len(), "{name}");
-        for (i, (a, b)) in g.iter().zip(w).enumerate() {
-            match (a.as_f64(), b.as_f64()) {
-                (Some(a), Some(b)) => assert!((a - b).abs() <= tol, "{name}[{i}]: {a} vs {b}"),
-                _ => assert_eq!(a, b, "{name}[{i}]"),
-            }
-        }
-    }
-}
-
 #[test]
 fn outputs_match_the_onnxruntime_reference() {
     let w = world("");
     let fx = onnx_fixtures();
     let cases = [
-        ("mlp", json!({"x": {"shape": [1, 16], "data": data(16, 1)}})),
+        (
+            "mlp",
+            json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
+        ),
         (
             "attention",
-            json!({"x": {"shape": [1, 8, 16], "data": data(128, 2)}}),
+            json!({"x": {"shape": [1, 8, 16], "data": seeded_data(128, 2)}}),
         ),
         // 1.2 MB in and out: both travel in memfds.
         (
             "wide",
-            json!({"x": {"shape": [1, 300000], "data": data(300000, 3)}}),
+            json!({"x": {"shape": [1, 300000], "data": seeded_data(300000, 3)}}),
         ),
         (
             "typed",
@@ -117,7 +89,7 @@ fn outputs_match_the_onnxruntime_reference() {
 #[test]
 fn concurrent_requests_are_served_safely() {
     let w = world("");
-    let inputs = json!({"x": {"shape": [1, 8, 16], "data": data(128, 5)}});
+    let inputs = json!({"x": {"shape": [1, 8, 16], "data": seeded_data(128, 5)}});
     let want = reference_outputs(&onnx_fixtures().join("attention.onnx"), &inputs);
     let children: Vec<_> = (0..8)
         .map(|_| {
@@ -172,7 +144,7 @@ fn providers_are_reported_honestly() {
     let out = run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .ok()
     .json();
@@ -188,7 +160,7 @@ fn providers_are_reported_honestly() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .fails_with("(ProviderUnavailable)");
     w.ctl(&["runtime", "providers"]).ok();
@@ -197,7 +169,7 @@ fn providers_are_reported_honestly() {
 #[test]
 fn bad_requests_are_clear_errors_and_npud_stays_up() {
     let w = world("");
-    let x = data(16, 1);
+    let x = seeded_data(16, 1);
     run(&w, "mlp", &json!({"input": {"shape": [1, 16], "data": x}}))
         .fails_with("model \"mlp\" has no input \"input\" (its inputs: x) (InvalidArgument)");
     run(
@@ -243,7 +215,7 @@ fn corrupt_model_and_missing_library_degrade_without_crashing() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .ok();
 
@@ -258,7 +230,7 @@ fn corrupt_model_and_missing_library_degrade_without_crashing() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .fails_with("ONNX Runtime is not available");
 
@@ -317,7 +289,7 @@ fn removing_a_loaded_model_unloads_it_first() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .ok();
     let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
@@ -339,14 +311,14 @@ fn removing_a_loaded_model_unloads_it_first() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .fails_with("model \"mlp\" is not installed (NotFound)");
     // With npud gone, removal does not depend on it.
     run(
         &w,
         "attention",
-        &json!({"x": {"shape": [1, 8, 16], "data": data(128, 2)}}),
+        &json!({"x": {"shape": [1, 8, 16], "data": seeded_data(128, 2)}}),
     )
     .ok();
     w.npud = None;
@@ -356,21 +328,28 @@ fn removing_a_loaded_model_unloads_it_first() {
 
 #[test]
 fn inference_holds_performance_on_powerd_and_releases_it_when_idle() {
-    let mut w = world("performance_hold_secs = 1");
+    let mut w = world("performance_hold_secs = 2");
     let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    let infer = |w: &World| {
+        run(
+            w,
+            "mlp",
+            &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
+        )
+        .ok();
+    };
+    // npud found no powerd at its first inference; it follows powerd's bus
+    // name and asks again as soon as powerd appears.
+    infer(&w);
     w.start_powerd(board.root(), "");
-    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "balanced");
-    // npud started before powerd: it asks again on the next inference after
-    // its retry interval, so restart it to find powerd at once.
-    w.npud = None;
-    w.start_npud("performance_hold_secs = 1");
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
-    )
-    .ok();
-    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "performance");
+    wait_for(
+        "npud to hold performance",
+        std::time::Duration::from_secs(10),
+        || {
+            infer(&w);
+            (w.ctl(&["power", "get"]).ok().stdout.trim() == "performance").then_some(())
+        },
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let holds = rt.block_on(async {
         let conn = w.bus.connect().await;
@@ -391,6 +370,13 @@ fn inference_holds_performance_on_powerd_and_releases_it_when_idle() {
         String::try_from(holds[0]["ApplicationId"].clone()).unwrap(),
         "org.pocketos.Runtime1"
     );
+    // powerd restarts while npud holds: the new powerd knows no holds and
+    // npud, which saw it go, holds again at its next inference.
+    w.powerd = None;
+    w.start_powerd(board.root(), "");
+    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "balanced");
+    infer(&w);
+    assert_eq!(w.ctl(&["power", "get"]).ok().stdout.trim(), "performance");
     wait_for(
         "the hold to be released when idle",
         std::time::Duration::from_secs(10),
@@ -440,7 +426,7 @@ fn infer_fd_checks_sizes_before_reading() {
     run(
         &w,
         "mlp",
-        &json!({"x": {"shape": [1, 16], "data": data(16, 1)}}),
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
     )
     .ok();
 }

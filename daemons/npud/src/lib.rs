@@ -33,6 +33,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         )?
         .build()
         .await?;
+    tokio::spawn(hold.clone().follow_powerd(conn.clone()));
     let c = conn.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

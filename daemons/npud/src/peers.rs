@@ -101,4 +101,40 @@ impl PerformanceHold {
     pub async fn holding(&self) -> bool {
         self.state.lock().await.cookie.is_some()
     }
+
+    /// Forgets the hold (and a past refusal) because powerd went away or
+    /// restarted: a restarted powerd knows no holds, so the next inference
+    /// asks again.
+    pub async fn powerd_changed(&self) {
+        let mut s = self.state.lock().await;
+        if let Some(cookie) = s.cookie.take() {
+            tracing::debug!(cookie, "powerd changed owner; the hold is gone");
+        }
+        s.last_failure = None;
+    }
+
+    /// Follows the power-profiles bus name for as long as `conn` lives,
+    /// calling [`Self::powerd_changed`] whenever its owner changes.
+    pub async fn follow_powerd(self: std::sync::Arc<Self>, conn: zbus::Connection) {
+        use futures_util::StreamExt;
+        let watch = async {
+            let dbus = zbus::fdo::DBusProxy::new(&conn).await?;
+            dbus.receive_name_owner_changed_with_args(&[(0, POWER_PROFILES)])
+                .await
+        };
+        let mut changes = match watch.await {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::warn!("cannot follow powerd on the bus: {e}");
+                return;
+            }
+        };
+        while changes.next().await.is_some() {
+            self.powerd_changed().await;
+        }
+    }
 }
+
+/// The bus name npud holds profiles on (power-profiles-daemon's, which
+/// powerd owns).
+const POWER_PROFILES: &str = "org.freedesktop.UPower.PowerProfiles";

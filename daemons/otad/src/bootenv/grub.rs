@@ -2,15 +2,23 @@
 //! `load_env`/`save_env` read it: exactly 1024 bytes, a fixed first line,
 //! `name=value` lines, `#` padding.
 //!
-//! GRUB keeps no checksum, so a block must never be torn: a write builds
-//! the whole new block in a file beside it, syncs it and renames it over
-//! the old one, so a power cut leaves the old block or the new one.
+//! GRUB keeps no checksum, so a block must never be torn. An existing
+//! block is updated in place, the way GRUB's `save_env` does it: only its
+//! first 512-byte sector changes (all variables must fit there), written
+//! as one sector and synced, so a power cut leaves the old block or the new
+//! one and the file system's metadata is never touched. That matters on the
+//! FAT of an ESP, where a new file renamed over the old one is not
+//! crash-safe: a power cut after the rename can leave the file pointing at
+//! a cluster the FAT still has free. Only a missing or malformed block is
+//! written whole, beside the old one and renamed over it.
 
 use super::plan::{Step, WritePlan};
 use super::{EnvError, Vars};
 use std::path::{Path, PathBuf};
 
 pub const BLOCK_SIZE: usize = 1024;
+/// What storage writes whole: the part of the block updated in place.
+const SECTOR: usize = 512;
 const SIGNATURE: &str = "# GRUB Environment Block\n";
 
 #[derive(Debug, Clone)]
@@ -36,6 +44,30 @@ impl GrubEnv {
     }
 
     pub fn plan(&self, vars: &Vars) -> Result<WritePlan, EnvError> {
+        let new = encode(vars)?;
+        if let Ok(old) = std::fs::read(&self.path) {
+            if decode(&old).is_some() {
+                if new[SECTOR..] != old[SECTOR..] {
+                    return Err(EnvError::Invalid(format!(
+                        "the GRUB environment needs {} bytes; an update in place holds {}",
+                        BLOCK_SIZE - new.iter().rev().take_while(|&&b| b == b'#').count(),
+                        SECTOR
+                    )));
+                }
+                let mut steps = Vec::new();
+                if new[..SECTOR] != old[..SECTOR] {
+                    steps.push(Step::WriteSector {
+                        path: self.path.clone(),
+                        offset: 0,
+                        bytes: new[..SECTOR].to_vec(),
+                    });
+                    steps.push(Step::Sync {
+                        path: self.path.clone(),
+                    });
+                }
+                return Ok(WritePlan { steps });
+            }
+        }
         let mut name = self.path.file_name().unwrap_or_default().to_os_string();
         name.push(".new");
         let tmp = self.path.with_file_name(name);
@@ -43,7 +75,7 @@ impl GrubEnv {
             steps: vec![
                 Step::Create {
                     path: tmp.clone(),
-                    bytes: encode(vars)?,
+                    bytes: new,
                 },
                 Step::Sync { path: tmp.clone() },
                 Step::Rename {

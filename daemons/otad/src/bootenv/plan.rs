@@ -15,6 +15,14 @@ pub enum Step {
         offset: u64,
         bytes: Vec<u8>,
     },
+    /// Overwrites one sector (512 bytes) of an existing file in place.
+    /// Storage writes a sector whole or not at all (the assumption GRUB's
+    /// own `save_env` makes), so a cut leaves the old sector or the new.
+    WriteSector {
+        path: PathBuf,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
     /// Creates (or truncates) `path` and writes `bytes` into it.
     Create { path: PathBuf, bytes: Vec<u8> },
     /// Flushes a file's data to stable storage.
@@ -35,7 +43,9 @@ impl WritePlan {
         self.steps
             .iter()
             .map(|s| match s {
-                Step::Write { bytes, .. } | Step::Create { bytes, .. } => bytes.len() as u64,
+                Step::Write { bytes, .. }
+                | Step::WriteSector { bytes, .. }
+                | Step::Create { bytes, .. } => bytes.len() as u64,
                 _ => 0,
             })
             .sum()
@@ -63,6 +73,18 @@ impl WritePlan {
                     if n < bytes.len() {
                         return Ok(());
                     }
+                }
+                Step::WriteSector {
+                    path,
+                    offset,
+                    bytes,
+                } => {
+                    if budget < bytes.len() as u64 {
+                        return Ok(());
+                    }
+                    let f = OpenOptions::new().write(true).open(path)?;
+                    f.write_all_at(bytes, *offset)?;
+                    budget -= bytes.len() as u64;
                 }
                 Step::Create { path, bytes } => {
                     let n = (bytes.len() as u64).min(budget) as usize;

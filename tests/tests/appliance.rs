@@ -1,0 +1,366 @@
+//! End to end on the appliance: the aarch64 image from `image/` (`just
+//! image`) booted under `qemu-system-aarch64` (TCG) through UEFI and GRUB,
+//! driven through a shell on its virtio console. The only servers are on
+//! 127.0.0.1 here, reached from the guest through QEMU's forwards
+//! (user networking with restrict=on).
+
+use pocket_tests::appliance::{image_file, Appliance, Host, BOOT_LIMIT};
+use pocket_tests::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+const COMPATIBLE: &str = "pocketos-qemu-aarch64";
+
+fn mlp_inputs() -> Value {
+    json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}})
+}
+
+/// Runs mlp in the guest and checks its outputs against the onnxruntime
+/// reference computed here.
+fn run_mlp(app: &mut Appliance) -> Value {
+    let inputs = mlp_inputs();
+    let got = app.ctl_json(&format!("run mlp --input '{inputs}'"));
+    let want = reference_outputs(&onnx_fixtures().join("mlp.onnx"), &inputs);
+    assert_close(&got, &want, 1e-5);
+    got
+}
+
+fn installed_models(app: &mut Appliance) -> Vec<String> {
+    let list = app.ctl_json("model list");
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|m| m["name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Reads a file in the guest, trimmed.
+fn cat(app: &mut Appliance, path: &str) -> String {
+    app.ok(&format!("cat {path}")).trim().to_string()
+}
+
+/// A fake cpufreq policy and power sensor for the generic board under
+/// /run/fakesys, since QEMU's virt board has neither.
+const FAKE_SYSFS: &str = "r=/run/fakesys; p=$r/devices/system/cpu/cpufreq/policy0; \
+mkdir -p $p $r/class/hwmon/hwmon0 && \
+echo '600000 1200000 1800000' > $p/scaling_available_frequencies && \
+echo 'schedutil performance' > $p/scaling_available_governors && \
+echo schedutil > $p/scaling_governor && echo 1800000 > $p/scaling_max_freq && \
+echo 6000000 > $r/class/hwmon/hwmon0/power1_input && \
+printf 'sysfs_root = \"/run/fakesys\"\\nboard = \"/etc/pocketos/boards/generic.toml\"\\nbudget_watts = 65.0\\nstate_dir = \"/data/powerd-fake\"\\nperiod_ms = 200\\n' > /run/powerd-fake.toml";
+const POLICY: &str = "/run/fakesys/devices/system/cpu/cpufreq/policy0";
+
+fn wait_guest(
+    app: &mut Appliance,
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut(&mut Appliance) -> bool,
+) {
+    let start = Instant::now();
+    while !f(app) {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
+    let h = Host::new();
+    let mut app = Appliance::new();
+    app.serve(&h.http.url());
+    app.power_on();
+
+    // 1. Every daemon on the system bus, the booted slot shown.
+    let status = app.wait_ready();
+    assert_eq!(status["daemons"]["otad"]["booted_slot"], "A", "{status:#}");
+    assert_eq!(status["daemons"]["otad"]["health"], "good", "{status:#}");
+    let text = app.ok("pocketctl status");
+    assert!(text.contains("on slot A"), "{text}");
+
+    // 2. One-command install from the host's signed catalog, then a run
+    // that matches the reference.
+    app.ok("pocketctl model install mlp");
+    assert_eq!(installed_models(&mut app), ["mlp"]);
+    let got = run_mlp(&mut app);
+    assert!(
+        got["provider"].as_str().unwrap_or("").starts_with("cpu"),
+        "{got:#}"
+    );
+    assert!(
+        !h.http.served("mlp-1.0.pack").is_empty(),
+        "the pack came from the host"
+    );
+
+    // 3. Power on the real virt board: no cpufreq or sensors, said so, and
+    // the profile can still be chosen.
+    let p = app.ctl_json("power status");
+    assert!(
+        p["status"].as_str().unwrap_or("").contains("missing"),
+        "powerd should report what the board lacks: {p:#}"
+    );
+    app.ok("pocketctl power set power-saver");
+    assert_eq!(app.ok("pocketctl power get").trim(), "power-saver");
+
+    // ... and against a fake sysfs tree: the profile reaches cpufreq, an
+    // inference holds performance, and the hold ends when npud goes idle.
+    app.ok(FAKE_SYSFS);
+    app.ok("/etc/init.d/S49pocket-powerd stop");
+    app.ok("start-stop-daemon -S -b -x /usr/bin/pocket-powerd -- --config /run/powerd-fake.toml");
+    wait_guest(
+        &mut app,
+        "powerd on the fake tree",
+        Duration::from_secs(60),
+        |a| {
+            a.sh("pocketctl power status --json")
+                .1
+                .contains("\"status\": \"ok\"")
+        },
+    );
+    app.ok("pocketctl power set power-saver");
+    wait_guest(&mut app, "power-saver caps", Duration::from_secs(30), |a| {
+        let max: u64 = cat(a, &format!("{POLICY}/scaling_max_freq"))
+            .parse()
+            .unwrap_or(0);
+        max < 1_800_000 && cat(a, &format!("{POLICY}/scaling_governor")) == "schedutil"
+    });
+    run_mlp(&mut app);
+    wait_guest(
+        &mut app,
+        "npud's performance hold",
+        Duration::from_secs(30),
+        |a| cat(a, &format!("{POLICY}/scaling_governor")) == "performance",
+    );
+    wait_guest(
+        &mut app,
+        "the hold's release",
+        Duration::from_secs(90),
+        |a| cat(a, &format!("{POLICY}/scaling_governor")) == "schedutil",
+    );
+    assert_eq!(app.ok("pocketctl power get").trim(), "power-saver");
+}
+
+/// The image's rootfs with `version` in /etc/pocketos-version and `files`
+/// (path in the rootfs, contents) written in, edited with debugfs.
+fn rootfs_variant(dir: &Path, version: &str, files: &[(&str, String)]) -> PathBuf {
+    let image = dir.join(format!("rootfs-{version}.ext4"));
+    std::fs::copy(image_file("rootfs.ext4"), &image).expect("copy rootfs");
+    let mut cmds = String::new();
+    let mut all = vec![("/etc/pocketos-version", format!("{version}\n"))];
+    all.extend(files.iter().map(|(p, c)| (*p, c.clone())));
+    for (i, (path, contents)) in all.iter().enumerate() {
+        let src = dir.join(format!("file-{version}-{i}"));
+        std::fs::write(&src, contents).unwrap();
+        let (parent, name) = path.rsplit_once('/').unwrap();
+        cmds.push_str(&format!(
+            "cd {}\nrm {name}\nwrite {} {name}\n",
+            if parent.is_empty() { "/" } else { parent },
+            src.display()
+        ));
+    }
+    let script = dir.join(format!("debugfs-{version}"));
+    std::fs::write(&script, cmds).unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-w", "-f"])
+        .arg(&script)
+        .arg(&image)
+        .output()
+        .expect("run debugfs");
+    assert!(out.status.success(), "debugfs: {out:?}");
+    image
+}
+
+fn bundle(h: &Host, version: &str, rootfs: &Path) -> PathBuf {
+    let out = h.site.join(format!("pocketos-{version}.bundle"));
+    pocket_publish::bundle_create(
+        &pocket_publish::BundleArgs {
+            rootfs: rootfs.to_path_buf(),
+            components: Vec::new(),
+            version: version.into(),
+            compatible: COMPATIBLE.into(),
+            security_version: 1,
+            chunk_size: pocket_ota::DEFAULT_CHUNK_SIZE,
+            expires: Some("30d".into()),
+        },
+        std::slice::from_ref(&h.publisher.updates_key),
+        &out,
+        SystemTime::now(),
+    )
+    .expect("bundle");
+    out
+}
+
+fn update_status(app: &mut Appliance) -> Value {
+    app.ctl_json("update status")
+}
+
+fn slot<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["slots"]
+        .as_array()
+        .expect("slots")
+        .iter()
+        .find(|s| s["name"] == name)
+        .expect("the slot")
+}
+
+/// Checks the ESP (the FAT holding grubenv) of the powered-off box with
+/// `fsck.vfat`: after a power cut only its dirty bit may be set.
+fn assert_esp_consistent(app: &Appliance) {
+    let raw = app.dir().join("disk.raw");
+    let ok = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(app.disk())
+        .arg(&raw)
+        .status()
+        .expect("qemu-img")
+        .success();
+    assert!(ok, "qemu-img convert");
+    // The ESP is the first partition, at 1 MiB.
+    let esp = app.dir().join("esp.vfat");
+    let disk = std::fs::read(&raw).unwrap();
+    std::fs::write(&esp, &disk[1 << 20..33 << 20]).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    let out = std::process::Command::new("fsck.vfat")
+        .arg("-n")
+        .arg(&esp)
+        .output()
+        .expect("fsck.vfat (dosfstools)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !(l.starts_with("fsck.fat ")
+                || l.contains("Dirty bit is set")
+                || l.contains("Automatically removing dirty bit")
+                || l.starts_with("Leaving filesystem unchanged")
+                || l.trim().is_empty()
+                || l.contains(" files, "))
+        })
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "the ESP is damaged after the power cut:\n{text}"
+    );
+}
+
+#[test]
+fn updates_switch_slots_fall_back_refuse_tampering_and_resume_after_power_loss() {
+    let h = Host::new();
+    let work = h.tmp.path().join("bundles");
+    std::fs::create_dir_all(&work).unwrap();
+    let v2 = bundle(&h, "0.2.0", &rootfs_variant(&work, "0.2.0", &[]));
+    // v3's health check fails: its smoke test command is `false`.
+    let otad_toml =
+        std::fs::read_to_string(workspace_root().join("image/rootfs/etc/pocketos/otad.toml"))
+            .unwrap();
+    let broken = format!("{otad_toml}command = [\"/bin/false\"]\n");
+    let v3 = bundle(
+        &h,
+        "0.3.0",
+        &rootfs_variant(&work, "0.3.0", &[("/etc/pocketos/otad.toml", broken)]),
+    );
+    let v3_len = std::fs::metadata(&v3).unwrap().len();
+    // One flipped byte in the middle of v2's payload.
+    let mut bytes = std::fs::read(&v2).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(h.site.join("tampered.bundle"), bytes).unwrap();
+
+    let mut app = Appliance::new();
+    app.serve(&h.http.url());
+    app.power_on();
+    app.wait_ready();
+    app.ok("pocketctl model install mlp");
+
+    // A tampered bundle is refused and nothing changes.
+    let (rc, out) = app.sh("pocketctl update install http://10.0.2.100/tampered.bundle");
+    assert_ne!(rc, 0, "{out}");
+    assert!(out.contains("chunk") || out.contains("sha256"), "{out}");
+    let s = update_status(&mut app);
+    assert_eq!(s["primary"], "A", "{s:#}");
+
+    // v2 into slot B, reboot, B runs v2 and is marked good by its health
+    // check.
+    app.ok("pocketctl update install http://10.0.2.100/pocketos-0.2.0.bundle");
+    let s = update_status(&mut app);
+    assert_eq!(s["primary"], "B", "{s:#}");
+    let boots = app.boots();
+    app.send_line("reboot");
+    app.wait_boots(boots + 1);
+    let st = app.wait_ready();
+    assert_eq!(st["daemons"]["otad"]["booted_slot"], "B", "{st:#}");
+    assert_eq!(st["daemons"]["otad"]["system_version"], "0.2.0");
+    assert_eq!(st["daemons"]["otad"]["health"], "good", "{st:#}");
+    assert_eq!(
+        installed_models(&mut app),
+        ["mlp"],
+        "models survive the update"
+    );
+
+    // Power is pulled half-way through installing v3; the box still boots
+    // v2 and the install resumes from its last verified chunk.
+    h.http.throttle(8 << 20);
+    app.ok(
+        "pocketctl update install http://10.0.2.100/pocketos-0.3.0.bundle >/run/install.log 2>&1 &",
+    );
+    wait_for("half of v3 fetched", Duration::from_secs(300), || {
+        let sent: u64 = h
+            .http
+            .served("pocketos-0.3.0.bundle")
+            .iter()
+            .map(|s| s.bytes_sent)
+            .sum();
+        (sent > v3_len / 2).then_some(())
+    });
+    app.kill();
+    assert_esp_consistent(&app);
+    let before = h.http.log().len();
+    h.http.throttle(0);
+    app.power_on();
+    let st = app.wait_ready();
+    assert_eq!(st["daemons"]["otad"]["booted_slot"], "B", "{st:#}");
+    assert_eq!(st["daemons"]["otad"]["health"], "good", "{st:#}");
+    // otad resumes the interrupted install by itself after the boot.
+    wait_guest(&mut app, "the resumed install", BOOT_LIMIT, |a| {
+        let s = update_status(a);
+        s["operation"] == "idle" && s["primary"] == "A"
+    });
+    let s = update_status(&mut app);
+    assert_eq!(slot(&s, "A")["version"], "0.3.0", "{s:#}");
+    let refetched: u64 = h.http.log()[before..]
+        .iter()
+        .filter(|s| s.path.ends_with("pocketos-0.3.0.bundle"))
+        .map(|s| s.bytes_sent)
+        .sum();
+    if refetched >= v3_len {
+        let log = app.sh("cat /var/log/pocket-otad.log").1;
+        panic!(
+            "the resumed install fetched {refetched} of {v3_len} bytes again: {:?}\notad:\n{log}",
+            &h.http.log()[before..]
+        );
+    }
+    eprintln!("resumed after power loss: fetched {refetched} of {v3_len} bytes again");
+
+    // v3 boots from A, fails its health check, and the box goes back to v2
+    // on B by itself.
+    let boots = app.boots();
+    app.send_line("reboot");
+    // v3 comes up, fails its health check and otad reboots it: two boots.
+    app.wait_boots(boots + 2);
+    let lines = app.boot_lines();
+    assert!(lines[boots].contains("0.3.0 up: slot A"), "{lines:?}");
+    assert!(lines[boots + 1].contains("0.2.0 up: slot B"), "{lines:?}");
+    let st = app.wait_ready();
+    assert_eq!(st["daemons"]["otad"]["booted_slot"], "B", "{st:#}");
+    assert_eq!(st["daemons"]["otad"]["system_version"], "0.2.0");
+    let s = update_status(&mut app);
+    assert_eq!(slot(&s, "A")["state"], "bad", "{s:#}");
+    assert_eq!(s["primary"], "B", "{s:#}");
+
+    // Models and state on /data survived all of it.
+    assert_eq!(installed_models(&mut app), ["mlp"]);
+    run_mlp(&mut app);
+}
