@@ -34,7 +34,7 @@ lint:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     if command -v cargo-deny >/dev/null; then cargo deny --log-level error check bans licenses sources; else echo "cargo-deny not installed (cargo install --locked cargo-deny): skipped"; fi
-    shellcheck -x $(git ls-files '*.sh' '.ci/run' 'daemons/*/data/S*' 'crates/pocket-daemon/data/pocket-service' 'image/rootfs/etc/init.d/*')
+    shellcheck -x $(git ls-files '*.sh' '.ci/run' 'daemons/*/data/S*' 'crates/pocket-daemon/data/pocket-service' 'image/rootfs/etc/init.d/*' image/rootfs/etc/udhcpc.script image/initramfs/init)
 
 # The main job: boot the appliance under QEMU, install a model in it with
 # one command from a signed catalog on 127.0.0.1, run it, show power and
@@ -59,6 +59,8 @@ bench: deps
     cargo bench -p pocket-tests --bench infer
     cargo bench -p pocket-tests --bench power
     cargo bench -p pocket-tests --bench update
+    image/build.sh
+    cargo bench -p pocket-tests --bench boot
 
 # Generate the seeded ONNX fixture models into DIR.
 fixtures DIR:

@@ -161,6 +161,17 @@ make_ext4() { # IMAGE SIZE_MB LABEL UUID [DIR]
     rm -f "$1"
     mkfs.ext4 -q -F -L "$3" -U "$4" -E "root_owner=0:0,hash_seed=$4" -m 0 -T default \
         ${5:+-d "$5"} "$1" "$2M"
+    # mke2fs copies each file's ctime, which no one can set: pin it (and
+    # the root's and lost+found's times) to SOURCE_DATE_EPOCH.
+    {
+        if [ -n "${5:-}" ]; then
+            (cd "$5" && find . -mindepth 1) | sed 's|^\.||; s|.*|sif "&" ctime @'"$SOURCE_DATE_EPOCH"'|'
+        fi
+        for f in / /lost+found; do
+            for t in ctime mtime atime crtime; do echo "sif $f $t @$SOURCE_DATE_EPOCH"; done
+        done
+    } >"$work/pin-times"
+    debugfs -w -f "$work/pin-times" "$1" >/dev/null 2>&1
 }
 make_ext4 "$out/rootfs.ext4" "$rootfs_fs_mb" rootfs 8d2a6f0e-0c1b-4d39-9a51-5f0a3a2b7c01 "$rootfs"
 mkdir -p "$work/data"

@@ -2,6 +2,11 @@
 # Boots the PocketOS appliance under qemu-system-aarch64 (TCG, `virt`
 # board) through AAVMF's UEFI and the image's GRUB (`just qemu`).
 #
+# POCKETOS_FIRMWARE=uboot boots Debian's U-Boot (qemu_arm64) instead,
+# with its environment in the second flash (POCKETOS_UBOOT_ENV, 64 MiB, the
+# environment at offset 0, 256 KiB): what a board with U-Boot runs, for
+# the U-Boot environment tests. Its boot script lives in that environment.
+#
 # The serial console is this terminal (Ctrl-A X quits) unless
 # POCKETOS_CONSOLE names a file for it. The guest's network is QEMU's user
 # networking with restrict=on: it reaches nothing but what is forwarded.
@@ -14,6 +19,8 @@
 #   POCKETOS_FORWARDS  forwards for the user network, comma-separated, e.g.
 #                      guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080,hostfwd=tcp:127.0.0.1:8022-:22
 #   POCKETOS_MEMORY    guest memory in MiB (default 1024)
+#   POCKETOS_FIRMWARE  uefi (default) or uboot
+#   POCKETOS_UBOOT_ENV U-Boot's environment flash (default: beside the disk)
 # Extra arguments go to QEMU.
 set -euo pipefail
 
@@ -23,8 +30,22 @@ vars=${POCKETOS_EFIVARS:-${disk%.*}.efivars}
 firmware=/usr/share/AAVMF/AAVMF_CODE.fd
 
 [ -f "$disk" ] || { echo "qemu: no disk image at $disk (run: just image)" >&2; exit 1; }
-[ -f "$firmware" ] || { echo "qemu: no UEFI firmware at $firmware (apt install qemu-efi-aarch64)" >&2; exit 1; }
-[ -f "$vars" ] || cp /usr/share/AAVMF/AAVMF_VARS.fd "$vars"
+if [ "${POCKETOS_FIRMWARE:-uefi}" = uboot ]; then
+    uboot=/usr/lib/u-boot/qemu_arm64/u-boot.bin
+    [ -f "$uboot" ] || { echo "qemu: no U-Boot at $uboot (apt install u-boot-qemu)" >&2; exit 1; }
+    flash0=${disk%.*}.uboot-flash
+    envflash=${POCKETOS_UBOOT_ENV:-${disk%.*}.uboot-env}
+    if [ ! -f "$flash0" ]; then
+        truncate -s 64M "$flash0"
+        dd if="$uboot" of="$flash0" conv=notrunc status=none
+    fi
+    [ -f "$envflash" ] || truncate -s 64M "$envflash"
+    boot=(-drive "if=pflash,format=raw,file=$flash0" -drive "if=pflash,format=raw,file=$envflash")
+else
+    [ -f "$firmware" ] || { echo "qemu: no UEFI firmware at $firmware (apt install qemu-efi-aarch64)" >&2; exit 1; }
+    [ -f "$vars" ] || cp /usr/share/AAVMF/AAVMF_VARS.fd "$vars"
+    boot=(-drive "if=pflash,format=raw,readonly=on,file=$firmware" -drive "if=pflash,format=raw,file=$vars")
+fi
 format=raw
 case "$disk" in *.qcow2) format=qcow2 ;; esac
 
@@ -39,8 +60,7 @@ fi
 
 exec qemu-system-aarch64 \
     -M virt -cpu max,pauth-impdef=on -smp 2 -m "${POCKETOS_MEMORY:-1024}" \
-    -drive "if=pflash,format=raw,readonly=on,file=$firmware" \
-    -drive "if=pflash,format=raw,file=$vars" \
+    "${boot[@]}" \
     -drive "if=none,id=disk,format=$format,file=$disk" \
     -device virtio-blk-device,drive=disk \
     -netdev "user,id=net,restrict=on${POCKETOS_FORWARDS:+,$POCKETOS_FORWARDS}" \

@@ -82,6 +82,8 @@ struct Buffer {
 pub struct Appliance {
     dir: tempfile::TempDir,
     forwards: Vec<String>,
+    /// U-Boot's environment flash, when the box boots through U-Boot.
+    uboot_env: Option<PathBuf>,
     qemu: Option<Child>,
     shell: Option<UnixStream>,
     out: Arc<Buffer>,
@@ -112,6 +114,7 @@ impl Appliance {
         Appliance {
             dir,
             forwards: Vec::new(),
+            uboot_env: None,
             qemu: None,
             shell: None,
             out: Arc::default(),
@@ -133,6 +136,19 @@ impl Appliance {
         ));
     }
 
+    /// Boots through Debian's U-Boot (`qemu_arm64`) instead of UEFI and
+    /// GRUB from the next power-on; returns its environment flash (64 MiB,
+    /// the environment at offset 0), for the caller to write.
+    pub fn use_uboot(&mut self) -> PathBuf {
+        let flash = self.dir.path().join("uboot-env.flash");
+        if !flash.exists() {
+            let f = std::fs::File::create(&flash).expect("create the env flash");
+            f.set_len(64 << 20).expect("size the env flash");
+        }
+        self.uboot_env = Some(flash.clone());
+        flash
+    }
+
     pub fn disk(&self) -> PathBuf {
         self.dir.path().join("disk.qcow2")
     }
@@ -145,7 +161,12 @@ impl Appliance {
         let console = self.console_path(self.boots);
         let control = self.dir.path().join("control.sock");
         let _ = std::fs::remove_file(&control);
-        let child = Command::new(workspace_root().join("image/qemu.sh"))
+        let mut qemu = Command::new(workspace_root().join("image/qemu.sh"));
+        if let Some(env) = &self.uboot_env {
+            qemu.env("POCKETOS_FIRMWARE", "uboot")
+                .env("POCKETOS_UBOOT_ENV", env);
+        }
+        let child = qemu
             .env("POCKETOS_DISK", self.disk())
             .env("POCKETOS_EFIVARS", self.dir.path().join("efivars.fd"))
             .env("POCKETOS_CONSOLE", &console)

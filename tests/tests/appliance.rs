@@ -7,6 +7,7 @@
 use pocket_tests::appliance::{image_file, Appliance, Host, BOOT_LIMIT};
 use pocket_tests::*;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -363,4 +364,115 @@ fn updates_switch_slots_fall_back_refuse_tampering_and_resume_after_power_loss()
     // Models and state on /data survived all of it.
     assert_eq!(installed_models(&mut app), ["mlp"]);
     run_mlp(&mut app);
+}
+
+/// U-Boot's environment on QEMU's `qemu_arm64`: the second flash, offset 0,
+/// 256 KiB, one copy.
+const UBOOT_ENV_SIZE: u64 = 0x40000;
+
+/// RAUC's U-Boot boot logic (the script from RAUC's documentation, with our
+/// partitions): the first slot in BOOT_ORDER with tries left, one try used
+/// and saved before booting it.
+const UBOOT_BOOTCMD: &str = "virtio scan; setenv bootslot; \
+for s in ${BOOT_ORDER}; do if test -z \"${bootslot}\"; then \
+if test \"${s}\" = A && test ${BOOT_A_LEFT} -gt 0; then setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1; setenv bootslot A; setenv bootpart 2; \
+elif test \"${s}\" = B && test ${BOOT_B_LEFT} -gt 0; then setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1; setenv bootslot B; setenv bootpart 3; fi; fi; done; \
+if test -z \"${bootslot}\"; then echo No slot left to try; setenv bootslot A; setenv bootpart 2; fi; \
+saveenv; echo PocketOS U-Boot: booting slot ${bootslot}; \
+if test ${bootslot} = A; then setenv bootlabel rootfs-a; else setenv bootlabel rootfs-b; fi; \
+setenv bootargs console=ttyAMA0 loglevel=4 panic=5 pocketos.root=${bootlabel} pocketos.slot=${bootslot} rauc.slot=${bootslot}; \
+load virtio 0:${bootpart} ${kernel_addr_r} /boot/vmlinuz; \
+load virtio 0:${bootpart} ${ramdisk_addr_r} /boot/initrd.img; \
+booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}";
+
+fn fw_printenv(cfg: &Path) -> BTreeMap<String, String> {
+    let out = std::process::Command::new("fw_printenv")
+        .arg("-c")
+        .arg(cfg)
+        .output()
+        .expect("fw_printenv (libubootenv-tool)");
+    assert!(out.status.success(), "fw_printenv: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Powers the box on, checks which slot the kernel was told it booted,
+/// and powers it off again.
+fn boot_once(app: &mut Appliance) -> String {
+    app.power_on();
+    let cmdline = app.ok("cat /proc/cmdline");
+    app.kill();
+    cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("pocketos.slot="))
+        .expect("pocketos.slot= on the command line")
+        .to_string()
+}
+
+#[test]
+fn real_u_boot_boots_the_slots_that_otads_environment_writer_chose() {
+    use pocket_otad::bootenv::uboot::{EnvCopy, UBootEnv};
+    use pocket_otad::bootenv::BootEnv;
+    let mut app = Appliance::new();
+    let flash = app.use_uboot();
+    let env = BootEnv::UBoot {
+        env: UBootEnv::single(&EnvCopy {
+            path: flash.clone(),
+            offset: 0,
+            size: UBOOT_ENV_SIZE,
+        })
+        .unwrap(),
+        max_tries: 3,
+    };
+    let cfg = app.dir().join("fw_env.config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{} 0x0 {UBOOT_ENV_SIZE:#x} {UBOOT_ENV_SIZE:#x}\n",
+            flash.display()
+        ),
+    )
+    .unwrap();
+    let slots = ["A".to_string(), "B".to_string()];
+
+    // A fresh box: U-Boot's own settings, the boot script, A primary and
+    // B not bootable, written by otad's U-Boot backend.
+    let mut vars: BTreeMap<String, String> = [
+        ("bootdelay", "0"),
+        ("kernel_addr_r", "0x40400000"),
+        ("ramdisk_addr_r", "0x44000000"),
+        ("bootcmd", UBOOT_BOOTCMD),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    vars = env.with_primary(&env.with_good(&vars, "A"), &slots, "A");
+    vars = env.with_bad(&vars, "B");
+    env.plan(&vars).unwrap().apply().unwrap();
+    assert_eq!(fw_printenv(&cfg)["BOOT_ORDER"], "A B");
+
+    // U-Boot boots A and saves the try it used; ours and fw_printenv read it.
+    assert_eq!(boot_once(&mut app), "A", "{}", app.console_tail(20));
+    let seen = env.read().expect("U-Boot's saveenv is readable");
+    assert_eq!(seen["BOOT_A_LEFT"], "2", "{seen:?}");
+    assert_eq!(fw_printenv(&cfg)["BOOT_A_LEFT"], "2");
+
+    // otad's writer makes B primary: U-Boot boots B.
+    let vars = env.with_primary(&seen, &slots, "B");
+    env.plan(&vars).unwrap().apply().unwrap();
+    assert_eq!(boot_once(&mut app), "B", "{}", app.console_tail(20));
+    let seen = env.read().unwrap();
+    assert_eq!(seen["BOOT_ORDER"], "B A");
+    assert_eq!(seen["BOOT_B_LEFT"], "2", "{seen:?}");
+
+    // B marked bad: U-Boot falls back to A.
+    env.plan(&env.with_bad(&seen, "B"))
+        .unwrap()
+        .apply()
+        .unwrap();
+    assert_eq!(boot_once(&mut app), "A", "{}", app.console_tail(20));
+    assert!(app.console().contains("PocketOS U-Boot: booting slot A"));
 }

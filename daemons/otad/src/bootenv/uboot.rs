@@ -8,6 +8,12 @@
 //! The copy with a valid CRC and the newer flags counter wins (255 wraps to
 //! 0). A write goes to the other copy with the counter raised, so a power
 //! cut in the middle of it leaves a bad CRC there and the old copy in force.
+//!
+//! A U-Boot built without a redundant environment (QEMU's `qemu_arm64`, in
+//! pflash) keeps one copy with no flags byte: `crc32 | data`. [`UBootEnv::single`]
+//! reads and writes that format for such boards' tooling; a power cut
+//! during its write loses the environment, so otad's configuration insists
+//! on two copies.
 
 use super::plan::{Step, WritePlan};
 use super::{EnvError, Vars};
@@ -26,10 +32,12 @@ pub struct EnvCopy {
 }
 
 const HEADER: usize = 5;
+const SINGLE_HEADER: usize = 4;
 
 #[derive(Debug, Clone)]
 pub struct UBootEnv {
-    copies: [EnvCopy; 2],
+    /// Two copies (redundant), or one (no flags byte).
+    copies: Vec<EnvCopy>,
 }
 
 /// The copy in force and its contents.
@@ -44,7 +52,7 @@ impl UBootEnv {
     pub fn new(copies: &[EnvCopy]) -> Result<Self, EnvError> {
         match copies {
             [a, b] if a.size == b.size && a.size > HEADER as u64 + 2 => Ok(UBootEnv {
-                copies: [a.clone(), b.clone()],
+                copies: vec![a.clone(), b.clone()],
             }),
             _ => Err(EnvError::Config(
                 "the U-Boot environment needs two copies of the same size (redundant \
@@ -54,16 +62,44 @@ impl UBootEnv {
         }
     }
 
+    /// A single, non-redundant environment (`crc32 | data`).
+    pub fn single(copy: &EnvCopy) -> Result<Self, EnvError> {
+        if copy.size <= SINGLE_HEADER as u64 + 2 {
+            return Err(EnvError::Config(
+                "the U-Boot environment is too small".into(),
+            ));
+        }
+        Ok(UBootEnv {
+            copies: vec![copy.clone()],
+        })
+    }
+
     fn read_copy(&self, i: usize) -> Result<Option<(u8, Vars)>, EnvError> {
         let c = &self.copies[i];
         let f = std::fs::File::open(&c.path).map_err(|e| EnvError::io(&c.path, e))?;
         let mut buf = vec![0u8; c.size as usize];
         f.read_exact_at(&mut buf, c.offset)
             .map_err(|e| EnvError::io(&c.path, e))?;
+        if self.copies.len() == 1 {
+            return Ok(decode_single(&buf).map(|vars| (0, vars)));
+        }
         Ok(decode_copy(&buf))
     }
 
     fn current(&self) -> Result<Current, EnvError> {
+        if self.copies.len() == 1 {
+            let Some((flags, vars)) = self.read_copy(0)? else {
+                return Err(EnvError::Corrupt(format!(
+                    "the U-Boot environment in {} has no valid CRC",
+                    self.copies[0].path.display()
+                )));
+            };
+            return Ok(Current {
+                index: 0,
+                flags,
+                vars,
+            });
+        }
         let a = self.read_copy(0)?;
         let b = self.read_copy(1)?;
         let pick = |index: usize, (flags, vars): (u8, Vars)| Current { index, flags, vars };
@@ -100,12 +136,19 @@ impl UBootEnv {
     /// with the next counter, then a sync.
     pub fn plan(&self, vars: &Vars) -> Result<WritePlan, EnvError> {
         let (target, flags) = match self.current() {
-            Ok(cur) => (1 - cur.index, cur.flags.wrapping_add(1)),
+            Ok(cur) => (
+                (cur.index + 1) % self.copies.len(),
+                cur.flags.wrapping_add(1),
+            ),
             Err(EnvError::Corrupt(_)) => (0, 1),
             Err(e) => return Err(e),
         };
         let c = &self.copies[target];
-        let bytes = encode_copy(vars, flags, c.size as usize)?;
+        let bytes = if self.copies.len() == 1 {
+            encode_single(vars, c.size as usize)?
+        } else {
+            encode_copy(vars, flags, c.size as usize)?
+        };
         Ok(WritePlan {
             steps: vec![
                 Step::Write {
@@ -126,9 +169,22 @@ pub fn decode_copy(buf: &[u8]) -> Option<(u8, Vars)> {
     if buf.len() < HEADER {
         return None;
     }
-    let crc = u32::from_le_bytes(buf[..4].try_into().ok()?);
-    let data = &buf[HEADER..];
-    if crc32(data) != crc {
+    Some((
+        buf[4],
+        decode_data(buf[..4].try_into().ok()?, &buf[HEADER..])?,
+    ))
+}
+
+/// Parses a single environment (no flags byte).
+pub fn decode_single(buf: &[u8]) -> Option<Vars> {
+    if buf.len() < SINGLE_HEADER {
+        return None;
+    }
+    decode_data(buf[..4].try_into().ok()?, &buf[SINGLE_HEADER..])
+}
+
+fn decode_data(crc: [u8; 4], data: &[u8]) -> Option<Vars> {
+    if crc32(data) != u32::from_le_bytes(crc) {
         return None;
     }
     let mut vars = Vars::new();
@@ -141,7 +197,14 @@ pub fn decode_copy(buf: &[u8]) -> Option<(u8, Vars)> {
             vars.insert(k.to_string(), v.to_string());
         }
     }
-    Some((buf[4], vars))
+    Some(vars)
+}
+
+/// Serialises a single environment of `size` bytes.
+pub fn encode_single(vars: &Vars, size: usize) -> Result<Vec<u8>, EnvError> {
+    let mut out = encode_copy(vars, 0, size + 1)?;
+    out.remove(4);
+    Ok(out)
 }
 
 /// Serialises one redundant copy of `size` bytes.
