@@ -555,22 +555,21 @@ impl Engine {
     }
 
     fn finish(&self, job: &Job, result: Result<(), ModelError>) {
-        let outcome = match result {
-            Ok(()) => {
-                job.set_phase(phase::DONE);
-                Ok(())
-            }
+        let (outcome, terminal) = match result {
+            Ok(()) => (Ok(()), phase::DONE),
             Err(e) => {
                 tracing::warn!(job = job.id, model = %job.name(), "install failed: {e}");
-                job.set_phase(phase::FAILED);
-                Err((e.name().to_string(), e.to_string()))
+                (Err((e.name().to_string(), e.to_string())), phase::FAILED)
             }
         };
         self.jobs
             .lock()
             .expect("not poisoned")
             .retain(|_, j| j.id != job.id);
+        // The outcome before the terminal phase: a client that sees the
+        // phase reads the error right after it.
         job.outcome.send_replace(Some(outcome));
+        job.set_phase(terminal);
     }
 
     fn active_partials(&self) -> Vec<PathBuf> {

@@ -103,9 +103,11 @@ impl Job {
             Ok(()) => pocket_proto::update::phase::DONE,
             Err(_) => pocket_proto::update::phase::FAILED,
         };
-        self.set_phase(phase);
+        // The outcome first: a client that sees the terminal phase reads
+        // the error right after it.
         let outcome = result.map_err(|e| (e.name().to_string(), e.to_string()));
         self.outcome.send_replace(Some(outcome));
+        self.set_phase(phase);
     }
 }
 
