@@ -44,7 +44,9 @@ if [ "${POCKETOS_FIRMWARE:-uefi}" = uboot ]; then
 else
     [ -f "$firmware" ] || { echo "qemu: no UEFI firmware at $firmware (apt install qemu-efi-aarch64)" >&2; exit 1; }
     [ -f "$vars" ] || cp /usr/share/AAVMF/AAVMF_VARS.fd "$vars"
-    boot=(-drive "if=pflash,format=raw,readonly=on,file=$firmware" -drive "if=pflash,format=raw,file=$vars")
+    # splash-time=0: the firmware's boot-manager timeout (5 s otherwise).
+    boot=(-drive "if=pflash,format=raw,readonly=on,file=$firmware" -drive "if=pflash,format=raw,file=$vars"
+        -boot "menu=on,splash-time=0")
 fi
 format=raw
 case "$disk" in *.qcow2) format=qcow2 ;; esac
