@@ -344,7 +344,13 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 }
                 (None, None) => bail!("name a model or give --file"),
             };
-            let job = JobProxy::builder(conn).path(path.clone())?.build().await?;
+            let job = JobProxy::builder(conn)
+                .path(path.clone())?
+                // Read each property fresh: a cached error could lag behind
+                // the phase that says the job failed.
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((

@@ -116,6 +116,9 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
             let path = u.install(&source).await?;
             let job = UpdateJobProxy::builder(conn)
                 .path(path.clone())?
+                // Read each property fresh: a cached error could lag behind
+                // the phase that says the job failed.
+                .cache_properties(zbus::proxy::CacheProperties::No)
                 .build()
                 .await?;
             let signals = finished.filter_map(|sig| async move {

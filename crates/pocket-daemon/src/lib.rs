@@ -36,3 +36,22 @@ pub async fn shutdown_signal() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Asks the kernel to start writing `len` bytes at `offset` of `file` (all
+/// of it when `len` is 0) to disk now, without waiting, so that a later
+/// fsync has only the tail left and the writer is not held up by one long
+/// flush. Failure is harmless: the fsync that follows is what is checked.
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    #[allow(unsafe_code)]
+    // SAFETY: sync_file_range only reads its integer arguments; the fd is
+    // open for the duration of the call because `file` is borrowed.
+    let _ = unsafe {
+        nix::libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as nix::libc::off64_t,
+            len as nix::libc::off64_t,
+            nix::libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}

@@ -76,20 +76,6 @@ pub fn mem_total(meminfo: &Path) -> Option<u64> {
 /// Bytes written between two starts of background writeback.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-/// Asks the kernel to start writing the file's dirty pages to disk now,
-/// without waiting, so that the fsync before publishing has only the tail
-/// left (the download is not held up by one long fsync at the end).
-/// Failure is harmless: the fsync that follows is what is checked.
-fn start_writeback(file: &File) {
-    use std::os::fd::AsRawFd;
-    #[allow(unsafe_code)]
-    // SAFETY: sync_file_range only reads its integer arguments; the fd is
-    // open for the duration of the call because `file` is borrowed.
-    let _ = unsafe {
-        nix::libc::sync_file_range(file.as_raw_fd(), 0, 0, nix::libc::SYNC_FILE_RANGE_WRITE)
-    };
-}
-
 struct Current {
     /// Bytes written since writeback was last started.
     unsynced: u64,
@@ -305,7 +291,7 @@ impl PackWriter {
                 cur.unsynced += take as u64;
                 if cur.unsynced >= WRITEBACK_EVERY {
                     cur.unsynced = 0;
-                    start_writeback(out.get_ref());
+                    pocket_daemon::start_writeback(out.get_ref(), 0, 0);
                 }
             }
             self.advance(&mut data, take);

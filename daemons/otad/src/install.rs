@@ -225,6 +225,9 @@ impl Stream<'_> {
             };
             pocket_ota::check_chunk(p, idx, &buf)?;
             dev.write_all_at(&buf, idx * m.chunk_size).map_err(wio)?;
+            // Writeback starts now, so a checkpoint's sync (and the last
+            // one) waits only for what is still in flight.
+            pocket_daemon::start_writeback(dev, idx * m.chunk_size, buf.len() as u64);
             self.job.done.fetch_add(buf.len() as u64, Ordering::Relaxed);
             let mut pr = progress.lock().expect("progress");
             pr.finished.insert(idx);

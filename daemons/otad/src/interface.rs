@@ -345,17 +345,24 @@ async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> 
     let mut outcome = job.outcome();
     let (mut last_done, mut last_phase) = (u64::MAX, "");
     loop {
+        // The phase before the outcome: a job sets its outcome first, so a
+        // terminal phase read here always comes with its outcome.
+        let phase = job.phase();
         let finished = outcome.borrow().clone();
         let emitter = iface.signal_emitter();
         let obj = iface.get().await;
+        if finished.is_some() {
+            obj.error_name_changed(emitter).await?;
+            obj.error_message_changed(emitter).await?;
+        }
         let done = job.done.load(Ordering::Relaxed);
         if done != last_done {
             obj.bytes_done_changed(emitter).await?;
             obj.eta_seconds_changed(emitter).await?;
             last_done = done;
         }
-        if job.phase() != last_phase {
-            last_phase = job.phase();
+        if phase != last_phase {
+            last_phase = phase;
             obj.phase_changed(emitter).await?;
             obj.version_changed(emitter).await?;
             obj.slot_changed(emitter).await?;
@@ -366,10 +373,6 @@ async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> 
             drop(obj);
         }
         if let Some(result) = finished {
-            let obj = iface.get().await;
-            obj.error_name_changed(emitter).await?;
-            obj.error_message_changed(emitter).await?;
-            drop(obj);
             let (ok, en, em) = match result {
                 Ok(()) => (true, String::new(), String::new()),
                 Err((n, m)) => (false, format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),
