@@ -187,11 +187,12 @@ grub-mkimage -O arm64-efi -d "$work/grub/usr/lib/grub/arm64-efi" \
     part_gpt fat ext2 normal linux boot configfile loadenv test echo sleep reboot halt
 grub-editenv "$work/grubenv" create
 grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
-touch -d "@$SOURCE_DATE_EPOCH" "$work/BOOTAA64.EFI" "$work/grubenv" image/grub.cfg
+cp image/grub.cfg "$work/grub.cfg"
+touch -d "@$SOURCE_DATE_EPOCH" "$work/BOOTAA64.EFI" "$work/grubenv" "$work/grub.cfg"
 export MTOOLS_SKIP_CHECK=1
 mmd -i "$esp" ::EFI ::EFI/BOOT ::EFI/pocketos
 mcopy -m -i "$esp" "$work/BOOTAA64.EFI" ::EFI/BOOT/BOOTAA64.EFI
-mcopy -m -i "$esp" image/grub.cfg ::EFI/pocketos/grub.cfg
+mcopy -m -i "$esp" "$work/grub.cfg" ::EFI/pocketos/grub.cfg
 mcopy -m -i "$esp" "$work/grubenv" ::EFI/pocketos/grubenv
 
 step "disk image"

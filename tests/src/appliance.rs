@@ -233,10 +233,7 @@ impl Appliance {
     /// How many boots since power-on reached the end of rcS (the console's
     /// "PocketOS VERSION up: slot X" lines).
     pub fn boots(&self) -> usize {
-        self.console()
-            .lines()
-            .filter(|l| l.starts_with("PocketOS ") && l.contains(" up: slot "))
-            .count()
+        self.boot_lines().len()
     }
 
     /// The console's boot lines, in order.

@@ -32,7 +32,9 @@ pub use fixtures::{
 };
 pub use http::{HttpServer, Served};
 pub use simboard::{Load, Sample, SimBoard};
-pub use updatebox::{BundleFiles, Loader, UpdateBox, COMPATIBLE};
+pub use updatebox::{
+    fw_printenv, grub_editenv_list, tool, BundleFiles, Loader, UpdateBox, COMPATIBLE,
+};
 pub use world::World;
 
 use std::path::PathBuf;

@@ -28,7 +28,8 @@ pub struct UpdateBox {
     pub otad: Option<Daemon>,
 }
 
-fn run(cmd: &mut Command) -> String {
+/// Runs a real tool, insists that it succeeds, and returns its stdout.
+pub fn tool(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -36,6 +37,24 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `name=value` lines, as `fw_printenv` and `grub-editenv list` print them.
+fn parse_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The U-Boot environment as the real `fw_printenv -c CONFIG` reads it.
+pub fn fw_printenv(config: &Path) -> BTreeMap<String, String> {
+    parse_env(&tool(Command::new("fw_printenv").arg("-c").arg(config)))
+}
+
+/// A GRUB environment block as the real `grub-editenv FILE list` reads it.
+pub fn grub_editenv_list(file: &Path) -> BTreeMap<String, String> {
+    parse_env(&tool(Command::new("grub-editenv").arg(file).arg("list")))
 }
 
 impl UpdateBox {
@@ -70,12 +89,14 @@ impl UpdateBox {
                 let defaults = dir.join("uboot-default-env");
                 std::fs::write(&defaults, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\n")
                     .unwrap();
-                run(Command::new("fw_setenv")
-                    .arg("-c")
-                    .arg(b.fw_config())
-                    .arg("-f")
-                    .arg(&defaults)
-                    .args(["bootcmd", "run pocketos_boot"]));
+                tool(
+                    Command::new("fw_setenv")
+                        .arg("-c")
+                        .arg(b.fw_config())
+                        .arg("-f")
+                        .arg(&defaults)
+                        .args(["bootcmd", "run pocketos_boot"]),
+                );
                 format!(
                     "[bootloader]\nbackend = \"uboot\"\nmax_tries = 3\nenv = [\n  {{ path = \"{e}\", offset = 0, size = {s} }},\n  {{ path = \"{e}\", offset = {s}, size = {s} }},\n]\n",
                     e = b.uboot_env().display(),
@@ -83,8 +104,8 @@ impl UpdateBox {
                 )
             }
             Loader::Grub => {
-                run(Command::new("grub-editenv").arg(b.grubenv()).arg("create"));
-                run(Command::new("grub-editenv").arg(b.grubenv()).args([
+                tool(Command::new("grub-editenv").arg(b.grubenv()).arg("create"));
+                tool(Command::new("grub-editenv").arg(b.grubenv()).args([
                     "set",
                     "ORDER=A B",
                     "A_OK=1",
@@ -160,14 +181,10 @@ impl UpdateBox {
 
     /// The environment as the real tool prints it.
     pub fn env(&self) -> BTreeMap<String, String> {
-        let text = match self.loader {
-            Loader::UBoot => run(Command::new("fw_printenv").arg("-c").arg(self.fw_config())),
-            Loader::Grub => run(Command::new("grub-editenv").arg(self.grubenv()).arg("list")),
-        };
-        text.lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        match self.loader {
+            Loader::UBoot => fw_printenv(&self.fw_config()),
+            Loader::Grub => grub_editenv_list(&self.grubenv()),
+        }
     }
 
     /// Sets variables with the real tool.
@@ -175,10 +192,12 @@ impl UpdateBox {
         match self.loader {
             Loader::UBoot => {
                 for (k, v) in vars {
-                    run(Command::new("fw_setenv")
-                        .arg("-c")
-                        .arg(self.fw_config())
-                        .args([k, v]));
+                    tool(
+                        Command::new("fw_setenv")
+                            .arg("-c")
+                            .arg(self.fw_config())
+                            .args([k, v]),
+                    );
                 }
             }
             Loader::Grub => {
@@ -187,7 +206,7 @@ impl UpdateBox {
                 for (k, v) in vars {
                     c.arg(format!("{k}={v}"));
                 }
-                run(&mut c);
+                tool(&mut c);
             }
         }
     }

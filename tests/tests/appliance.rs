@@ -385,20 +385,6 @@ load virtio 0:${bootpart} ${kernel_addr_r} /boot/vmlinuz; \
 load virtio 0:${bootpart} ${ramdisk_addr_r} /boot/initrd.img; \
 booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}";
 
-fn fw_printenv(cfg: &Path) -> BTreeMap<String, String> {
-    let out = std::process::Command::new("fw_printenv")
-        .arg("-c")
-        .arg(cfg)
-        .output()
-        .expect("fw_printenv (libubootenv-tool)");
-    assert!(out.status.success(), "fw_printenv: {out:?}");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// Powers the box on, checks which slot the kernel was told it booted,
 /// and powers it off again.
 fn boot_once(app: &mut Appliance) -> String {

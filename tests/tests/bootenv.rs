@@ -5,28 +5,12 @@
 use pocket_otad::bootenv::grub::GrubEnv;
 use pocket_otad::bootenv::uboot::{EnvCopy, UBootEnv};
 use pocket_otad::bootenv::{BootEnv, Vars};
+use pocket_tests::{fw_printenv, grub_editenv_list, tool};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const SIZE: u64 = 0x2000;
-
-fn tool(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn parse(text: &str) -> Vars {
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 fn uboot(dir: &Path) -> (BootEnv, PathBuf) {
     let file = dir.join("uboot.env");
@@ -52,10 +36,6 @@ fn uboot(dir: &Path) -> (BootEnv, PathBuf) {
     (env, cfg)
 }
 
-fn fw_printenv(cfg: &Path) -> Vars {
-    parse(&tool(Command::new("fw_printenv").arg("-c").arg(cfg)))
-}
-
 fn grub(dir: &Path) -> (BootEnv, PathBuf) {
     let file = dir.join("grubenv");
     tool(Command::new("grub-editenv").arg(&file).arg("create"));
@@ -65,10 +45,6 @@ fn grub(dir: &Path) -> (BootEnv, PathBuf) {
         },
         file,
     )
-}
-
-fn grub_list(file: &Path) -> Vars {
-    parse(&tool(Command::new("grub-editenv").arg(file).arg("list")))
 }
 
 fn vars(pairs: &[(&str, &str)]) -> Vars {
@@ -141,7 +117,7 @@ fn grub_env_reads_and_writes_like_grub_editenv() {
         ("B_TRY", "0"),
     ]);
     env.plan(&ours).unwrap().apply().unwrap();
-    assert_eq!(grub_list(&file), ours);
+    assert_eq!(grub_editenv_list(&file), ours);
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 1024);
     tool(
         Command::new("grub-editenv")
@@ -217,5 +193,5 @@ fn torn_grub_env_writes_keep_a_good_primary() {
     let dir = tempfile::tempdir().unwrap();
     let (env, file) = grub(dir.path());
     let tmp = dir.path().join("grubenv.new");
-    tear_every_byte(&env, &[file.clone(), tmp], || grub_list(&file));
+    tear_every_byte(&env, &[file.clone(), tmp], || grub_editenv_list(&file));
 }

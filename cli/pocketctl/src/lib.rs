@@ -344,13 +344,7 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 }
                 (None, None) => bail!("name a model or give --file"),
             };
-            let job = JobProxy::builder(conn)
-                .path(path.clone())?
-                // Read each property fresh: a cached error could lag behind
-                // the phase that says the job failed.
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await?;
+            let job: JobProxy = jobs::job_proxy(conn, &path).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((

@@ -114,13 +114,7 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
             };
             let finished = u.receive_install_finished().await?;
             let path = u.install(&source).await?;
-            let job = UpdateJobProxy::builder(conn)
-                .path(path.clone())?
-                // Read each property fresh: a cached error could lag behind
-                // the phase that says the job failed.
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await?;
+            let job: UpdateJobProxy = crate::jobs::job_proxy(conn, &path).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((
