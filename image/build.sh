@@ -59,16 +59,7 @@ step "Debian arm64 packages"
 image/fetch-debs.sh "$out/debs"
 
 step "the keys the image trusts ($keys)"
-if [ ! -d "$keys/keyring" ]; then
-    for role in root models updates; do
-        mkdir -p "$keys/$role"
-        "$publish" keygen --out "$keys/$role" >/dev/null 2>&1
-    done
-    "$publish" keyring create \
-        --root "$keys"/root/*.pub --models "$keys"/models/*.pub \
-        --updates "$keys"/updates/*.pub --key "$keys"/root/*.secret \
-        --out "$keys/keyring"
-fi
+image/make-keys.sh "$keys" "$publish"
 
 step "root file system"
 rootfs=$work/rootfs

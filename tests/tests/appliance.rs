@@ -370,20 +370,14 @@ fn updates_switch_slots_fall_back_refuse_tampering_and_resume_after_power_loss()
 /// 256 KiB, one copy.
 const UBOOT_ENV_SIZE: u64 = 0x40000;
 
-/// RAUC's U-Boot boot logic (the script from RAUC's documentation, with our
-/// partitions): the first slot in BOOT_ORDER with tries left, one try used
-/// and saved before booting it.
-const UBOOT_BOOTCMD: &str = "virtio scan; setenv bootslot; \
-for s in ${BOOT_ORDER}; do if test -z \"${bootslot}\"; then \
-if test \"${s}\" = A && test ${BOOT_A_LEFT} -gt 0; then setexpr BOOT_A_LEFT ${BOOT_A_LEFT} - 1; setenv bootslot A; setenv bootpart 2; \
-elif test \"${s}\" = B && test ${BOOT_B_LEFT} -gt 0; then setexpr BOOT_B_LEFT ${BOOT_B_LEFT} - 1; setenv bootslot B; setenv bootpart 3; fi; fi; done; \
-if test -z \"${bootslot}\"; then echo No slot left to try; setenv bootslot A; setenv bootpart 2; fi; \
-saveenv; echo PocketOS U-Boot: booting slot ${bootslot}; \
-if test ${bootslot} = A; then setenv bootlabel rootfs-a; else setenv bootlabel rootfs-b; fi; \
-setenv bootargs console=ttyAMA0 loglevel=4 panic=5 pocketos.root=${bootlabel} pocketos.slot=${bootslot} rauc.slot=${bootslot}; \
-load virtio 0:${bootpart} ${kernel_addr_r} /boot/vmlinuz; \
-load virtio 0:${bootpart} ${ramdisk_addr_r} /boot/initrd.img; \
-booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}";
+/// The image's U-Boot boot script (RAUC's scheme, `image/boot.cmd`, which
+/// Buildroot's board images run as boot.scr), run as U-Boot's `bootcmd`
+/// after the virtio disk is found.
+fn uboot_bootcmd() -> String {
+    let script = pocket_tests::workspace_root().join("image/boot.cmd");
+    let script = std::fs::read_to_string(&script).expect("image/boot.cmd");
+    format!("virtio scan\n{script}")
+}
 
 /// Powers the box on, checks which slot the kernel was told it booted,
 /// and powers it off again.
@@ -430,7 +424,10 @@ fn real_u_boot_boots_the_slots_that_otads_environment_writer_chose() {
         ("bootdelay", "0"),
         ("kernel_addr_r", "0x40400000"),
         ("ramdisk_addr_r", "0x44000000"),
-        ("bootcmd", UBOOT_BOOTCMD),
+        ("devtype", "virtio"),
+        ("devnum", "0"),
+        ("pocketos_console", "console=ttyAMA0"),
+        ("bootcmd", uboot_bootcmd().as_str()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
