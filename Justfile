@@ -16,7 +16,8 @@ deps:
 build:
     cargo build --workspace --bins
 
-# fmt, clippy -D warnings, cargo deny, shellcheck; then every test: against
+# fmt, clippy -D warnings, cargo deny, shellcheck, the Buildroot tree's
+# checks (with Buildroot's own when BUILDROOT_DIR is set); then every test: against
 # a private dbus-daemon, the real daemons and a 127.0.0.1 HTTP server, and
 # end to end on the appliance image under qemu-system-aarch64.
 test: deps lint build image
@@ -35,6 +36,7 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     if command -v cargo-deny >/dev/null; then cargo deny --log-level error check bans licenses sources; else echo "cargo-deny not installed (cargo install --locked cargo-deny): skipped"; fi
     shellcheck -x $(git ls-files '*.sh' '.ci/run' 'daemons/*/data/S*' 'crates/pocket-daemon/data/pocket-service' 'image/rootfs/etc/init.d/*' image/rootfs/etc/udhcpc.script image/initramfs/init)
+    buildroot/check.sh
 
 # The main job: boot the appliance under QEMU, install a model in it with
 # one command from a signed catalog on 127.0.0.1, run it, show power and

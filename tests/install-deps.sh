@@ -5,7 +5,8 @@
 # onnx, numpy and onnxruntime (fixture models and the inference reference),
 # the pinned libonnxruntime.so, and for the appliance image: the aarch64
 # cross toolchain and Rust target, GRUB's and the file-system tools,
-# qemu-system-aarch64 and its UEFI firmware.
+# qemu-system-aarch64 and its UEFI firmware; genimage and mkimage for the
+# Buildroot tree's image step.
 set -euo pipefail
 
 sudo_cmd=()
@@ -37,6 +38,9 @@ need sfdisk fdisk
 need debugfs e2fsprogs
 need strings binutils
 need socat socat
+# The Buildroot tree's image step (tests/tests/buildroot.rs).
+need genimage genimage
+need mkimage u-boot-tools
 need qemu-img qemu-utils
 [ -f /usr/share/AAVMF/AAVMF_CODE.fd ] || missing+=(qemu-efi-aarch64)
 [ -f /usr/lib/u-boot/qemu_arm64/u-boot.bin ] || missing+=(u-boot-qemu)

@@ -18,9 +18,13 @@ use std::time::{Duration, Instant};
 /// TCG on a loaded 2-core machine.
 pub const BOOT_LIMIT: Duration = Duration::from_secs(300);
 
-/// Where `just image` puts the image.
+/// The image the appliance tests boot: `POCKETOS_IMAGE_DIR` (for example
+/// a Buildroot build's `output/images`), else where `just image` puts it.
 pub fn image_dir() -> PathBuf {
-    workspace_root().join("target/image")
+    match std::env::var_os("POCKETOS_IMAGE_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_root().join("target/image"),
+    }
 }
 
 /// The built image's file `name`, or a panic that says how to build it.
@@ -101,12 +105,16 @@ impl Appliance {
     /// A box with a fresh copy (qcow2 overlay) of the built image's disk
     /// and fresh UEFI variables.
     pub fn new() -> Appliance {
-        let base = image_file("pocketos.img");
+        Appliance::from_disk(&image_file("pocketos.img"))
+    }
+
+    /// A box with a fresh copy (qcow2 overlay) of the raw disk image `base`.
+    pub fn from_disk(base: &Path) -> Appliance {
         let dir = tempfile::tempdir().expect("tmp");
         let overlay = dir.path().join("disk.qcow2");
         let status = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&base)
+            .arg(base)
             .arg(&overlay)
             .status()
             .expect("run qemu-img");
