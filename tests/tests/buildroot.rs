@@ -255,21 +255,33 @@ fn the_rock5b_card_keeps_u_boot_and_its_environment_where_everyone_looks() {
     let dev = env[0].path.display().to_string();
     assert_eq!(fw, [(dev.clone(), first, size), (dev, second, size)]);
 
-    // Then image/'s A/B partitions, with the ESP after the raw areas.
+    // Then image/'s A/B partitions, with the ESP after the raw areas and
+    // slots of the board's size (meta's SLOT_SIZE).
     let table = partition_table(&card);
     let reference = partition_table(&image_file("pocketos.img"));
     let parts = table["partitions"].as_array().unwrap();
     let names: Vec<&str> = parts.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["esp", "rootfs-a", "rootfs-b", "data"]);
     assert!(parts[0]["start"].as_u64().unwrap() * 512 >= second + size);
+    let meta = std::fs::read_to_string(board.join("meta")).unwrap();
+    let slot_mib: u64 = meta
+        .lines()
+        .find_map(|l| l.strip_prefix("SLOT_SIZE="))
+        .and_then(|v| v.strip_suffix('M'))
+        .expect("SLOT_SIZE=<n>M in meta")
+        .parse()
+        .unwrap();
     for (p, r) in parts
         .iter()
         .zip(reference["partitions"].as_array().unwrap())
     {
-        assert_eq!(
-            (&p["size"], &p["type"], &p["uuid"]),
-            (&r["size"], &r["type"], &r["uuid"])
-        );
+        assert_eq!((&p["type"], &p["uuid"]), (&r["type"], &r["uuid"]));
+        match p["name"].as_str().unwrap() {
+            "rootfs-a" | "rootfs-b" => {
+                assert_eq!(p["size"].as_u64().unwrap() * 512, slot_mib * MIB)
+            }
+            _ => assert_eq!(p["size"], r["size"]),
+        }
     }
 
     // The ESP's boot.scr: the board's console and the slot selection.

@@ -43,6 +43,10 @@ mkdir -p "$target"/{data,boot/efi,media/usb,var/lib}
 ln -sfn ../run/log "$target/var/log"
 ln -sfn ../../run/dbus "$target/var/lib/dbus"
 
+# Buildroot's dbus package starts its own daemon; the overlay's S30dbus
+# (image/rootfs) starts the system bus, so only one may run.
+rm -f "$target/etc/init.d/S30dbus-daemon"
+
 if [ -f "$target/boot/Image" ]; then
     mv "$target/boot/Image" "$target/boot/vmlinuz"
 fi

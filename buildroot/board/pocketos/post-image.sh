@@ -55,6 +55,7 @@ esac
 rm -rf "$BUILD_DIR/genimage.tmp" "$BUILD_DIR/genimage.root"
 mkdir -p "$BUILD_DIR/genimage.root"
 # Includes are relative to the board directory (../genimage/...).
+export POCKETOS_SLOT_SIZE=${SLOT_SIZE:?$board/meta has no SLOT_SIZE}
 (cd "$board" && "$(tool genimage)" \
     --rootpath "$BUILD_DIR/genimage.root" \
     --tmppath "$BUILD_DIR/genimage.tmp" \
