@@ -5,7 +5,7 @@
 //!
 //! Runs per measurement: `POCKET_BENCH_RUNS` (default 200).
 
-use pocket_proto::runtime::{Runtime1Proxy, Tensor};
+use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor};
 use pocket_tests::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -45,9 +45,13 @@ fn main() {
     let mut w = World::start();
     w.publisher
         .pack(&w.packs, "big", "1.0", &[("big.onnx", &model)]);
+    let wide_model = onnx_fixtures().join("wide.onnx");
+    w.publisher
+        .pack(&w.packs, "wide", "1.0", &[("wide.onnx", &wide_model)]);
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
     w.ctl(&["model", "install", "big"]).ok();
+    w.ctl(&["model", "install", "wide"]).ok();
     w.start_npud("");
     let npud_pid = w.npud.as_ref().unwrap().pid();
     std::thread::sleep(Duration::from_millis(300));
@@ -62,25 +66,32 @@ fn main() {
         .with_name("bench")
         .build()
         .unwrap();
-    let session = ort::session::Session::builder(&env)
-        .unwrap()
-        .with_intra_threads(threads)
-        .unwrap()
-        .with_inter_threads(1)
-        .unwrap()
-        .with_config_entry("session.intra_op.allow_spinning", "0")
-        .unwrap()
-        .commit_from_file(&model)
-        .unwrap();
-    let session = Arc::new(Mutex::new(session));
+    // npud's thread settings: intra-op threads from the cores, spinning off.
+    let session_of = |path: &std::path::Path| {
+        ort::session::Session::builder(&env)
+            .unwrap()
+            .with_intra_threads(threads)
+            .unwrap()
+            .with_inter_threads(1)
+            .unwrap()
+            .with_config_entry("session.intra_op.allow_spinning", "0")
+            .unwrap()
+            .commit_from_file(path)
+            .unwrap()
+    };
+    let session = Arc::new(Mutex::new(session_of(&model)));
     let direct = |s: &Mutex<ort::session::Session>| {
         let input = ort::value::Tensor::from_array((shape.clone(), x.clone())).unwrap();
         let mut s = s.lock().unwrap();
         let out = s.run(ort::inputs!["x" => input]).unwrap();
         assert_eq!(out.len(), 1);
     };
-    // npud over D-Bus.
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    // npud over D-Bus, from a client built like pocketctl (a current-thread
+    // runtime: the reply is read on the thread that waits for it).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let conn = rt.block_on(w.bus.connect());
     let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -94,34 +105,66 @@ fn main() {
             },
         )])
     };
-    let via_npud = || {
+    let via = |npud: &Runtime1Proxy<'_>| {
         let (out, _, inside_ms) = rt.block_on(npud.infer("big", inputs())).unwrap();
         assert_eq!(out.len(), 1);
         inside_ms
     };
+    // The same calls on a private channel (OpenChannel): straight to npud.
+    let channel = rt.block_on(open_channel(&npud)).unwrap();
     for _ in 0..20 {
         direct(&session);
-        via_npud();
+        via(&npud);
+        via(&channel);
     }
-    // Latency: the two contenders interleaved, so that drift in the
-    // machine's speed hits both alike.
-    let (mut lat_d, mut lat_n, mut inside) = (Vec::new(), Vec::new(), Vec::new());
+    // Latency: the contenders interleaved, so that drift in the machine's
+    // speed hits all alike.
+    let (mut lat_d, mut lat_n, mut lat_c, mut inside) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
         direct(&session);
         lat_d.push(t.elapsed());
         let t = Instant::now();
-        inside.push(Duration::from_secs_f64(via_npud() / 1000.0));
+        inside.push(Duration::from_secs_f64(via(&npud) / 1000.0));
         lat_n.push(t.elapsed());
+        let t = Instant::now();
+        via(&channel);
+        lat_c.push(t.elapsed());
     }
     let (d50, d99) = (pct(lat_d.clone(), 0.5), pct(lat_d, 0.99));
     let (n50, n99) = (pct(lat_n.clone(), 0.5), pct(lat_n, 0.99));
+    let (c50, c99) = (pct(lat_c.clone(), 0.5), pct(lat_c, 0.99));
     let (i50, i99) = (pct(inside.clone(), 0.5), pct(inside, 0.99));
 
     // Throughput: CLIENTS concurrent clients, three rounds alternating
     // between the contenders; the median round of each.
     let per = runs / CLIENTS;
-    let (mut tput_d, mut tput_n) = (Vec::new(), Vec::new());
+    let (mut tput_d, mut tput_n, mut tput_c) = (Vec::new(), Vec::new(), Vec::new());
+    // Each concurrent client on its own private channel, as separate apps.
+    let channels: Vec<_> = (0..CLIENTS)
+        .map(|_| rt.block_on(open_channel(&npud)).unwrap())
+        .collect();
+    let npud_clients = |proxies: Vec<Runtime1Proxy<'static>>| {
+        let t = Instant::now();
+        rt.block_on(async {
+            let tasks: Vec<_> = proxies
+                .into_iter()
+                .map(|npud| {
+                    let inputs = inputs();
+                    tokio::spawn(async move {
+                        for _ in 0..per {
+                            npud.infer("big", inputs.clone()).await.unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for task in tasks {
+                task.await.unwrap();
+            }
+        });
+        (per * CLIENTS) as f64 / t.elapsed().as_secs_f64()
+    };
     for _ in 0..3 {
         let t = Instant::now();
         std::thread::scope(|sc| {
@@ -134,29 +177,14 @@ fn main() {
             }
         });
         tput_d.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        rt.block_on(async {
-            let tasks: Vec<_> = (0..CLIENTS)
-                .map(|_| {
-                    let (npud, inputs) = (npud.clone(), inputs());
-                    tokio::spawn(async move {
-                        for _ in 0..per {
-                            npud.infer("big", inputs.clone()).await.unwrap();
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
-            }
-        });
-        tput_n.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
+        tput_n.push(npud_clients(vec![npud.clone(); CLIENTS]));
+        tput_c.push(npud_clients(channels.clone()));
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (d_tput, n_tput) = (median(tput_d), median(tput_n));
+    let (d_tput, n_tput, c_tput) = (median(tput_d), median(tput_n), median(tput_c));
     let loaded_rss = rss_mib(npud_pid);
 
     // The onnxruntime Python API.
@@ -178,12 +206,95 @@ fn main() {
     );
     let py: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
 
+    // A 1.2 MB input (and output): `wide`, y = 2x over x[1,300000], where
+    // moving the tensors is most of the work. Raw ort against npud's Infer
+    // (tensors in the message) over the bus and on a channel, and InferFd
+    // (tensors in memfds) on a channel.
+    let n = 300_000usize;
+    let wx: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
+    let wbytes: Vec<u8> = wx.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let wide = Mutex::new(session_of(&wide_model));
+    let wide_direct = || {
+        let input = ort::value::Tensor::from_array((vec![1i64, n as i64], wx.clone())).unwrap();
+        let mut s = wide.lock().unwrap();
+        let out = s.run(ort::inputs!["x" => input]).unwrap();
+        let (_, y) = out["y"].try_extract_tensor::<f32>().unwrap();
+        assert_eq!(y.len(), n);
+    };
+    let wide_inputs = || {
+        HashMap::from([(
+            "x".to_string(),
+            Tensor {
+                dtype: "f32".into(),
+                shape: vec![1, n as i64],
+                data: wbytes.clone(),
+            },
+        )])
+    };
+    let wide_msg = |npud: &Runtime1Proxy<'_>| {
+        let (out, _, _) = rt.block_on(npud.infer("wide", wide_inputs())).unwrap();
+        assert_eq!(out["y"].data.len(), n * 4);
+    };
+    let wide_fd = |npud: &Runtime1Proxy<'_>| {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let fd = nix::sys::memfd::memfd_create(
+            c"bench-in",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let mut file = std::fs::File::from(fd);
+        file.write_all(&wbytes).unwrap();
+        let refs = HashMap::from([(
+            "x".to_string(),
+            pocket_proto::runtime::TensorRef {
+                dtype: "f32".into(),
+                shape: vec![1, n as i64],
+                offset: 0,
+                len: wbytes.len() as u64,
+            },
+        )]);
+        let (outs, out_fd, _, _) = rt
+            .block_on(npud.infer_fd("wide", refs, zbus::zvariant::Fd::from(file.as_fd())))
+            .unwrap();
+        let y = &outs["y"];
+        let out = std::fs::File::from(std::os::fd::OwnedFd::from(out_fd));
+        let mut buf = vec![0u8; y.len as usize];
+        out.read_exact_at(&mut buf, y.offset).unwrap();
+        assert_eq!(buf.len(), n * 4);
+    };
+    for _ in 0..20 {
+        wide_direct();
+        wide_msg(&npud);
+        wide_msg(&channel);
+        wide_fd(&channel);
+    }
+    let (mut wd, mut wb, mut wc, mut wf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
+        wide_direct();
+        wd.push(t.elapsed());
+        let t = Instant::now();
+        wide_msg(&npud);
+        wb.push(t.elapsed());
+        let t = Instant::now();
+        wide_msg(&channel);
+        wc.push(t.elapsed());
+        let t = Instant::now();
+        wide_fd(&channel);
+        wf.push(t.elapsed());
+    }
+    let wide_p50 = [&wd, &wb, &wc, &wf].map(|v| pct(v.to_vec(), 0.5));
+    let wide_p99 = [&wd, &wb, &wc, &wf].map(|v| pct(v.to_vec(), 0.99));
+
     let mb = std::fs::metadata(&model).unwrap().len() as f64 / (1 << 20) as f64;
     println!("runtime benchmark: {mb:.0} MiB MLP, batch {BATCH}, {runs} runs, {threads} intra-op threads, {CLIENTS} concurrent clients for throughput");
     println!("| contender | p50 (ms) | p99 (ms) | throughput (inf/s) |");
     println!("|---|---|---|---|");
     println!("| raw ONNX Runtime (ort, in process) | {d50:.3} | {d99:.3} | {d_tput:.1} |");
     println!("| npud over D-Bus | {n50:.3} | {n99:.3} | {n_tput:.1} |");
+    println!("| npud over a private channel (OpenChannel) | {c50:.3} | {c99:.3} | {c_tput:.1} |");
     println!("| (npud's session.run alone) | {i50:.3} | {i99:.3} | |");
     println!(
         "| onnxruntime Python API | {:.3} | {:.3} | {:.1} |",
@@ -192,9 +303,30 @@ fn main() {
         py["throughput"].as_f64().unwrap()
     );
     println!(
-        "npud p50 - raw p50 = {:.3} ms; npud throughput / raw = {:.3}",
+        "npud p50 - raw p50 = {:.3} ms over the bus, {:.3} ms on a channel; npud throughput / raw = {:.3} over the bus, {:.3} on channels",
         n50 - d50,
-        n_tput / d_tput
+        c50 - d50,
+        n_tput / d_tput,
+        c_tput / d_tput
     );
+    println!("1.2 MB input and output (wide, y = 2x over x[1,300000]), {runs} runs:");
+    println!("| contender | p50 (ms) | p99 (ms) | p50 - raw (ms) |");
+    println!("|---|---|---|---|");
+    for (i, name) in [
+        "raw ONNX Runtime (ort, in process)",
+        "npud Infer over D-Bus",
+        "npud Infer on a private channel",
+        "npud InferFd (memfds) on a private channel",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.3} |",
+            wide_p50[i],
+            wide_p99[i],
+            wide_p50[i] - wide_p50[0]
+        );
+    }
     println!("npud RSS: {idle_rss:.1} MiB idle without a model, {loaded_rss:.1} MiB with the model loaded");
 }

@@ -430,3 +430,80 @@ fn infer_fd_checks_sizes_before_reading() {
     )
     .ok();
 }
+
+#[test]
+fn a_private_channel_serves_the_same_runtime_until_the_client_closes_it() {
+    use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor};
+    let w = world("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let channel = open_channel(&npud).await.expect("OpenChannel");
+        let bytes: Vec<u8> = seeded_data(16, 7)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let inputs = std::collections::HashMap::from([(
+            "x".to_string(),
+            Tensor {
+                dtype: "f32".into(),
+                shape: vec![1, 16],
+                data: bytes,
+            },
+        )]);
+        // The same answers as over the bus, for a model the channel loads
+        // itself (asking modeld on the bus where it is).
+        let (on_channel, provider, _) = channel.infer("mlp", inputs.clone()).await.unwrap();
+        let (on_bus, _, _) = npud.infer("mlp", inputs).await.unwrap();
+        assert_eq!(provider, "cpu");
+        assert_eq!(on_channel["y"].data, on_bus["y"].data);
+        assert_eq!(on_channel["y"].shape, on_bus["y"].shape);
+        let loaded: Vec<String> = channel
+            .loaded()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(loaded, ["mlp"]);
+        assert_eq!(channel.status().await.unwrap(), "ok");
+        let err = channel
+            .infer("no-such-model", Default::default())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no-such-model"), "{err}");
+
+        // At most MAX_CHANNELS at once; closing them gives the room back.
+        let mut open = vec![channel];
+        let refused = loop {
+            match open_channel(&npud).await {
+                Ok(c) => open.push(c),
+                Err(e) => break e.to_string(),
+            }
+            assert!(open.len() <= 64, "more than 64 channels open");
+        };
+        assert_eq!(open.len(), 64);
+        assert!(refused.contains("close one first"), "{refused}");
+        for c in open.drain(..) {
+            c.inner().connection().clone().close().await.unwrap();
+        }
+        let start = std::time::Instant::now();
+        let again = loop {
+            if let Ok(c) = open_channel(&npud).await {
+                break c;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert_eq!(again.status().await.unwrap(), "ok");
+    });
+    // And npud still answers on the bus.
+    run(
+        &w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
+    )
+    .ok();
+}

@@ -24,6 +24,8 @@ pub fn dtype_size(dtype: &str) -> Option<usize> {
 pub struct Tensor {
     pub dtype: String,
     pub shape: Vec<i64>,
+    /// Serialized as one byte string, not byte by byte.
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -121,6 +123,10 @@ pub trait Runtime1 {
         f64,
     )>;
 
+    /// A private peer-to-peer channel to npud with the same interface:
+    /// see [`open_channel`].
+    fn open_channel(&self) -> zbus::Result<zbus::zvariant::OwnedFd>;
+
     #[zbus(property)]
     fn status(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -129,4 +135,25 @@ pub trait Runtime1 {
     fn memory_budget(&self) -> zbus::Result<u64>;
     #[zbus(property)]
     fn memory_used(&self) -> zbus::Result<u64>;
+}
+
+/// Opens a private channel to npud (`OpenChannel`) and returns a proxy on
+/// it: for a client that runs many inferences, each call then goes straight
+/// to npud instead of through the bus daemon. Needs a tokio runtime.
+pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1Proxy<'static>> {
+    let fd: std::os::fd::OwnedFd = runtime.open_channel().await?.into();
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| zbus::Error::InputOutput(e.into()))?;
+    let stream =
+        tokio::net::UnixStream::from_std(stream).map_err(|e| zbus::Error::InputOutput(e.into()))?;
+    let conn = zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .await?;
+    Runtime1Proxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
 }

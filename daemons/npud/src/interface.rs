@@ -7,7 +7,14 @@ use pocket_proto::runtime::{LoadedModel, Providers, Tensor, TensorRef};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Private channels (`OpenChannel`) open at once, at most.
+pub const MAX_CHANNELS: usize = 64;
+/// How long a client has to start D-Bus's handshake on a new channel.
+const CHANNEL_HANDSHAKE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.pocketos.Error")]
@@ -22,6 +29,8 @@ pub enum Error {
     InvalidArgument(String),
     Inference(String),
     PeerUnavailable(String),
+    /// Too many private channels are open.
+    Busy(String),
 }
 
 impl From<RuntimeError> for Error {
@@ -40,28 +49,78 @@ impl From<RuntimeError> for Error {
     }
 }
 
+/// The runtime's bus surface. The same object serves the system bus and
+/// every private channel; peers (modeld, powerd) are always reached on the
+/// system bus.
+#[derive(Clone)]
 pub struct RuntimeIface {
     rt: Arc<Runtime>,
     hold: Arc<PerformanceHold>,
+    bus: Arc<OnceLock<zbus::Connection>>,
+    channels: Arc<AtomicUsize>,
+    /// Sessions that may run on a runtime worker at once (workers - 1).
+    inline: Arc<tokio::sync::Semaphore>,
 }
 
 impl RuntimeIface {
     pub fn new(rt: Arc<Runtime>, hold: Arc<PerformanceHold>) -> Self {
-        RuntimeIface { rt, hold }
+        RuntimeIface {
+            rt,
+            hold,
+            bus: Arc::default(),
+            channels: Arc::default(),
+            inline: Arc::new(tokio::sync::Semaphore::new(
+                tokio::runtime::Handle::try_current()
+                    .map(|h| h.metrics().num_workers())
+                    .unwrap_or(1)
+                    .saturating_sub(1),
+            )),
+        }
     }
 
-    async fn ensure_loaded(
-        &self,
-        conn: &zbus::Connection,
-        name: &str,
-        provider: &str,
-    ) -> Result<Arc<Loaded>, Error> {
+    /// Where the system-bus connection goes once it is built.
+    pub fn bus_slot(&self) -> Arc<OnceLock<zbus::Connection>> {
+        self.bus.clone()
+    }
+
+    fn bus(&self) -> Result<&zbus::Connection, Error> {
+        self.bus
+            .get()
+            .ok_or_else(|| Error::PeerUnavailable("npud is still joining the bus".into()))
+    }
+
+    async fn serve_channel_then(self, stream: tokio::net::UnixStream, channels: Arc<AtomicUsize>) {
+        if let Err(e) = self.serve_channel(stream).await {
+            tracing::debug!("private channel: {e}");
+        }
+        channels.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Serves this object on `stream`, the server side of a private
+    /// channel, until the client closes it.
+    async fn serve_channel(self, stream: tokio::net::UnixStream) -> zbus::Result<()> {
+        use futures_util::StreamExt;
+        let build = zbus::connection::Builder::unix_stream(stream)
+            .server(zbus::Guid::generate())?
+            .p2p()
+            .serve_at(pocket_proto::runtime::PATH, self)?
+            .build();
+        let conn = tokio::time::timeout(CHANNEL_HANDSHAKE, build)
+            .await
+            .map_err(|_| zbus::Error::Failure("no handshake on the channel".into()))??;
+        // The object server answers calls; this only waits for the close.
+        let mut messages = zbus::MessageStream::from(&conn);
+        while let Some(Ok(_)) = messages.next().await {}
+        Ok(())
+    }
+
+    async fn ensure_loaded(&self, name: &str, provider: &str) -> Result<Arc<Loaded>, Error> {
         if provider.is_empty() {
             if let Some(m) = self.rt.get(name) {
                 return Ok(m);
             }
         }
-        let record = peers::model_record(conn, name).await?;
+        let record = peers::model_record(self.bus()?, name).await?;
         let rt = self.rt.clone();
         let provider = provider.to_string();
         Ok(
@@ -74,15 +133,20 @@ impl RuntimeIface {
     #[allow(clippy::type_complexity)]
     async fn run(
         &self,
-        conn: &zbus::Connection,
         name: &str,
         inputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, String, f64), Error> {
-        let model = self.ensure_loaded(conn, name, "").await?;
-        self.hold.touch(conn).await;
-        // Run on this worker thread, telling the runtime to move its other
-        // tasks away: no hand-off to another thread and back.
-        let (outputs, latency) = tokio::task::block_in_place(|| model.run(inputs))?;
+        let model = self.ensure_loaded(name, "").await?;
+        self.hold.touch(self.bus()?).await;
+        let _turn = model.turn.lock().await;
+        // Run on this worker thread: handing the session to another thread
+        // (spawn_blocking, or block_in_place's hand-off of the worker) and
+        // back costs more than the bus itself. One worker at a time may do
+        // so, so another always reads the bus; beyond that, block_in_place.
+        let (outputs, latency) = match self.inline.try_acquire() {
+            Ok(_permit) => model.run(inputs)?,
+            Err(_) => tokio::task::block_in_place(|| model.run(inputs))?,
+        };
         Ok((outputs, model.provider.clone(), latency))
     }
 }
@@ -97,17 +161,8 @@ impl RuntimeIface {
         self.rt.loaded()
     }
 
-    async fn load(
-        &self,
-        name: &str,
-        provider: &str,
-        #[zbus(connection)] conn: &zbus::Connection,
-    ) -> Result<String, Error> {
-        Ok(self
-            .ensure_loaded(conn, name, provider)
-            .await?
-            .provider
-            .clone())
+    async fn load(&self, name: &str, provider: &str) -> Result<String, Error> {
+        Ok(self.ensure_loaded(name, provider).await?.provider.clone())
     }
 
     async fn unload(&self, name: &str) -> Result<(), Error> {
@@ -118,13 +173,12 @@ impl RuntimeIface {
         &self,
         name: &str,
         inputs: HashMap<String, Tensor>,
-        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<(HashMap<String, Tensor>, String, f64), Error> {
         let inputs = inputs
             .into_iter()
             .map(|(n, t)| (n, t.dtype, t.shape, t.data))
             .collect();
-        let (outputs, provider, latency) = self.run(conn, name, inputs).await?;
+        let (outputs, provider, latency) = self.run(name, inputs).await?;
         let outputs = outputs
             .into_iter()
             .map(|(n, dtype, shape, data)| (n, Tensor { dtype, shape, data }))
@@ -137,7 +191,6 @@ impl RuntimeIface {
         name: &str,
         inputs: HashMap<String, TensorRef>,
         data: zbus::zvariant::OwnedFd,
-        #[zbus(connection)] conn: &zbus::Connection,
     ) -> Result<
         (
             HashMap<String, TensorRef>,
@@ -154,7 +207,7 @@ impl RuntimeIface {
             .len();
         // Check every input against the model before a byte is read, so a
         // request cannot make npud allocate more than the model takes.
-        let model = self.ensure_loaded(conn, name, "").await?;
+        let model = self.ensure_loaded(name, "").await?;
         for (n, r) in &inputs {
             let spec = model.inputs.iter().find(|s| &s.name == n).ok_or_else(|| {
                 Error::InvalidArgument(format!("model {name:?} has no input {n:?}"))
@@ -174,7 +227,7 @@ impl RuntimeIface {
                 .map_err(|e| Error::InvalidArgument(format!("input {n:?}: {e}")))?;
             read.push((n, r.dtype, r.shape, buf));
         }
-        let (outputs, provider, latency) = self.run(conn, name, read).await?;
+        let (outputs, provider, latency) = self.run(name, read).await?;
         let out = nix::sys::memfd::memfd_create(
             c"npud-outputs",
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
@@ -199,6 +252,34 @@ impl RuntimeIface {
         }
         let fd: std::os::fd::OwnedFd = file.into();
         Ok((refs, fd.into(), provider, latency))
+    }
+
+    /// A private channel to this object for a client that runs many
+    /// inferences: the returned socket speaks D-Bus peer to peer (npud is
+    /// the server side) and carries the same interface at the same path,
+    /// without the bus daemon's hop in each direction. It lasts until the
+    /// client closes it.
+    async fn open_channel(&self) -> Result<zbus::zvariant::OwnedFd, Error> {
+        if self.channels.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
+            self.channels.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Busy(format!(
+                "{MAX_CHANNELS} private channels are open already; close one first"
+            )));
+        }
+        let pair = std::os::unix::net::UnixStream::pair().and_then(|(ours, theirs)| {
+            ours.set_nonblocking(true)?;
+            Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+        });
+        let (ours, theirs) = match pair {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.channels.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::Inference(format!("channel socket: {e}")));
+            }
+        };
+        let channels = self.channels.clone();
+        tokio::spawn(self.clone().serve_channel_then(ours, channels));
+        Ok(std::os::fd::OwnedFd::from(theirs).into())
     }
 
     #[zbus(property)]

@@ -25,14 +25,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         cfg.performance_hold_secs,
     )));
     let rt = Arc::new(tokio::task::spawn_blocking(move || runtime::Runtime::new(cfg)).await?);
+    let iface = interface::RuntimeIface::new(rt.clone(), hold.clone());
+    let bus = iface.bus_slot();
     let conn = zbus::connection::Builder::system()?
         .name(pocket_proto::runtime::BUS_NAME)?
-        .serve_at(
-            pocket_proto::runtime::PATH,
-            interface::RuntimeIface::new(rt.clone(), hold.clone()),
-        )?
+        .serve_at(pocket_proto::runtime::PATH, iface)?
         .build()
         .await?;
+    let _ = bus.set(conn.clone());
     tokio::spawn(hold.clone().follow_powerd(conn.clone()));
     let c = conn.clone();
     tokio::spawn(async move {

@@ -57,6 +57,9 @@ pub struct Loaded {
     pub record: ModelRecord,
     pub provider: String,
     session: Mutex<Session>,
+    /// A request's turn on the session, awaited without holding a thread:
+    /// `run` then finds the session free.
+    pub turn: tokio::sync::Mutex<()>,
     last_used: Mutex<Instant>,
     busy: AtomicUsize,
     pub inputs: Vec<TensorSpec>,
@@ -409,6 +412,7 @@ impl Runtime {
             record,
             provider,
             session: Mutex::new(session),
+            turn: tokio::sync::Mutex::new(()),
             last_used: Mutex::new(Instant::now()),
             busy: AtomicUsize::new(0),
             inputs,

@@ -122,7 +122,10 @@ macro_rules! to_le {
         let (shape, data) = $value
             .try_extract_tensor::<$t>()
             .map_err(|e| RuntimeError::Inference(e.to_string()))?;
-        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let mut bytes = Vec::with_capacity(data.len() * std::mem::size_of::<$t>());
+        for x in data.iter() {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
         (shape.iter().copied().collect::<Vec<i64>>(), bytes)
     }};
 }
