@@ -507,3 +507,45 @@ fn a_private_channel_serves_the_same_runtime_until_the_client_closes_it() {
     )
     .ok();
 }
+
+#[test]
+fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
+    let w = world("");
+    let inputs = json!({"x": {"shape": [1, 16], "data": seeded_data(16, 9)}});
+    let want = reference_outputs(&onnx_fixtures().join("mlp.onnx"), &inputs);
+    // Not npud's user: the channel's handshake checks the caller of
+    // OpenChannel, not the socket pair's creator.
+    let got = run_pocketctl(
+        &w.bus,
+        RunAs::Nobody { extra_gid: None },
+        &[
+            "run",
+            "mlp",
+            "--input",
+            &inputs.to_string(),
+            "--repeat",
+            "20",
+            "--json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_close(&got, &want, 1e-5);
+    assert_eq!(got["runs"], 20);
+    let p50 = got["round_trip_ms"]["p50"].as_f64().unwrap();
+    let p99 = got["round_trip_ms"]["p99"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p99 >= p50, "{got}");
+    let zero = w.ctl(&[
+        "run",
+        "mlp",
+        "--input",
+        &inputs.to_string(),
+        "--repeat",
+        "0",
+    ]);
+    assert!(
+        !zero.status.success() && zero.stderr.contains("--repeat"),
+        "{}",
+        zero.stderr
+    );
+}

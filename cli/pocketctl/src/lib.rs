@@ -61,6 +61,10 @@ pub enum Cmd {
         /// The same JSON, from a file
         #[arg(long)]
         input_file: Option<PathBuf>,
+        /// Run it this many times on a private channel to npud and report
+        /// the round trip's p50 and p99 (the outputs are the last run's)
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
     },
 }
 
@@ -151,6 +155,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             name,
             input,
             input_file,
+            repeat,
         } => {
             let text = match (input, input_file) {
                 (Some(t), _) => t,
@@ -158,7 +163,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("cannot read {}", f.display()))?,
                 (None, None) => bail!("give --input or --input-file"),
             };
-            run_model(&conn, &name, &text, cli.json).await
+            run_model(&conn, &name, &text, repeat, cli.json).await
         }
     }
 }
@@ -551,24 +556,48 @@ async fn power(conn: &zbus::Connection, cmd: PowerCmd, json: bool) -> Result<()>
 /// Inputs past this size travel in a memfd instead of the message.
 const INLINE_LIMIT: usize = 1 << 20;
 
-async fn run_model(conn: &zbus::Connection, name: &str, text: &str, json: bool) -> Result<()> {
+async fn run_model(
+    conn: &zbus::Connection,
+    name: &str,
+    text: &str,
+    repeat: u32,
+    json: bool,
+) -> Result<()> {
     let inputs = tensors::parse_inputs(text)?;
-    let rt = Runtime1Proxy::new(conn)
+    let mut rt = Runtime1Proxy::new(conn)
         .await
         .context("npud is not reachable")?;
+    if repeat > 1 {
+        rt = pocket_proto::runtime::open_channel(&rt)
+            .await
+            .context("npud gave no private channel")?;
+    }
     let total: usize = inputs.values().map(|t| t.data.len()).sum();
-    let (outputs, provider, latency_ms) = if total <= INLINE_LIMIT {
-        rt.infer(name, inputs).await?
-    } else {
-        infer_by_memfd(&rt, name, inputs).await?
-    };
+    let mut round_trips = Vec::with_capacity(repeat as usize);
+    let mut last = None;
+    for _ in 0..repeat {
+        let start = std::time::Instant::now();
+        last = Some(if total <= INLINE_LIMIT {
+            rt.infer(name, inputs.clone()).await?
+        } else {
+            infer_by_memfd(&rt, name, inputs.clone()).await?
+        });
+        round_trips.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (outputs, provider, latency_ms) = last.expect("at least one run");
     let mut names: Vec<&String> = outputs.keys().collect();
     names.sort();
-    let doc = json!({
+    let mut doc = json!({
         "outputs": names.iter().map(|n| ((*n).clone(), tensors::to_json(&outputs[*n]))).collect::<serde_json::Map<_, _>>(),
         "provider": provider,
         "latency_ms": latency_ms,
     });
+    round_trips.sort_by(f64::total_cmp);
+    let pct = |p: f64| round_trips[((round_trips.len() - 1) as f64 * p).round() as usize];
+    if repeat > 1 {
+        doc["runs"] = json!(repeat);
+        doc["round_trip_ms"] = json!({"p50": pct(0.5), "p99": pct(0.99)});
+    }
     if json {
         return print_json(&doc);
     }
@@ -582,6 +611,13 @@ async fn run_model(conn: &zbus::Connection, name: &str, text: &str, json: bool) 
         );
     }
     println!("ran on {provider} in {latency_ms:.2} ms");
+    if repeat > 1 {
+        println!(
+            "{repeat} runs on a private channel: round trip p50 {:.2} ms, p99 {:.2} ms",
+            pct(0.5),
+            pct(0.99)
+        );
+    }
     Ok(())
 }
 

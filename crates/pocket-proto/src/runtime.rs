@@ -141,7 +141,13 @@ pub trait Runtime1 {
 /// it: for a client that runs many inferences, each call then goes straight
 /// to npud instead of through the bus daemon. Needs a tokio runtime.
 pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1Proxy<'static>> {
-    let fd: std::os::fd::OwnedFd = runtime.open_channel().await?.into();
+    let received: std::os::fd::OwnedFd = runtime.open_channel().await?.into();
+    // A copy marked close-on-exec, so a child process started later does
+    // not keep the channel open after this client closes it.
+    let fd = received
+        .try_clone()
+        .map_err(|e| zbus::Error::InputOutput(e.into()))?;
+    drop(received);
     let stream = std::os::unix::net::UnixStream::from(fd);
     stream
         .set_nonblocking(true)

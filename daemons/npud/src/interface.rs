@@ -58,6 +58,8 @@ pub struct RuntimeIface {
     hold: Arc<PerformanceHold>,
     bus: Arc<OnceLock<zbus::Connection>>,
     channels: Arc<AtomicUsize>,
+    /// On a private channel: the user at its other end.
+    peer_uid: Option<u32>,
     /// Sessions that may run on a runtime worker at once (workers - 1).
     inline: Arc<tokio::sync::Semaphore>,
 }
@@ -69,6 +71,7 @@ impl RuntimeIface {
             hold,
             bus: Arc::default(),
             channels: Arc::default(),
+            peer_uid: None,
             inline: Arc::new(tokio::sync::Semaphore::new(
                 tokio::runtime::Handle::try_current()
                     .map(|h| h.metrics().num_workers())
@@ -89,29 +92,43 @@ impl RuntimeIface {
             .ok_or_else(|| Error::PeerUnavailable("npud is still joining the bus".into()))
     }
 
-    async fn serve_channel_then(self, stream: tokio::net::UnixStream, channels: Arc<AtomicUsize>) {
-        if let Err(e) = self.serve_channel(stream).await {
-            tracing::debug!("private channel: {e}");
-        }
-        channels.fetch_sub(1, Ordering::SeqCst);
-    }
-
     /// Serves this object on `stream`, the server side of a private
-    /// channel, until the client closes it.
-    async fn serve_channel(self, stream: tokio::net::UnixStream) -> zbus::Result<()> {
-        use futures_util::StreamExt;
+    /// channel for user `uid`, until the client closes it.
+    async fn serve_channel(
+        mut self,
+        stream: tokio::net::UnixStream,
+        uid: u32,
+        _slot: ChannelSlot,
+    ) -> zbus::Result<()> {
+        self.peer_uid = Some(uid);
+        // The socket's own credentials are npud's: the client is checked
+        // against the caller of OpenChannel instead.
         let build = zbus::connection::Builder::unix_stream(stream)
             .server(zbus::Guid::generate())?
             .p2p()
+            .user_id(uid)
             .serve_at(pocket_proto::runtime::PATH, self)?
             .build();
         let conn = tokio::time::timeout(CHANNEL_HANDSHAKE, build)
             .await
             .map_err(|_| zbus::Error::Failure("no handshake on the channel".into()))??;
-        // The object server answers calls; this only waits for the close.
-        let mut messages = zbus::MessageStream::from(&conn);
-        while let Some(Ok(_)) = messages.next().await {}
+        conn.closed().await;
         Ok(())
+    }
+
+    /// The user who called, on the bus or on a channel.
+    async fn caller_uid(&self, header: &zbus::message::Header<'_>) -> Result<u32, Error> {
+        if let Some(uid) = self.peer_uid {
+            return Ok(uid);
+        }
+        let sender = header
+            .sender()
+            .ok_or_else(|| Error::InvalidArgument("a call without a sender".into()))?;
+        zbus::fdo::DBusProxy::new(self.bus()?)
+            .await?
+            .get_connection_unix_user(sender.clone().into())
+            .await
+            .map_err(|e| Error::PeerUnavailable(format!("the bus does not know the caller: {e}")))
     }
 
     async fn ensure_loaded(&self, name: &str, provider: &str) -> Result<Arc<Loaded>, Error> {
@@ -138,6 +155,9 @@ impl RuntimeIface {
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, String, f64), Error> {
         let model = self.ensure_loaded(name, "").await?;
         self.hold.touch(self.bus()?).await;
+        // Counted as in use while it waits, so it is not evicted between
+        // the turns of the requests before it.
+        let _in_use = model.in_use();
         let _turn = model.turn.lock().await;
         // Run on this worker thread: handing the session to another thread
         // (spawn_blocking, or block_in_place's hand-off of the worker) and
@@ -259,26 +279,27 @@ impl RuntimeIface {
     /// the server side) and carries the same interface at the same path,
     /// without the bus daemon's hop in each direction. It lasts until the
     /// client closes it.
-    async fn open_channel(&self) -> Result<zbus::zvariant::OwnedFd, Error> {
-        if self.channels.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
-            self.channels.fetch_sub(1, Ordering::SeqCst);
-            return Err(Error::Busy(format!(
+    async fn open_channel(
+        &self,
+        #[zbus(header)] header: zbus::message::Header<'_>,
+    ) -> Result<zbus::zvariant::OwnedFd, Error> {
+        let uid = self.caller_uid(&header).await?;
+        let slot = ChannelSlot::take(&self.channels).ok_or_else(|| {
+            Error::Busy(format!(
                 "{MAX_CHANNELS} private channels are open already; close one first"
-            )));
-        }
+            ))
+        })?;
         let pair = std::os::unix::net::UnixStream::pair().and_then(|(ours, theirs)| {
             ours.set_nonblocking(true)?;
             Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
         });
-        let (ours, theirs) = match pair {
-            Ok(pair) => pair,
-            Err(e) => {
-                self.channels.fetch_sub(1, Ordering::SeqCst);
-                return Err(Error::Inference(format!("channel socket: {e}")));
+        let (ours, theirs) = pair.map_err(|e| Error::Inference(format!("channel socket: {e}")))?;
+        let iface = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = iface.serve_channel(ours, uid, slot).await {
+                tracing::debug!("private channel: {e}");
             }
-        };
-        let channels = self.channels.clone();
-        tokio::spawn(self.clone().serve_channel_then(ours, channels));
+        });
         Ok(std::os::fd::OwnedFd::from(theirs).into())
     }
 
@@ -306,5 +327,24 @@ impl RuntimeIface {
     #[zbus(property)]
     async fn holding_performance(&self) -> bool {
         self.hold.holding().await
+    }
+}
+
+/// One of the [`MAX_CHANNELS`] private channels, given back when dropped.
+struct ChannelSlot(Arc<AtomicUsize>);
+
+impl ChannelSlot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<ChannelSlot> {
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(ChannelSlot(open.clone()))
+    }
+}
+
+impl Drop for ChannelSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

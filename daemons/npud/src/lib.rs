@@ -28,11 +28,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
     let iface = interface::RuntimeIface::new(rt.clone(), hold.clone());
     let bus = iface.bus_slot();
     let conn = zbus::connection::Builder::system()?
-        .name(pocket_proto::runtime::BUS_NAME)?
         .serve_at(pocket_proto::runtime::PATH, iface)?
         .build()
         .await?;
+    // The object knows its bus before anyone can find it by name.
     let _ = bus.set(conn.clone());
+    conn.request_name(pocket_proto::runtime::BUS_NAME).await?;
     tokio::spawn(hold.clone().follow_powerd(conn.clone()));
     let c = conn.clone();
     tokio::spawn(async move {

@@ -72,7 +72,23 @@ impl std::fmt::Debug for Loaded {
     }
 }
 
+/// A loaded model counted as in use (not evicted, not idled out) while
+/// this lives.
+pub struct InUse<'a>(&'a AtomicUsize);
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Loaded {
+    /// Counts the model as in use until the guard is dropped.
+    pub fn in_use(&self) -> InUse<'_> {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+        InUse(&self.busy)
+    }
+
     fn idle_ms(&self) -> u64 {
         self.last_used
             .lock()
