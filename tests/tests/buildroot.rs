@@ -9,7 +9,7 @@
 use pocket_otad::bootenv::uboot::EnvCopy;
 use pocket_otad::config::{Bootloader, System};
 use pocket_tests::appliance::{image_dir, image_file, Appliance};
-use pocket_tests::{grub_editenv_list, workspace_root};
+use pocket_tests::{grub_editenv_list, tool, workspace_root};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,8 +23,8 @@ fn board_dir(board: &str) -> PathBuf {
 }
 
 /// Buildroot's output directories for one post-image run, with the inputs
-/// Buildroot would have made: the rootfs, GRUB's EFI binary and the
-/// pocket-otad source (for the version).
+/// Buildroot (and post-build.sh) would have made: the rootfs, GRUB's EFI
+/// binary and the target's /etc/pocketos-version.
 struct Output {
     tmp: tempfile::TempDir,
 }
@@ -37,9 +37,10 @@ impl Output {
         std::fs::create_dir_all(&efi).unwrap();
         std::fs::create_dir_all(o.dir("host/bin")).unwrap();
         std::fs::create_dir_all(o.dir("base")).unwrap();
-        let otad = o.dir("build/pocket-otad-0");
-        std::fs::create_dir_all(&otad).unwrap();
-        std::fs::copy(workspace_root().join("Cargo.toml"), otad.join("Cargo.toml")).unwrap();
+        std::fs::create_dir_all(o.dir("build")).unwrap();
+        let etc = o.dir("target/etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::copy(image_file("version"), etc.join("pocketos-version")).unwrap();
         std::fs::copy(image_file("rootfs.ext4"), o.images().join("rootfs.ext2"))
             .expect("copy rootfs");
         std::fs::copy(
@@ -60,19 +61,14 @@ impl Output {
 
     /// Runs the shared post-image script for `board`, as Buildroot does.
     fn post_image(&self, board: &str) {
-        let out = Command::new(workspace_root().join("buildroot/board/pocketos/post-image.sh"))
-            .arg(self.images())
-            .arg(board_dir(board))
-            .env("HOST_DIR", self.dir("host"))
-            .env("BUILD_DIR", self.dir("build"))
-            .env("BASE_DIR", self.dir("base"))
-            .output()
-            .expect("run post-image.sh");
-        assert!(
-            out.status.success(),
-            "post-image.sh {board}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        tool(
+            Command::new(workspace_root().join("buildroot/board/pocketos/post-image.sh"))
+                .arg(self.images())
+                .arg(board_dir(board))
+                .env("HOST_DIR", self.dir("host"))
+                .env("BUILD_DIR", self.dir("build"))
+                .env("TARGET_DIR", self.dir("target"))
+                .env("BASE_DIR", self.dir("base")),
         );
     }
 }
@@ -80,13 +76,8 @@ impl Output {
 /// `sfdisk --json`'s partition table of a disk image, without the fields
 /// that name the file or depend on the disk's length.
 fn partition_table(disk: &Path) -> Value {
-    let out = Command::new("sfdisk")
-        .arg("--json")
-        .arg(disk)
-        .output()
-        .expect("run sfdisk");
-    assert!(out.status.success(), "sfdisk {}: {out:?}", disk.display());
-    let mut table: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = tool(Command::new("sfdisk").arg("--json").arg(disk));
+    let mut table: Value = serde_json::from_str(&out).unwrap();
     let table = table["partitiontable"].take();
     let parts = table["partitions"]
         .as_array()
@@ -115,26 +106,20 @@ fn bytes_at(file: &Path, offset: u64, len: usize) -> Vec<u8> {
 /// A file copied out of a FAT image with mtools.
 fn fat_file(image: &Path, path: &str, to: &Path) -> PathBuf {
     let dest = to.join(path.rsplit('/').next().unwrap());
-    let out = Command::new("mcopy")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .arg("-i")
-        .arg(image)
-        .arg(format!("::{path}"))
-        .arg(&dest)
-        .output()
-        .expect("run mcopy");
-    assert!(out.status.success(), "mcopy {path}: {out:?}");
+    tool(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(image)
+            .arg(format!("::{path}"))
+            .arg(&dest),
+    );
     dest
 }
 
 /// `mkimage -l`'s description of a U-Boot image.
 fn mkimage_list(image: &Path) -> String {
-    let out = Command::new("mkimage")
-        .arg("-l")
-        .arg(image)
-        .output()
-        .expect("run mkimage");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    tool(Command::new("mkimage").arg("-l").arg(image))
 }
 
 #[test]

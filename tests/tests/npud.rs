@@ -43,6 +43,15 @@ fn run(w: &World, model: &str, inputs: &Value) -> Output {
     ])
 }
 
+/// Runs mlp on the same seeded input with pocketctl: whether npud answers.
+fn run_mlp(w: &World) -> Output {
+    run(
+        w,
+        "mlp",
+        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
+    )
+}
+
 #[test]
 fn outputs_match_the_onnxruntime_reference() {
     let w = world("");
@@ -141,13 +150,7 @@ fn providers_are_reported_honestly() {
         .ok()
         .json();
     assert_eq!(l["provider"], "cpu (fallback from qnn)");
-    let out = run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .ok()
-    .json();
+    let out = run_mlp(&w).ok().json();
     assert_eq!(out["provider"], "cpu (fallback from qnn)");
 
     // Without fallback, a required accelerator that is missing is an error.
@@ -157,12 +160,7 @@ fn providers_are_reported_honestly() {
         "execution provider qnn is not available on this device (ONNX Runtime offers: ",
     );
     refused.fails_with("cpu); CPU fallback is not allowed (ProviderUnavailable)");
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .fails_with("(ProviderUnavailable)");
+    run_mlp(&w).fails_with("(ProviderUnavailable)");
     w.ctl(&["runtime", "providers"]).ok();
 }
 
@@ -212,12 +210,7 @@ fn corrupt_model_and_missing_library_degrade_without_crashing() {
     w.start_npud("");
     run(&w, "junk", &json!({})).fails_with("model \"junk\" cannot be loaded");
     w.ctl(&["runtime", "load", "junk"]).fails_with("(Corrupt)");
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .ok();
+    run_mlp(&w).ok();
 
     // No library at the configured path: npud runs, degraded, and says why.
     w.npud = None;
@@ -227,12 +220,7 @@ fn corrupt_model_and_missing_library_degrade_without_crashing() {
     assert!(s.starts_with("degraded: ONNX Runtime is not available: /nonexistent/libonnxruntime.so does not exist"), "{s}");
     w.ctl(&["runtime", "load", "mlp"])
         .fails_with("(RuntimeUnavailable)");
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .fails_with("ONNX Runtime is not available");
+    run_mlp(&w).fails_with("ONNX Runtime is not available");
 
     // A file that is not a shared library: the same, not a crash.
     w.npud = None;
@@ -286,12 +274,7 @@ fn memory_budget_refuses_evicts_least_recently_used_and_idles_out() {
 #[test]
 fn removing_a_loaded_model_unloads_it_first() {
     let mut w = world("");
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .ok();
+    run_mlp(&w).ok();
     let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
     assert!(loaded
         .as_array()
@@ -308,12 +291,7 @@ fn removing_a_loaded_model_unloads_it_first() {
             .any(|m| m["name"] == "mlp"),
         "{loaded}"
     );
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .fails_with("model \"mlp\" is not installed (NotFound)");
+    run_mlp(&w).fails_with("model \"mlp\" is not installed (NotFound)");
     // With npud gone, removal does not depend on it.
     run(
         &w,
@@ -331,12 +309,7 @@ fn inference_holds_performance_on_powerd_and_releases_it_when_idle() {
     let mut w = world("performance_hold_secs = 2");
     let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
     let infer = |w: &World| {
-        run(
-            w,
-            "mlp",
-            &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-        )
-        .ok();
+        run_mlp(w).ok();
     };
     // npud found no powerd at its first inference; it follows powerd's bus
     // name and asks again as soon as powerd appears.
@@ -423,12 +396,7 @@ fn infer_fd_checks_sizes_before_reading() {
         )]);
         assert!(npud.infer("wide", huge).await.is_err());
     });
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .ok();
+    run_mlp(&w).ok();
 }
 
 #[test]
@@ -500,12 +468,7 @@ fn a_private_channel_serves_the_same_runtime_until_the_client_closes_it() {
         assert_eq!(again.status().await.unwrap(), "ok");
     });
     // And npud still answers on the bus.
-    run(
-        &w,
-        "mlp",
-        &json!({"x": {"shape": [1, 16], "data": seeded_data(16, 1)}}),
-    )
-    .ok();
+    run_mlp(&w).ok();
 }
 
 #[test]

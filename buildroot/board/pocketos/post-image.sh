@@ -63,7 +63,7 @@ export POCKETOS_SLOT_SIZE=${SLOT_SIZE:?$board/meta has no SLOT_SIZE}
     --outputpath "$images" \
     --config genimage.cfg)
 
-sed -n 's/^version = "\(.*\)"/\1/p' "$BUILD_DIR"/pocket-otad-*/Cargo.toml | head -1 >"$images/version"
+cp "$TARGET_DIR/etc/pocketos-version" "$images/version"
 if [ -d "$BASE_DIR/pocketos-dev-keys" ]; then
     rm -rf "$images/dev-keys"
     cp -a "$BASE_DIR/pocketos-dev-keys" "$images/dev-keys"
