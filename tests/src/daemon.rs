@@ -24,20 +24,44 @@ pub fn bin_path(name: &str) -> PathBuf {
 #[derive(Debug)]
 pub struct Daemon {
     child: Option<Child>,
-    bus_name: String,
+    ready: Ready,
     bin: String,
     args: Vec<String>,
     address: String,
     log: PathBuf,
 }
 
+/// What says a daemon is up.
+#[derive(Debug, Clone)]
+enum Ready {
+    /// It owns this bus name.
+    BusName(String),
+    /// It accepts TCP connections here.
+    Listening(std::net::SocketAddr),
+}
+
 impl Daemon {
     /// Starts `bin` with `--config config` and waits until it owns
     /// `bus_name`.
     pub fn start(bus: &DevBus, bin: &str, bus_name: &str, config: &Path) -> Daemon {
+        Self::start_with(bus, bin, Ready::BusName(bus_name.into()), config)
+    }
+
+    /// Starts `bin` with `--config config` and waits until it accepts
+    /// connections on `addr`.
+    pub fn start_listening(
+        bus: &DevBus,
+        bin: &str,
+        addr: std::net::SocketAddr,
+        config: &Path,
+    ) -> Daemon {
+        Self::start_with(bus, bin, Ready::Listening(addr), config)
+    }
+
+    fn start_with(bus: &DevBus, bin: &str, ready: Ready, config: &Path) -> Daemon {
         let mut d = Daemon {
             child: None,
-            bus_name: bus_name.into(),
+            ready,
             bin: bin.into(),
             args: vec!["--config".into(), config.display().to_string()],
             address: bus.address().into(),
@@ -62,9 +86,9 @@ impl Daemon {
             .spawn()
             .expect("spawn daemon");
         self.child = Some(child);
-        let name = self.bus_name.clone();
+        let ready = self.ready.clone();
         wait_for(
-            &format!("{} on the bus", self.bus_name),
+            &format!("{} to be up ({ready:?})", self.bin),
             Duration::from_secs(30),
             || {
                 if let Some(status) = self
@@ -74,7 +98,11 @@ impl Daemon {
                 {
                     panic!("{} exited with {status}: {}", self.bin, self.log_text());
                 }
-                bus.has_owner(&name).then_some(())
+                match &ready {
+                    Ready::BusName(name) => bus.has_owner(name),
+                    Ready::Listening(addr) => std::net::TcpStream::connect(addr).is_ok(),
+                }
+                .then_some(())
             },
         );
     }

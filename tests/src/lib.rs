@@ -4,6 +4,8 @@
 //! - [`DevBus`]: a private `dbus-daemon` with PocketOS's bus policy files,
 //!   addressed through `DBUS_SYSTEM_BUS_ADDRESS`;
 //! - [`Daemon`]: a real daemon binary started on that bus;
+//! - [`Dash`]: a client of the dashboard's HTTP API, with its session
+//!   and CSRF token;
 //! - [`HttpServer`]: a file server on 127.0.0.1 that can throttle, drop a
 //!   connection mid-body and logs what it sent;
 //! - [`Publisher`]: keys, keyrings, packs and catalogs made with the real
@@ -18,6 +20,7 @@ pub mod appliance;
 pub mod bench;
 mod bus;
 mod daemon;
+mod dash;
 mod fixtures;
 mod http;
 mod simboard;
@@ -26,6 +29,7 @@ mod world;
 
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, run_pocketctl, Daemon, Output, RunAs};
+pub use dash::{wait_event, Dash, Reply};
 pub use fixtures::{
     assert_close, onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file,
     reference_outputs, seeded_data, Publisher,
@@ -35,7 +39,7 @@ pub use simboard::{Load, Sample, SimBoard};
 pub use updatebox::{
     fw_printenv, grub_editenv_list, tool, BundleFiles, Loader, UpdateBox, COMPATIBLE,
 };
-pub use world::World;
+pub use world::{free_port, World};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -20,6 +20,7 @@ pub struct World {
     pub modeld: Option<Daemon>,
     pub npud: Option<Daemon>,
     pub powerd: Option<Daemon>,
+    pub webd: Option<Daemon>,
 }
 
 impl World {
@@ -58,6 +59,7 @@ impl World {
             modeld: None,
             npud: None,
             powerd: None,
+            webd: None,
         };
         w.write_config("");
         w
@@ -138,6 +140,31 @@ impl World {
         self.powerd.as_mut().unwrap()
     }
 
+    /// Starts the dashboard on a free 127.0.0.1 port with its data in this
+    /// world and `extra` config; returns its base URL (`http://localhost:PORT`:
+    /// browsers keep `Secure` cookies for localhost).
+    pub fn start_webd(&mut self, extra: &str) -> String {
+        let port = free_port();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let defaults = [
+            format!("listen = \"{addr}\""),
+            format!("data_dir = \"{}\"", self.webd_dir().display()),
+        ];
+        let path = self.tmp.path().join("webd.toml");
+        std::fs::write(&path, merge_config(&defaults, extra)).unwrap();
+        self.webd = Some(Daemon::start_listening(
+            &self.bus,
+            "pocket-webd",
+            addr,
+            &path,
+        ));
+        format!("http://localhost:{port}")
+    }
+
+    pub fn webd_dir(&self) -> PathBuf {
+        self.tmp.path().join("webd")
+    }
+
     pub fn modeld(&mut self) -> &mut Daemon {
         self.modeld.as_mut().expect("modeld started")
     }
@@ -192,6 +219,14 @@ impl World {
         let _ = std::fs::remove_dir_all(self.site.join("packs"));
         self.publisher.catalog(packs, &self.site, version);
     }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Config text: `defaults` lines whose key `extra` does not set, then `extra`.

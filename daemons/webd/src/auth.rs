@@ -1,0 +1,291 @@
+//! The admin credential and login sessions.
+//!
+//! The credential is set once, from the page, when none exists (the box's
+//! first boot); it is kept as a salted Argon2id hash in
+//! `<data_dir>/admin.credential`, mode 0600. A login gives a random session
+//! token in an `HttpOnly`, `SameSite=Strict` cookie (`Secure` unless
+//! configured off) and a CSRF token that every change must echo in
+//! `X-CSRF-Token`. Sessions live in memory: a restart logs everyone out.
+
+use crate::error::{ApiError, ApiResult};
+use crate::Config;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use axum::http::StatusCode;
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const COOKIE: &str = "pocket_session";
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// Shortest admin password accepted.
+pub const MIN_PASSWORD: usize = 8;
+/// Most sessions kept; the least recently used goes first.
+const MAX_SESSIONS: usize = 32;
+/// How long a wrong password holds up the next login attempt.
+const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+
+pub struct Auth {
+    path: PathBuf,
+    hash: Mutex<Option<String>>,
+    sessions: Mutex<HashMap<String, Session>>,
+    /// One password check at a time, so guesses cannot run in parallel.
+    gate: tokio::sync::Mutex<()>,
+    idle: Duration,
+    secure: bool,
+}
+
+struct Session {
+    csrf: String,
+    last_used: Instant,
+}
+
+/// A logged-in session: its token and CSRF token.
+#[derive(Debug, Clone)]
+pub struct SessionKeys {
+    pub token: String,
+    pub csrf: String,
+}
+
+impl Auth {
+    pub fn open(cfg: &Config) -> anyhow::Result<Auth> {
+        let path = cfg.data_dir.join("admin.credential");
+        let hash = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let text = text.trim().to_string();
+                PasswordHash::new(&text).map_err(|e| {
+                    anyhow::anyhow!("{} is not a password hash: {e}", path.display())
+                })?;
+                Some(text)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+        };
+        Ok(Auth {
+            path,
+            hash: Mutex::new(hash),
+            sessions: Mutex::default(),
+            gate: tokio::sync::Mutex::new(()),
+            idle: Duration::from_secs(cfg.session_idle_minutes.max(1) * 60),
+            secure: cfg.secure_cookies,
+        })
+    }
+
+    pub fn has_credential(&self) -> bool {
+        self.hash.lock().unwrap().is_some()
+    }
+
+    /// Sets the admin password when none is set yet, and logs in.
+    pub async fn set_initial(&self, password: String) -> ApiResult<SessionKeys> {
+        check_password_shape(&password)?;
+        let _gate = self.gate.lock().await;
+        if self.has_credential() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadySet",
+                "the admin password is already set; log in with it",
+            ));
+        }
+        let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string())
+            })??;
+        let path = self.path.clone();
+        let text = hash.clone();
+        tokio::task::spawn_blocking(move || write_private(&path, text.as_bytes()))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string())
+            })?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "Io",
+                    format!("cannot store the credential: {e}"),
+                )
+            })?;
+        *self.hash.lock().unwrap() = Some(hash);
+        tracing::info!("admin credential set");
+        Ok(self.new_session())
+    }
+
+    /// Checks the password and starts a session.
+    pub async fn login(&self, password: String) -> ApiResult<SessionKeys> {
+        let _gate = self.gate.lock().await;
+        let Some(hash) = self.hash.lock().unwrap().clone() else {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "SetupNeeded",
+                "no admin password is set yet; set one first",
+            ));
+        };
+        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            tracing::warn!("failed login");
+            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "WrongPassword",
+                "wrong password",
+            ));
+        }
+        tracing::info!("admin logged in");
+        Ok(self.new_session())
+    }
+
+    fn new_session(&self) -> SessionKeys {
+        let keys = SessionKeys {
+            token: random_token(),
+            csrf: random_token(),
+        };
+        let mut sessions = self.sessions.lock().unwrap();
+        let idle = self.idle;
+        sessions.retain(|_, s| s.last_used.elapsed() < idle);
+        while sessions.len() >= MAX_SESSIONS {
+            let oldest = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone())
+                .expect("not empty");
+            sessions.remove(&oldest);
+        }
+        sessions.insert(
+            keys.token.clone(),
+            Session {
+                csrf: keys.csrf.clone(),
+                last_used: Instant::now(),
+            },
+        );
+        keys
+    }
+
+    /// The CSRF token of a live session, which this use keeps alive.
+    pub fn session(&self, token: &str) -> Option<String> {
+        let mut sessions = self.sessions.lock().unwrap();
+        let s = sessions.get_mut(token)?;
+        if s.last_used.elapsed() >= self.idle {
+            sessions.remove(token);
+            return None;
+        }
+        s.last_used = Instant::now();
+        Some(s.csrf.clone())
+    }
+
+    pub fn logout(&self, token: &str) {
+        self.sessions.lock().unwrap().remove(token);
+    }
+
+    /// `Set-Cookie` for a session token; an empty token clears the cookie.
+    pub fn cookie(&self, token: &str) -> String {
+        let max_age = if token.is_empty() {
+            0
+        } else {
+            self.idle.as_secs()
+        };
+        let secure = if self.secure { "; Secure" } else { "" };
+        format!("{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}")
+    }
+}
+
+fn check_password_shape(password: &str) -> ApiResult<()> {
+    if password.chars().count() < MIN_PASSWORD {
+        return Err(ApiError::bad_request(format!(
+            "the password needs at least {MIN_PASSWORD} characters"
+        )));
+    }
+    if password.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "the password is longer than 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+fn hash_password(password: &str) -> ApiResult<String> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    let salt = SaltString::encode_b64(&salt)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))
+}
+
+fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
+    hex::encode(bytes)
+}
+
+/// Equal without an early exit, so a comparison's time says nothing about
+/// how much of a guess was right.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Writes `path` (mode 0600) through a temporary file, fsynced, renamed
+/// into place, directory fsynced: after a power cut it is the old file or
+/// the new one.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_verify_and_differ() {
+        let a = hash_password("correct horse").unwrap();
+        let b = hash_password("correct horse").unwrap();
+        assert!(a.starts_with("$argon2id$"), "{a}");
+        assert_ne!(a, b, "salted");
+        assert!(!a.contains("correct horse"));
+        assert!(verify_password(&a, "correct horse"));
+        assert!(!verify_password(&a, "correct horsf"));
+        assert!(!verify_password("not a hash", "correct horse"));
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+    }
+}

@@ -1,0 +1,276 @@
+//! Live updates for the page: the daemons' D-Bus signals (job property
+//! changes, completion signals, profile changes) and powerd's telemetry,
+//! turned into JSON events that `/api/events` pushes as Server-Sent Events.
+
+use futures_util::StreamExt;
+use pocket_proto::{models, power, update};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+use zbus::zvariant::OwnedObjectPath;
+use zbus::MatchRule;
+
+/// How often telemetry is pushed while a page listens.
+const POWER_PERIOD: Duration = Duration::from_secs(1);
+/// Progress of one job is pushed at most this often.
+const PROGRESS_PERIOD: Duration = Duration::from_millis(150);
+
+#[derive(Clone)]
+pub struct Events {
+    tx: broadcast::Sender<Arc<str>>,
+    rates: Arc<Mutex<HashMap<String, Rate>>>,
+}
+
+/// Download speed of a job, smoothed.
+struct Rate {
+    bytes: u64,
+    at: Instant,
+    per_sec: f64,
+    last_sent: Option<(Instant, String)>,
+}
+
+impl Events {
+    /// Starts watching the bus; events go to every subscriber.
+    pub fn start(bus: &zbus::Connection) -> Events {
+        let (tx, _) = broadcast::channel(256);
+        let ev = Events {
+            tx,
+            rates: Arc::default(),
+        };
+        let jobs = [
+            ("model-job", models::BUS_NAME, models::JOB_PATH_PREFIX),
+            ("update-job", update::BUS_NAME, update::JOB_PATH_PREFIX),
+        ];
+        for (kind, sender, prefix) in jobs {
+            tokio::spawn(ev.clone().watch_jobs(bus.clone(), kind, sender, prefix));
+        }
+        tokio::spawn(ev.clone().watch_finished(bus.clone()));
+        tokio::spawn(ev.clone().watch_power(bus.clone()));
+        ev
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.tx.subscribe()
+    }
+
+    pub fn send(&self, event: Value) {
+        // No subscriber is fine: nobody has the page open.
+        let _ = self.tx.send(event.to_string().into());
+    }
+
+    async fn watch_jobs(
+        self,
+        bus: zbus::Connection,
+        kind: &'static str,
+        sender: &'static str,
+        prefix: &'static str,
+    ) {
+        let rule = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(sender)
+            .and_then(|r| r.interface("org.freedesktop.DBus.Properties"))
+            .and_then(|r| r.member("PropertiesChanged"))
+            .and_then(|r| r.path_namespace(prefix))
+            .map(|r| r.build());
+        let mut stream = match rule {
+            Ok(rule) => match zbus::MessageStream::for_match_rule(rule, &bus, Some(256)).await {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!("cannot watch {sender} jobs: {e}"),
+            },
+            Err(e) => return tracing::warn!("cannot watch {sender} jobs: {e}"),
+        };
+        while let Some(msg) = stream.next().await {
+            let Ok(msg) = msg else { continue };
+            let Some(path) = msg
+                .header()
+                .path()
+                .map(|p| OwnedObjectPath::from(p.to_owned()))
+            else {
+                continue;
+            };
+            let job = match kind {
+                "model-job" => model_job(&bus, &path).await,
+                _ => update_job(&bus, &path).await,
+            };
+            if let Some(job) = job {
+                if let Some(job) = self.with_rate(&path, job) {
+                    self.send(json!({ "type": kind, "job": job }));
+                }
+            }
+        }
+    }
+
+    /// Adds speed and time left to a job's progress; `None` when it is too
+    /// soon after the last event for the same job and phase.
+    fn with_rate(&self, path: &str, mut job: Value) -> Option<Value> {
+        let done = job["bytes_done"].as_u64().unwrap_or(0);
+        let total = job["bytes_total"].as_u64().unwrap_or(0);
+        let phase = job["phase"].as_str().unwrap_or("").to_string();
+        let now = Instant::now();
+        let mut rates = self.rates.lock().unwrap();
+        let r = rates.entry(path.to_string()).or_insert(Rate {
+            bytes: done,
+            at: now,
+            per_sec: 0.0,
+            last_sent: None,
+        });
+        let dt = now.duration_since(r.at).as_secs_f64();
+        if dt >= 0.1 && done >= r.bytes {
+            let sample = (done - r.bytes) as f64 / dt;
+            r.per_sec = if r.per_sec == 0.0 {
+                sample
+            } else {
+                0.7 * r.per_sec + 0.3 * sample
+            };
+            r.bytes = done;
+            r.at = now;
+        }
+        if let Some((at, last_phase)) = &r.last_sent {
+            if *last_phase == phase && now.duration_since(*at) < PROGRESS_PERIOD {
+                return None;
+            }
+        }
+        r.last_sent = Some((now, phase.clone()));
+        job["bytes_per_sec"] = json!(r.per_sec.round());
+        if job.get("eta_seconds").is_none() {
+            let eta = if r.per_sec > 0.0 && total >= done {
+                ((total - done) as f64 / r.per_sec).ceil() as i64
+            } else {
+                -1
+            };
+            job["eta_seconds"] = json!(eta);
+        }
+        if phase == "done" || phase == "failed" {
+            rates.remove(path);
+        }
+        Some(job)
+    }
+
+    async fn watch_finished(self, bus: zbus::Connection) {
+        let models = async {
+            let proxy = models::Models1Proxy::new(&bus).await?;
+            let mut s = proxy.receive_install_finished().await?;
+            while let Some(sig) = s.next().await {
+                let Ok(a) = sig.args() else { continue };
+                self.send(json!({
+                    "type": "model-finished",
+                    "job": a.job().to_string(),
+                    "name": a.name(),
+                    "success": a.success(),
+                    "error": a.error_name().rsplit('.').next().unwrap_or(""),
+                    "message": a.error_message(),
+                }));
+            }
+            zbus::Result::Ok(())
+        };
+        let updates = async {
+            let proxy = update::Update1Proxy::new(&bus).await?;
+            let mut s = proxy.receive_install_finished().await?;
+            while let Some(sig) = s.next().await {
+                let Ok(a) = sig.args() else { continue };
+                self.send(json!({
+                    "type": "update-finished",
+                    "job": a.job().to_string(),
+                    "success": a.success(),
+                    "error": a.error_name().rsplit('.').next().unwrap_or(""),
+                    "message": a.error_message(),
+                }));
+            }
+            zbus::Result::Ok(())
+        };
+        let (m, u) = tokio::join!(models, updates);
+        for e in [m.err(), u.err()].into_iter().flatten() {
+            tracing::warn!("cannot watch completion signals: {e}");
+        }
+    }
+
+    async fn watch_power(self, bus: zbus::Connection) {
+        let mut tick = tokio::time::interval(POWER_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.tx.receiver_count() == 0 {
+                continue;
+            }
+            if let Ok(p) = power_state(&bus).await {
+                self.send(json!({ "type": "power", "power": p }));
+            }
+        }
+    }
+}
+
+/// A model install job as the page shows it; `None` once it is gone.
+pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
+    let job: models::JobProxy = fresh_proxy(bus, path).await.ok()?;
+    Some(json!({
+        "id": job_id(path),
+        "name": job.name().await.ok()?,
+        "phase": job.phase().await.ok()?,
+        "bytes_done": job.bytes_done().await.ok()?,
+        "bytes_total": job.bytes_total().await.ok()?,
+        "error": job.error_name().await.ok()?.rsplit('.').next().unwrap_or("").to_string(),
+        "message": job.error_message().await.ok()?,
+    }))
+}
+
+/// A system update job as the page shows it; `None` once it is gone.
+pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
+    let job: update::UpdateJobProxy = fresh_proxy(bus, path).await.ok()?;
+    Some(json!({
+        "id": job_id(path),
+        "version": job.version().await.ok()?,
+        "slot": job.slot().await.ok()?,
+        "phase": job.phase().await.ok()?,
+        "bytes_done": job.bytes_done().await.ok()?,
+        "bytes_total": job.bytes_total().await.ok()?,
+        "eta_seconds": job.eta_seconds().await.ok()?,
+        "error": job.error_name().await.ok()?.rsplit('.').next().unwrap_or("").to_string(),
+        "message": job.error_message().await.ok()?,
+    }))
+}
+
+/// The last element of a job's object path: what the page names it by.
+pub fn job_id(path: &str) -> String {
+    path.rsplit('/').next().unwrap_or("").to_string()
+}
+
+/// A proxy that reads every property fresh (a job changes all the time).
+pub async fn fresh_proxy<P>(bus: &zbus::Connection, path: &OwnedObjectPath) -> zbus::Result<P>
+where
+    P: zbus::proxy::Defaults + From<zbus::Proxy<'static>>,
+{
+    zbus::proxy::Builder::<P>::new(bus)
+        .path(path.clone())?
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+}
+
+/// Profile, budget, watts and temperatures, from powerd.
+pub async fn power_state(bus: &zbus::Connection) -> zbus::Result<Value> {
+    let ppd: power::PowerProfilesProxy = zbus::proxy::Builder::new(bus)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let p1 = power::Power1Proxy::builder(bus)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
+    let t = p1.telemetry().await?;
+    let watts = |w: f64| if w.is_finite() { json!(w) } else { Value::Null };
+    let mut temps: Vec<(String, f64)> = t.temperatures.into_iter().collect();
+    temps.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(json!({
+        "profile": ppd.active_profile().await?,
+        "profiles": ["power-saver", "balanced", "performance"],
+        "budget_watts": t.budget_watts,
+        "system_watts": watts(t.system_watts),
+        "temperatures": temps.into_iter().map(|(zone, c)| json!({"zone": zone, "celsius": c})).collect::<Vec<_>>(),
+        "cap_fraction": t.cap_fraction,
+        "degraded": t.degraded_reason,
+        "status": t.status,
+        "board": p1.board().await.unwrap_or_default(),
+    }))
+}

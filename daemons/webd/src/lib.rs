@@ -1,0 +1,114 @@
+//! `pocket-webd`: the box's dashboard. A small web service that serves one
+//! page (embedded, so it works offline) and a JSON API over the other
+//! daemons' D-Bus interfaces; it holds no state of its own beyond the admin
+//! credential and sessions.
+//!
+//! Reading is open unless `login_to_read` is set; every change needs a
+//! logged-in session and its CSRF token. See docs/dashboard.md.
+
+mod api;
+mod auth;
+mod error;
+mod events;
+mod net;
+
+pub use net::is_local_peer;
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default = "yes")]
+    pub local_network_only: bool,
+    #[serde(default)]
+    pub login_to_read: bool,
+    #[serde(default = "yes")]
+    pub secure_cookies: bool,
+    #[serde(default = "default_idle_minutes")]
+    pub session_idle_minutes: u64,
+    #[serde(default = "default_upload_limit_mb")]
+    pub upload_limit_mb: u64,
+}
+
+fn default_listen() -> String {
+    "0.0.0.0:80".into()
+}
+fn default_data_dir() -> PathBuf {
+    "/data/webd".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_idle_minutes() -> u64 {
+    720
+}
+fn default_upload_limit_mb() -> u64 {
+    65536
+}
+
+/// What every request handler shares.
+pub(crate) struct App {
+    pub cfg: Config,
+    pub bus: zbus::Connection,
+    pub auth: auth::Auth,
+    pub events: events::Events,
+}
+
+/// Serves the dashboard until `shutdown` completes.
+pub async fn serve(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(cfg.data_dir.join("uploads"))
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.data_dir.display()))?;
+    // Uploads left by a crash or power cut are not resumable: drop them.
+    api::clear_uploads(&cfg.data_dir);
+    let bus = pocket_proto::system_bus()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
+    let auth = auth::Auth::open(&cfg)?;
+    let events = events::Events::start(&bus);
+    let addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("listen {:?}: {e}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let app = Arc::new(App {
+        cfg,
+        bus,
+        auth,
+        events,
+    });
+    tracing::info!(
+        "dashboard on http://{}/ ({})",
+        listener.local_addr()?,
+        if app.auth.has_credential() {
+            "admin credential set"
+        } else {
+            "no admin credential yet: the page asks for one"
+        }
+    );
+    let router = api::router(app);
+    let stop = async move {
+        if let Err(e) = shutdown.await {
+            tracing::warn!("waiting for a stop signal: {e}");
+        }
+    };
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await?;
+    Ok(())
+}

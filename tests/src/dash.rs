@@ -1,0 +1,204 @@
+//! A client of the dashboard's HTTP API, as the page uses it: a session
+//! cookie and the CSRF token it was given, sent with every change.
+
+use serde_json::Value;
+use std::io::BufRead;
+use std::sync::mpsc;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Dash {
+    pub base: String,
+    client: reqwest::blocking::Client,
+    /// The session cookie's value, once logged in.
+    pub session: Option<String>,
+    /// The session's CSRF token, once logged in.
+    pub csrf: Option<String>,
+}
+
+/// A response: status, `Set-Cookie` (if any) and the JSON body (`Null`
+/// when not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub set_cookie: Option<String>,
+    pub body: Value,
+}
+
+impl Reply {
+    /// Asserts a 2xx status; returns the body.
+    pub fn ok(self) -> Value {
+        assert!(
+            (200..300).contains(&self.status),
+            "status {}: {}",
+            self.status,
+            self.body
+        );
+        self.body
+    }
+
+    /// Asserts an error reply with this status and short error name;
+    /// returns its message.
+    pub fn fails(self, status: u16, name: &str) -> String {
+        assert_eq!(self.status, status, "{}", self.body);
+        assert_eq!(self.body["error"], name, "{}", self.body);
+        let msg = self.body["message"].as_str().unwrap_or("").to_string();
+        assert!(!msg.is_empty(), "no message: {}", self.body);
+        msg
+    }
+}
+
+impl Dash {
+    pub fn new(base: &str) -> Dash {
+        Dash {
+            base: base.trim_end_matches('/').to_string(),
+            client: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("http client"),
+            session: None,
+            csrf: None,
+        }
+    }
+
+    /// A read, with the session cookie when logged in.
+    pub fn get(&self, path: &str) -> Reply {
+        let mut req = self.client.get(self.url(path));
+        if let Some(s) = &self.session {
+            req = req.header("cookie", format!("pocket_session={s}"));
+        }
+        self.send(req)
+    }
+
+    /// A change with a JSON body, the session and its CSRF token.
+    pub fn post(&self, path: &str, body: Value) -> Reply {
+        self.post_with(path, Some(body), &[])
+    }
+
+    /// A change with extra (or replaced) headers: `("x-csrf-token", "")`
+    /// leaves the token out.
+    pub fn post_with(&self, path: &str, body: Option<Value>, headers: &[(&str, &str)]) -> Reply {
+        let mut req = self.client.post(self.url(path));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        self.send(self.with_session(req, headers))
+    }
+
+    /// Uploads raw bytes as the page's file forms do.
+    pub fn upload(&self, path: &str, bytes: Vec<u8>) -> Reply {
+        let req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/octet-stream")
+            .body(bytes);
+        self.send(self.with_session(req, &[]))
+    }
+
+    fn with_session(
+        &self,
+        mut req: reqwest::blocking::RequestBuilder,
+        headers: &[(&str, &str)],
+    ) -> reqwest::blocking::RequestBuilder {
+        if let Some(s) = &self.session {
+            req = req.header("cookie", format!("pocket_session={s}"));
+        }
+        let csrf = headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("x-csrf-token"))
+            .map(|(_, v)| v.to_string())
+            .unwrap_or_else(|| self.csrf.clone().unwrap_or_else(|| "none".into()));
+        if !csrf.is_empty() {
+            req = req.header("x-csrf-token", csrf);
+        }
+        for (k, v) in headers {
+            if !k.eq_ignore_ascii_case("x-csrf-token") {
+                req = req.header(*k, *v);
+            }
+        }
+        req
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn send(&self, req: reqwest::blocking::RequestBuilder) -> Reply {
+        let resp = req.send().expect("the dashboard answers");
+        let status = resp.status().as_u16();
+        let set_cookie = resp
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = resp.text().unwrap_or_default();
+        Reply {
+            status,
+            set_cookie,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        }
+    }
+
+    /// Sets the first admin password (`/api/setup`) or logs in with it, and
+    /// keeps the session.
+    pub fn log_in(&mut self, password: &str, first: bool) -> Reply {
+        let path = if first { "/api/setup" } else { "/api/login" };
+        let r = self.post(path, serde_json::json!({ "password": password }));
+        if r.status == 200 {
+            let cookie = r.set_cookie.as_deref().expect("a session cookie");
+            let value = cookie
+                .split(';')
+                .next()
+                .and_then(|kv| kv.strip_prefix("pocket_session="))
+                .expect("pocket_session cookie");
+            self.session = Some(value.to_string());
+            self.csrf = r.body["csrf"].as_str().map(str::to_string);
+        }
+        r
+    }
+
+    /// Listens to `/api/events`: each event's JSON arrives on the receiver.
+    pub fn events(&self) -> mpsc::Receiver<Value> {
+        let (tx, rx) = mpsc::channel();
+        let resp = reqwest::blocking::Client::new()
+            .get(self.url("/api/events"))
+            .send()
+            .expect("the event stream opens");
+        assert_eq!(resp.status().as_u16(), 200);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(resp).lines() {
+                let Ok(line) = line else { break };
+                if let Some(data) = line.strip_prefix("data:") {
+                    if let Ok(v) = serde_json::from_str(data.trim()) {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+/// Receives events until one satisfies `f`; returns it and every event
+/// seen before it.
+pub fn wait_event(
+    rx: &mpsc::Receiver<Value>,
+    what: &str,
+    limit: Duration,
+    f: impl Fn(&Value) -> bool,
+) -> (Value, Vec<Value>) {
+    let deadline = std::time::Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(v) if f(&v) => return (v, seen),
+            Ok(v) => seen.push(v),
+            Err(_) => panic!("no event {what} within {limit:?}; saw {seen:#?}"),
+        }
+    }
+}

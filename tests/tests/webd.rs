@@ -1,0 +1,434 @@
+//! The dashboard's API against the real service and real daemons on a
+//! private bus: first-boot setup, login and sessions, changes refused
+//! without the credential or the CSRF token, an install with live progress
+//! over Server-Sent Events, a test run, power, updates, and bad requests
+//! answered with clear errors while the service stays up.
+
+use pocket_tests::*;
+use serde_json::json;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+const PASSWORD: &str = "correct horse battery";
+
+/// modeld, npud and powerd (on a simulated RK3588) and the dashboard.
+fn world(webd_extra: &str) -> (World, SimBoard, Dash) {
+    let mut w = World::start();
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    w.start_modeld();
+    w.start_npud("");
+    w.start_powerd(board.root(), "");
+    let base = w.start_webd(webd_extra);
+    (w, board, Dash::new(&base))
+}
+
+fn profile(w: &World) -> String {
+    w.ctl(&["power", "get", "--json"]).ok().json()["profile"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn first_boot_sets_the_password_then_login_logout_and_restart() {
+    let (mut w, _board, mut d) = world("");
+    let s = d.get("/api/session").ok();
+    assert_eq!(s["setup_needed"], true);
+    assert_eq!(s["logged_in"], false);
+
+    // The page loads before anyone logs in, with a strict policy.
+    let page = reqwest::blocking::get(format!("{}/", d.base)).unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    assert!(page.text().unwrap().contains("Model store"));
+
+    // Setup: the header a cross-site form cannot send is required, and a
+    // short password is refused.
+    d.post_with(
+        "/api/setup",
+        Some(json!({"password": PASSWORD})),
+        &[("x-csrf-token", "")],
+    )
+    .fails(403, "CsrfFailed");
+    let msg = d
+        .post("/api/setup", json!({"password": "short"}))
+        .fails(400, "BadRequest");
+    assert!(msg.contains("at least 8 characters"), "{msg}");
+    let r = d.log_in(PASSWORD, true);
+    let cookie = r.set_cookie.clone().expect("cookie");
+    r.ok();
+    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+        assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+    }
+    assert_eq!(d.get("/api/session").ok()["setup_needed"], false);
+
+    // Stored hashed, readable by root only.
+    let cred = w.webd_dir().join("admin.credential");
+    let text = std::fs::read_to_string(&cred).unwrap();
+    assert!(text.starts_with("$argon2id$"), "{text}");
+    assert!(!text.contains(PASSWORD));
+    assert_eq!(
+        std::fs::metadata(&cred).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Set once only; a second setup does not replace it.
+    let mut other = Dash::new(&d.base);
+    other
+        .log_in("another password", true)
+        .fails(409, "AlreadySet");
+    other
+        .log_in("wrong password", false)
+        .fails(401, "WrongPassword");
+
+    // A session's changes work; after logout the same cookie does not.
+    d.post("/api/power/profile", json!({"profile": "performance"}))
+        .ok();
+    assert_eq!(profile(&w), "performance");
+    let old = (d.session.clone(), d.csrf.clone());
+    d.post("/api/logout", json!({})).ok();
+    d.post("/api/power/profile", json!({"profile": "balanced"}))
+        .fails(401, "LoginRequired");
+    assert_eq!(profile(&w), "performance");
+
+    // The credential survives a restart; sessions do not.
+    d.log_in(PASSWORD, false).ok();
+    let live = (d.session.clone(), d.csrf.clone());
+    let bus = &w.bus;
+    w.webd.as_mut().unwrap().restart(bus);
+    wait_for("the dashboard back", Duration::from_secs(10), || {
+        (d.get("/api/session").status == 200).then_some(())
+    });
+    assert_eq!(d.get("/api/session").ok()["setup_needed"], false);
+    d.post("/api/power/profile", json!({"profile": "balanced"}))
+        .fails(401, "LoginRequired");
+    d.log_in(PASSWORD, false).ok();
+    d.post("/api/power/profile", json!({"profile": "balanced"}))
+        .ok();
+    assert_eq!(profile(&w), "balanced");
+
+    // No secret in the log: password, session tokens, CSRF tokens.
+    let log = w.webd.as_ref().unwrap().log_text();
+    assert!(log.contains("admin logged in"), "{log}");
+    let mut secrets = vec![PASSWORD.to_string()];
+    for (s, c) in [old, live, (d.session.clone(), d.csrf.clone())] {
+        secrets.extend(s);
+        secrets.extend(c);
+    }
+    for secret in secrets {
+        assert!(!log.contains(&secret), "the log holds a secret");
+    }
+}
+
+#[test]
+fn changes_without_the_credential_or_csrf_token_are_refused() {
+    let (w, _board, mut d) = world("");
+    d.log_in(PASSWORD, true).ok();
+    let csrf = d.csrf.clone().unwrap();
+    let anon = Dash::new(&d.base);
+
+    // Reading is open; changing is not.
+    assert!(anon.get("/api/models").ok()["catalog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "mlp"));
+    anon.post("/api/power/profile", json!({"profile": "performance"}))
+        .fails(401, "LoginRequired");
+    anon.post("/api/models/install", json!({"name": "mlp"}))
+        .fails(401, "LoginRequired");
+    anon.upload("/api/models/upload", vec![1, 2, 3])
+        .fails(401, "LoginRequired");
+    anon.post("/api/update/rollback", json!({}))
+        .fails(401, "LoginRequired");
+
+    // Logged in, but without the session's CSRF token, with another one,
+    // or from another site's page.
+    d.post_with(
+        "/api/power/profile",
+        Some(json!({"profile": "performance"})),
+        &[("x-csrf-token", "")],
+    )
+    .fails(403, "CsrfFailed");
+    d.post_with(
+        "/api/models/install",
+        Some(json!({"name": "mlp"})),
+        &[("x-csrf-token", &"0".repeat(csrf.len()))],
+    )
+    .fails(403, "CsrfFailed");
+    d.post_with(
+        "/api/models/install",
+        Some(json!({"name": "mlp"})),
+        &[("origin", "http://evil.example")],
+    )
+    .fails(403, "CrossOrigin");
+
+    // Nothing changed.
+    assert_eq!(profile(&w), "balanced");
+    w.assert_nothing_installed();
+    assert_eq!(
+        std::fs::read_dir(w.webd_dir().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(d.get("/api/models").ok()["jobs"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn reading_can_require_a_login() {
+    let (_w, _board, mut d) = world("login_to_read = true");
+    let anon = Dash::new(&d.base);
+    for path in ["/api/models", "/api/power", "/api/update", "/api/events"] {
+        anon.get(path).fails(401, "LoginRequired");
+    }
+    // The page and the session state stay open, to show the login.
+    assert_eq!(anon.get("/api/session").ok()["login_to_read"], true);
+    d.log_in(PASSWORD, true).ok();
+    assert!(d.get("/api/power").ok()["profiles"].is_array());
+    d.get("/api/models").ok();
+}
+
+#[test]
+fn install_with_live_progress_then_run_and_remove() {
+    let (w, _board, mut d) = world("");
+    d.log_in(PASSWORD, true).ok();
+    let events = d.events();
+    w.http.throttle(2000);
+
+    let job = d.post("/api/models/install", json!({"name": "mlp"})).ok()["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (done, seen) = wait_event(&events, "mlp installed", Duration::from_secs(60), |e| {
+        e["type"] == "model-finished"
+    });
+    assert_eq!(done["success"], true, "{done}");
+    assert_eq!(done["name"], "mlp");
+    let progress: Vec<_> = seen
+        .iter()
+        .filter(|e| e["type"] == "model-job" && e["job"]["id"] == job.as_str())
+        .map(|e| &e["job"])
+        .collect();
+    let partial = progress.iter().find(|j| {
+        let (d, t) = (j["bytes_done"].as_u64().unwrap(), j["bytes_total"].as_u64().unwrap());
+        d > 0 && d < t
+    });
+    let partial = partial.unwrap_or_else(|| panic!("no progress between 0 and done: {progress:#?}"));
+    assert_eq!(partial["phase"], "downloading");
+    assert!(
+        progress.iter().any(|j| j["bytes_per_sec"].as_f64().unwrap() > 0.0
+            && j["eta_seconds"].as_i64().unwrap() >= 0),
+        "no speed or time left: {progress:#?}"
+    );
+    let dones: Vec<u64> = progress.iter().map(|j| j["bytes_done"].as_u64().unwrap()).collect();
+    assert!(dones.windows(2).all(|p| p[0] <= p[1]), "progress went back: {dones:?}");
+
+    let models = d.get("/api/models").ok();
+    let mlp = &models["installed"][0];
+    assert_eq!(mlp["name"], "mlp");
+    let entry = models["catalog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "mlp")
+        .unwrap();
+    assert_eq!(entry["installed_version"], "1.0");
+    assert_eq!(entry["fits_disk"], true);
+    assert_eq!(entry["fits_memory"], true);
+
+    // A test run: the provider that ran it, its latency, the outputs.
+    let run = d.post("/api/models/mlp/run", json!({})).ok();
+    let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
+    let provider = loaded[0]["provider"].as_str().unwrap().to_string();
+    assert_eq!(run["provider"], provider.as_str(), "{run}");
+    assert!(run["latency_ms"].as_f64().unwrap() > 0.0);
+    let out = &run["outputs"][0];
+    assert_eq!(out["dtype"], "f32");
+    assert!(!out["first"].as_array().unwrap().is_empty());
+    let models = d.get("/api/models").ok();
+    assert_eq!(models["installed"][0]["loaded"], true);
+    assert_eq!(models["installed"][0]["provider"], provider.as_str());
+
+    // Cancel an install half way: it fails as cancelled, nothing stays.
+    w.http.throttle(500);
+    let job = d
+        .post("/api/models/install", json!({"name": "attention"}))
+        .ok()["job"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_event(&events, "attention downloading", Duration::from_secs(30), |e| {
+        e["type"] == "model-job" && e["job"]["bytes_done"].as_u64() > Some(0)
+    });
+    d.post(&format!("/api/models/jobs/{job}/cancel"), json!({}))
+        .ok();
+    let (end, _) = wait_event(&events, "attention ended", Duration::from_secs(30), |e| {
+        e["type"] == "model-finished" && e["name"] == "attention"
+    });
+    assert_eq!(end["success"], false);
+    assert_eq!(end["error"], "Cancelled", "{end}");
+    w.http.throttle(0);
+
+    // Remove while loaded: npud unloads it first.
+    d.post("/api/models/mlp/remove", json!({})).ok();
+    w.assert_nothing_installed();
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_lose_nothing() {
+    let (mut w, _board, mut d) = world("upload_limit_mb = 1");
+    d.log_in(PASSWORD, true).ok();
+
+    let msg = d
+        .post_with(
+            "/api/models/install",
+            None,
+            &[("content-type", "application/json")],
+        )
+        .fails(400, "BadRequest");
+    assert!(msg.contains("bad request body"), "{msg}");
+    d.post("/api/models/install", json!({"name": 7}))
+        .fails(400, "BadRequest");
+    d.post("/api/power/profile", json!({"profile": "turbo"}))
+        .fails(400, "BadRequest");
+    let msg = d
+        .post("/api/models/install", json!({"name": "nonesuch"}))
+        .fails(404, "NotFound");
+    assert!(msg.contains("nonesuch"), "{msg}");
+    d.post("/api/models/jobs/..%2Fx/cancel", json!({}))
+        .fails(400, "BadRequest");
+    d.post("/api/models/jobs/999/cancel", json!({}))
+        .fails(404, "NotFound");
+    d.get("/api/nothing-here").fails(404, "NotFound");
+    let msg = d
+        .post("/api/models/nonesuch/run", json!({}))
+        .fails(404, "NotFound");
+    assert!(msg.contains("nonesuch"), "{msg}");
+
+    // A tampered pack uploaded through the page: the job fails with the
+    // verifier's reason, nothing is installed and no upload is left.
+    let events = d.events();
+    let pack = std::fs::read(w.site.join("packs/mlp-1.0.pack")).unwrap();
+    let mut tampered = pack.clone();
+    let n = tampered.len();
+    tampered[n - 100] ^= 1;
+    d.upload("/api/models/upload", tampered).ok();
+    let (end, _) = wait_event(&events, "the upload's end", Duration::from_secs(30), |e| {
+        e["type"] == "model-finished"
+    });
+    assert_eq!(end["success"], false);
+    assert_eq!(end["error"], "Corrupt", "{end}");
+    assert!(
+        end["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match its signed sha256"),
+        "{end}"
+    );
+    w.assert_nothing_installed();
+
+    // Too big for the limit, empty: refused, nothing kept.
+    d.upload("/api/models/upload", vec![0u8; 2 << 20])
+        .fails(413, "TooLarge");
+    d.upload("/api/models/upload", Vec::new())
+        .fails(400, "BadRequest");
+    let uploads = w.webd_dir().join("uploads");
+    assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+
+    // The intact pack installs the same way.
+    d.upload("/api/models/upload", pack).ok();
+    let (end, _) = wait_event(&events, "the upload installed", Duration::from_secs(30), |e| {
+        e["type"] == "model-finished"
+    });
+    assert_eq!(end["success"], true, "{end}");
+    assert_eq!(w.installed(), vec![("mlp".into(), "1.0".into())]);
+
+    // A daemon that is gone is named.
+    w.npud = None;
+    let msg = d
+        .post("/api/models/mlp/run", json!({}))
+        .fails(503, "Unavailable");
+    assert_eq!(msg, "npud is not running");
+    assert!(d.get("/api/models").ok()["runtime_status"]
+        .as_str()
+        .unwrap()
+        .contains("npud is not running"));
+    w.modeld = None;
+    d.get("/api/models").fails(503, "Unavailable");
+
+    // Garbage on the socket does not bring it down.
+    use std::io::Write;
+    let addr = d.base.trim_start_matches("http://").replace("localhost", "127.0.0.1");
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    let _ = s.write_all(b"\x00\x01GARBAGE / HTTP/9.9\r\n\r\n");
+    drop(s);
+    assert_eq!(d.get("/api/session").ok()["logged_in"], true);
+}
+
+#[test]
+fn updates_from_an_uploaded_bundle_and_rollback() {
+    let (w, _board, mut d) = world("");
+    let publisher = Publisher::new(&w.tmp.path().join("os-publisher"));
+    let mut b = UpdateBox::new(&w.tmp.path().join("box"), Loader::Grub, &publisher, "");
+    assert_eq!(b.boot(&w.bus), "A");
+    assert_eq!(b.wait_health(&w.bus), "good");
+    d.log_in(PASSWORD, true).ok();
+
+    let u = d.get("/api/update").ok();
+    assert_eq!(u["booted"], "A");
+    assert_eq!(u["version"], "1.0");
+    assert_eq!(u["health"], "good");
+    assert_eq!(u["slots"].as_array().unwrap().len(), 2);
+
+    // No update server configured: a clear error, not a crash.
+    let r = d.post("/api/update/check", json!({}));
+    assert!(r.status >= 400, "{}", r.body);
+    assert!(!r.body["message"].as_str().unwrap().is_empty());
+
+    // A bundle signed by a stranger is refused and changes nothing.
+    let events = d.events();
+    let stranger = Publisher::new(&w.tmp.path().join("stranger"));
+    let bad = stranger.bundle(&w.tmp.path().join("bad"), "2.0");
+    d.upload("/api/update/upload", std::fs::read(&bad.bundle).unwrap())
+        .ok();
+    let (end, _) = wait_event(&events, "the bad bundle's end", Duration::from_secs(30), |e| {
+        e["type"] == "update-finished"
+    });
+    assert_eq!(end["success"], false, "{end}");
+    assert_eq!(end["error"], "Untrusted", "{end}");
+    assert!(end["message"].as_str().unwrap().contains("trusted updates key"), "{end}");
+    assert_eq!(b.primary().as_deref(), Some("A"));
+
+    let v2 = publisher.bundle(&w.tmp.path().join("v2"), "2.0");
+    d.upload("/api/update/upload", std::fs::read(&v2.bundle).unwrap())
+        .ok();
+    let (end, seen) = wait_event(&events, "the update's end", Duration::from_secs(60), |e| {
+        e["type"] == "update-finished"
+    });
+    assert_eq!(end["success"], true, "{end}");
+    assert!(
+        seen.iter().any(|e| e["type"] == "update-job" && e["job"]["slot"] == "B"),
+        "no progress event: {seen:#?}"
+    );
+    assert_eq!(b.primary().as_deref(), Some("B"));
+    let u = d.get("/api/update").ok();
+    assert_eq!(u["primary"], "B");
+    assert_eq!(u["slots"][1]["version"], "2.0");
+    wait_for("the uploaded bundle removed", Duration::from_secs(10), || {
+        (std::fs::read_dir(w.webd_dir().join("uploads")).unwrap().count() == 0).then_some(())
+    });
+
+    // Boot the new system, then roll back from the page: A boots next.
+    assert_eq!(b.boot(&w.bus), "B");
+    assert_eq!(b.wait_health(&w.bus), "good");
+    let u = d.get("/api/update").ok();
+    assert_eq!((u["booted"].as_str(), u["version"].as_str()), (Some("B"), Some("2.0")));
+    let r = d.post("/api/update/rollback", json!({})).ok();
+    assert_eq!(r["primary"], "A");
+    assert_eq!(b.primary().as_deref(), Some("A"));
+}
