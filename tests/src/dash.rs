@@ -202,3 +202,30 @@ pub fn wait_event(
         }
     }
 }
+
+/// Runs the browser walk-through `tests/browser/dashboard.mjs` in headless
+/// Chromium against `url` with `vars` (see the script's header); returns
+/// what it saw. Needs node, Debian's chromium and `npm ci` in
+/// tests/browser (tests/install-deps.sh does all three).
+pub fn browse(url: &str, vars: &[(&str, &str)]) -> Value {
+    let dir = crate::workspace_root().join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists(),
+        "playwright-core is not installed: run tests/install-deps.sh (npm ci in tests/browser)"
+    );
+    let out = std::process::Command::new("node")
+        .arg(dir.join("dashboard.mjs"))
+        .env("DASHBOARD_URL", url)
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("node is installed (tests/install-deps.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the browser walk-through failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("the walk-through printed no JSON ({e}): {stdout}"))
+}

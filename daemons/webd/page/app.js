@@ -4,7 +4,15 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { session: {}, jobs: new Map(), pending: null, models: null, update: null };
+// jobs: install jobs in progress by id; finished: ids of jobs that ended
+// (a fast job can end before the reply that started it arrives);
+// uploading: the name of the file being uploaded.
+const state = { session: {}, jobs: new Map(), finished: new Set(), uploading: null, models: null, update: null };
+
+function trackJob(job) {
+  if (!state.finished.has(job.id)) state.jobs.set(job.id, job);
+  renderModels();
+}
 
 function el(tag, props = {}, ...children) {
   const e = document.createElement(tag);
@@ -203,9 +211,7 @@ function renderModels() {
 
 async function install(name) {
   const r = await change("POST", "/api/models/install", { name });
-  if (!r) return;
-  state.jobs.set(r.job, { id: r.job, name, phase: "queued", bytes_done: 0, bytes_total: 0 });
-  renderModels();
+  if (r) trackJob({ id: r.job, name, phase: "queued", bytes_done: 0, bytes_total: 0 });
 }
 
 async function run(name) {
@@ -235,21 +241,23 @@ async function uploadModel(ev) {
   const file = $("#model-file").files[0];
   if (!file) return say("Choose a model pack file first.");
   $("#upload-model-progress").textContent = `Uploading ${file.name}…`;
+  state.uploading = file.name;
   const r = await change("POST", "/api/models/upload", undefined, file);
   $("#upload-model-progress").textContent = "";
-  if (r) {
-    state.jobs.set(r.job, { id: r.job, name: file.name, phase: "queued", bytes_done: 0, bytes_total: file.size, upload: true });
-    renderModels();
-  }
+  if (r) trackJob({ id: r.job, name: file.name, phase: "queued", bytes_done: 0, bytes_total: file.size });
+  state.uploading = null;
 }
 
-function modelFinished(ev) {
-  const job = state.jobs.get(ev.job.split("/").pop());
-  const name = ev.name || (job && job.name) || "the model";
-  state.jobs.delete(ev.job.split("/").pop());
+async function modelFinished(ev) {
+  const id = ev.job.split("/").pop();
+  const job = state.jobs.get(id);
+  const name = ev.name || (job && job.name) || state.uploading || "the model";
+  state.jobs.delete(id);
+  state.finished.add(id);
+  // The lists first, so that the message and the rows agree.
+  await loadModels();
   if (ev.success) say(`${name} is installed and ready to run.`, "info");
   else say(`Install of ${name} failed: ${ev.message}`);
-  loadModels();
 }
 
 // ---- power ----
@@ -267,6 +275,7 @@ function renderPower(p) {
     el("button", { type: "button", "aria-pressed": String(name === p.profile), data: { profile: name },
       onclick: async () => { const r = await change("POST", "/api/power/profile", { profile: name }); if (r) renderPower(r); } }, name)));
   $("#budget").textContent = `${p.budget_watts} W `;
+  $("#budget-input").placeholder = String(p.budget_watts);
   $("#watts").textContent = p.system_watts === null ? "no power sensor" : `${p.system_watts.toFixed(1)} W`;
   $("#temps").textContent = p.temperatures.length ? p.temperatures.map((t) => `${t.zone} ${t.celsius.toFixed(1)} °C`).join(", ") : "no sensor";
   $("#degraded").textContent = p.degraded ? `held back: ${p.degraded}` : "none";
@@ -295,7 +304,7 @@ async function loadUpdate() {
   $("#slots").replaceChildren(...u.slots.map((s) => el("tr", { data: { slot: s.name } },
     el("td", {}, s.name + (s.booted ? " (running)" : "")),
     el("td", {}, s.version || "—"),
-    el("td", {}, [s.state, s.health].filter(Boolean).join(", ")),
+    el("td", {}, s.health && s.health !== s.state ? `${s.state}, ${s.health}` : s.state),
     el("td", {}, s.primary ? "boots next" : ""))));
   renderUpdateJob(u.job);
 }
@@ -343,10 +352,14 @@ function listen() {
   es.onmessage = (e) => {
     const ev = JSON.parse(e.data);
     switch (ev.type) {
-      case "model-job":
-        state.jobs.set(ev.job.id, { ...state.jobs.get(ev.job.id), ...ev.job });
+      case "model-job": {
+        if (state.finished.has(ev.job.id)) break;
+        const old = state.jobs.get(ev.job.id) || {};
+        // An upload's job has no model name until the pack is read.
+        state.jobs.set(ev.job.id, { ...old, ...ev.job, name: ev.job.name || old.name });
         renderModels();
         break;
+      }
       case "model-finished": modelFinished(ev); break;
       case "models-changed": loadModels(); break;
       case "power": renderPower(ev.power); break;

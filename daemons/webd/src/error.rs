@@ -53,6 +53,18 @@ impl ApiError {
                 };
                 ApiError::new(status, &short, message)
             }
+            zbus::Error::FDO(e)
+                if matches!(
+                    *e,
+                    zbus::fdo::Error::ServiceUnknown(_) | zbus::fdo::Error::NameHasNoOwner(_)
+                ) =>
+            {
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Unavailable",
+                    format!("{daemon} is not running"),
+                )
+            }
             other => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Unavailable",

@@ -1,0 +1,117 @@
+// Drives the PocketOS dashboard in headless Chromium as a person would:
+// set the admin password, install a model from the catalog and watch its
+// progress, run it, switch the power profile, upload a tampered pack and
+// read the error. Prints what it saw as one JSON object on stdout; any
+// step that does not happen fails the run.
+//
+// Environment:
+//   DASHBOARD_URL   the page, e.g. http://localhost:8080
+//   PASSWORD        the admin password to set (first boot) or log in with
+//   MODEL           the catalog model to install (default mlp)
+//   SCENARIO        "full" (everything) or "install" (log in, install, run)
+//   TAMPERED_PACK   a model pack file whose payload was altered (full)
+//   SCREENSHOTS     a directory for screenshots of the main views (optional)
+//   CHROMIUM        the browser (default /usr/bin/chromium)
+//   STEP_TIMEOUT_MS how long one step may take (default 60000)
+import { chromium } from "playwright-core";
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+
+const env = process.env;
+const url = env.DASHBOARD_URL;
+const password = env.PASSWORD;
+const model = env.MODEL || "mlp";
+const scenario = env.SCENARIO || "full";
+const shots = env.SCREENSHOTS;
+const timeout = Number(env.STEP_TIMEOUT_MS || 60000);
+if (!url || !password) throw new Error("DASHBOARD_URL and PASSWORD are required");
+
+const seen = { console_errors: [] };
+const browser = await chromium.launch({
+  executablePath: env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  // Root in CI: Chromium's own sandbox needs an unprivileged user.
+  args: ["--no-sandbox", "--disable-gpu"],
+});
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  page.setDefaultTimeout(timeout);
+  page.on("dialog", (d) => d.accept());
+  page.on("console", (m) => { if (m.type() === "error") seen.console_errors.push(m.text()); });
+  page.on("pageerror", (e) => seen.console_errors.push(String(e)));
+  if (shots) mkdirSync(shots, { recursive: true });
+  const shot = async (name, locator) => {
+    if (!shots) return;
+    await (locator || page).screenshot({ path: join(shots, `${name}.png`) });
+  };
+
+  await page.goto(url);
+  // First boot: the page asks for the admin password; later, a login.
+  const dialog = page.locator("#login");
+  await dialog.waitFor({ state: "visible" }).catch(() => page.click("#login-button"));
+  seen.login_title = await page.textContent("#login-title");
+  await page.fill("#password", password);
+  if (await page.isVisible("#password2")) await page.fill("#password2", password);
+  await shot("login", dialog);
+  await page.click("#login-submit");
+  await page.waitForSelector("#logout-button", { state: "visible" });
+  seen.who = await page.textContent("#who");
+
+  // The store: Install, then live progress until it is done.
+  const row = page.locator(`#catalog tr[data-model="${model}"]`);
+  await row.waitFor();
+  seen.fits = await row.locator("td").nth(3).textContent();
+  await shot("store");
+  await row.locator("button.install").click();
+  const progress = row.locator(".progress-text");
+  await progress.waitFor();
+  seen.progress = [];
+  // Progress text while it runs (phase · bytes · speed · time left).
+  for (let i = 0; i < 400 && (await progress.count()) > 0; i++) {
+    const t = await progress.first().textContent().catch(() => null);
+    if (t && seen.progress[seen.progress.length - 1] !== t) {
+      seen.progress.push(t);
+      if (seen.progress.length === 3) await shot("install-progress");
+    }
+    await page.waitForTimeout(50);
+  }
+  await page.waitForFunction(
+    (m) => document.querySelector("#message")?.textContent.includes(`${m} is installed`), model);
+  seen.install_message = await page.textContent("#message");
+  seen.store_state = await row.locator("td").nth(4).textContent();
+
+  // Installed: a test run shows the provider and latency.
+  const installed = page.locator(`#models tr[data-model="${model}"]`);
+  await installed.locator("button.run").click();
+  await page.waitForSelector("#run-result .run-latency");
+  seen.run_provider = await page.textContent("#run-result .run-provider");
+  seen.run_latency = await page.textContent("#run-result .run-latency");
+  await page.waitForFunction(
+    (m) => document.querySelector(`#models tr[data-model="${m}"] .provider`)?.textContent !== "not loaded", model);
+  seen.installed_provider = await installed.locator(".provider").textContent();
+  await shot("installed", page.locator("#installed"));
+
+  if (scenario === "full") {
+    // Power: switch the profile; the page shows the one now active.
+    await page.click('#profiles button[data-profile="power-saver"]');
+    await page.waitForSelector('#profiles button[data-profile="power-saver"][aria-pressed="true"]');
+    seen.profile = "power-saver";
+    await page.waitForFunction(() => /°C/.test(document.querySelector("#temps")?.textContent || ""));
+    seen.temperatures = await page.textContent("#temps");
+    seen.watts = await page.textContent("#watts");
+    seen.budget = await page.textContent("#budget");
+    await shot("power", page.locator("#power"));
+    await shot("updates", page.locator("#updates"));
+
+    // A tampered pack uploaded through the page is refused, and says why.
+    await page.setInputFiles("#model-file", env.TAMPERED_PACK);
+    await page.click('#upload-model button[type="submit"]');
+    await page.waitForFunction(() => /failed/.test(document.querySelector("#message")?.textContent || ""));
+    seen.tampered_message = await page.textContent("#message");
+    await shot("tampered");
+  }
+  await shot("dashboard");
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(seen));
