@@ -36,13 +36,16 @@ $(1)_INSTALL_INIT_SYSV = $$(POCKETOS_INSTALL_INIT_SYSV)
 $(1)_INSTALL_INIT_SYSTEMD = $$(POCKETOS_INSTALL_INIT_SYSTEMD)
 endef
 
-# The data each daemon package installs beside its binary: the bus policy,
+# The data each daemon package installs beside its binary: its bus policy
+# (the dashboard owns no bus name, so has none),
 # the commented example configuration as /etc/pocketos/<daemon>.toml (a
 # board's rootfs overlay replaces it), and the init-script helper. $(PKG)
 # is the package being installed and $($(PKG)_DAEMON) its daemon.
 define POCKETOS_INSTALL_DAEMON_DATA
-	$(INSTALL) -D -m 0644 -t $(TARGET_DIR)/usr/share/dbus-1/system.d \
-		$(@D)/daemons/$($(PKG)_DAEMON)/data/*.conf
+	for conf in $(@D)/daemons/$($(PKG)_DAEMON)/data/*.conf; do \
+		[ ! -e "$$conf" ] || $(INSTALL) -D -m 0644 -t \
+			$(TARGET_DIR)/usr/share/dbus-1/system.d "$$conf" || exit 1; \
+	done
 	$(INSTALL) -D -m 0644 $(@D)/daemons/$($(PKG)_DAEMON)/$($(PKG)_DAEMON).toml.example \
 		$(TARGET_DIR)/etc/pocketos/$($(PKG)_DAEMON).toml
 	$(INSTALL) -D -m 0644 $(@D)/crates/pocket-daemon/data/pocket-service \

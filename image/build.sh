@@ -44,9 +44,9 @@ step() { printf '== %s\n' "$*"; }
 step "PocketOS $version for $compatible"
 mkdir -p "$out" "$work"
 
-step "daemons and pocketctl for $triple (release)"
+step "daemons, dashboard and pocketctl for $triple (release)"
 cargo build --release --locked --target "$triple" \
-    -p pocket-modeld -p pocket-npud -p pocket-powerd -p pocket-otad -p pocketctl
+    -p pocket-modeld -p pocket-npud -p pocket-powerd -p pocket-otad -p pocket-webd -p pocketctl
 bindir=$root/target/$triple/release
 # The host's pocket-publish makes the keyring.
 cargo build --locked -p pocket-publish
@@ -97,7 +97,7 @@ cp -a image/rootfs/. "$rootfs/"
 
 # PocketOS: daemons, CLI, ONNX Runtime, bus policies, init scripts, boards,
 # keyring, version.
-for bin in pocket-modeld pocket-npud pocket-powerd pocket-otad pocketctl; do
+for bin in pocket-modeld pocket-npud pocket-powerd pocket-otad pocket-webd pocketctl; do
     aarch64-linux-gnu-strip -o "$rootfs/usr/bin/$bin" "$bindir/$bin"
 done
 install -m 0755 "$ort" "$rootfs/usr/lib/$(basename "$ort")"
@@ -107,6 +107,7 @@ for d in modeld npud powerd otad; do
     install -D -m 0644 -t "$rootfs/usr/share/dbus-1/system.d" daemons/$d/data/*.conf
     install -D -m 0755 -t "$rootfs/etc/init.d" daemons/$d/data/S*
 done
+install -D -m 0755 -t "$rootfs/etc/init.d" daemons/webd/data/S*
 install -D -m 0644 daemons/powerd/boards/*.toml -t "$rootfs/etc/pocketos/boards/"
 cp -a "$keys/keyring" "$rootfs/etc/pocketos/keyring"
 echo "$version" >"$rootfs/etc/pocketos-version"

@@ -5,7 +5,8 @@
 # onnx, numpy and onnxruntime (fixture models and the inference reference),
 # the pinned libonnxruntime.so, and for the appliance image: the aarch64
 # cross toolchain and Rust target, GRUB's and the file-system tools,
-# qemu-system-aarch64 and its UEFI firmware; genimage and mkimage for the
+# qemu-system-aarch64 and its UEFI firmware; Chromium, Node.js and
+# playwright-core for the dashboard's browser tests; genimage and mkimage for the
 # Buildroot tree's image step.
 set -euo pipefail
 
@@ -38,6 +39,10 @@ need sfdisk fdisk
 need debugfs e2fsprogs
 need strings binutils
 need socat socat
+# The dashboard's browser tests: headless Chromium driven by playwright-core.
+need chromium chromium
+need node nodejs
+need npm npm
 # The Buildroot tree's image step (tests/tests/buildroot.rs).
 need genimage genimage
 need mkimage u-boot-tools
@@ -86,6 +91,13 @@ fi
 # The admin group of the bus policy; the access tests run callers in it.
 if [ "$(id -u)" -eq 0 ] && ! getent group pocket >/dev/null; then
     groupadd -r pocket
+fi
+
+# playwright-core at the version tests/browser/package-lock.json pins.
+browser_dir="$(dirname "$0")/browser"
+if [ ! -d "$browser_dir/node_modules/playwright-core" ]; then
+    echo "installing: playwright-core (npm ci in tests/browser)"
+    (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
 # The pinned ONNX Runtime library for this machine (daemons/npud).

@@ -26,7 +26,9 @@ const shots = env.SCREENSHOTS;
 const timeout = Number(env.STEP_TIMEOUT_MS || 60000);
 if (!url || !password) throw new Error("DASHBOARD_URL and PASSWORD are required");
 
-const seen = { console_errors: [] };
+const seen = { console_errors: [], steps: {} };
+const t0 = Date.now();
+const mark = (step) => { seen.steps[step] = Date.now() - t0; };
 const browser = await chromium.launch({
   executablePath: env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
@@ -45,6 +47,7 @@ try {
     await (locator || page).screenshot({ path: join(shots, `${name}.png`) });
   };
 
+  mark("launched");
   await page.goto(url);
   // First boot: the page asks for the admin password; later, a login.
   const dialog = page.locator("#login");
@@ -56,6 +59,7 @@ try {
   await page.click("#login-submit");
   await page.waitForSelector("#logout-button", { state: "visible" });
   seen.who = await page.textContent("#who");
+  mark("logged_in");
 
   // The store: Install, then live progress until it is done.
   const row = page.locator(`#catalog tr[data-model="${model}"]`);
@@ -68,7 +72,7 @@ try {
   seen.progress = [];
   // Progress text while it runs (phase · bytes · speed · time left).
   for (let i = 0; i < 400 && (await progress.count()) > 0; i++) {
-    const t = await progress.first().textContent().catch(() => null);
+    const t = await progress.first().textContent({ timeout: 200 }).catch(() => null);
     if (t && seen.progress[seen.progress.length - 1] !== t) {
       seen.progress.push(t);
       if (seen.progress.length === 3) await shot("install-progress");
@@ -78,6 +82,7 @@ try {
   await page.waitForFunction(
     (m) => document.querySelector("#message")?.textContent.includes(`${m} is installed`), model);
   seen.install_message = await page.textContent("#message");
+  mark("installed");
   seen.store_state = await row.locator("td").nth(4).textContent();
 
   // Installed: a test run shows the provider and latency.
@@ -90,6 +95,7 @@ try {
     (m) => document.querySelector(`#models tr[data-model="${m}"] .provider`)?.textContent !== "not loaded", model);
   seen.installed_provider = await installed.locator(".provider").textContent();
   await shot("installed", page.locator("#installed"));
+  mark("ran");
 
   if (scenario === "full") {
     // Power: switch the profile; the page shows the one now active.
@@ -108,9 +114,10 @@ try {
     await page.click('#upload-model button[type="submit"]');
     await page.waitForFunction(() => /failed/.test(document.querySelector("#message")?.textContent || ""));
     seen.tampered_message = await page.textContent("#message");
-    await shot("tampered");
+    mark("tampered_refused");
+    // The overview: every section, the refusal in the banner.
+    await shot("dashboard");
   }
-  await shot("dashboard");
 } finally {
   await browser.close();
 }

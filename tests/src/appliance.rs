@@ -144,6 +144,15 @@ impl Appliance {
         ));
     }
 
+    /// Makes the guest's TCP `guest_port` reachable here at
+    /// `127.0.0.1:<returned port>`; takes effect at the next power-on.
+    pub fn forward_to_guest(&mut self, guest_port: u16) -> u16 {
+        let port = crate::free_port();
+        self.forwards
+            .push(format!("hostfwd=tcp:127.0.0.1:{port}-:{guest_port}"));
+        port
+    }
+
     /// Boots through Debian's U-Boot (`qemu_arm64`) instead of UEFI and
     /// GRUB from the next power-on; returns its environment flash (64 MiB,
     /// the environment at offset 0), for the caller to write.

@@ -226,6 +226,8 @@ pub fn browse(url: &str, vars: &[(&str, &str)]) -> Value {
         "the browser walk-through failed: {}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
-        .unwrap_or_else(|e| panic!("the walk-through printed no JSON ({e}): {stdout}"))
+    let seen: Value = serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("the walk-through printed no JSON ({e}): {stdout}"));
+    eprintln!("browser walk-through, ms since start: {}", seen["steps"]);
+    seen
 }

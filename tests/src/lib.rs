@@ -85,3 +85,36 @@ pub fn root_or_skip(what: &str) -> bool {
     }
     panic!("{what} needs root: run the tests as root, or set POCKET_SKIP_ROOT_TESTS=1 to skip this one");
 }
+
+/// A tmpfs of `size` (`mount -o size=`) mounted on a directory for the
+/// life of the value: a small disk that fills up. Needs root.
+#[derive(Debug)]
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs");
+        Tmpfs(dir.to_path_buf())
+    }
+
+    /// Bytes an unprivileged writer may still use.
+    pub fn free(&self) -> u64 {
+        let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
+        s.blocks_available() as u64 * s.fragment_size() as u64
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

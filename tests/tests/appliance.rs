@@ -73,6 +73,7 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     let h = Host::new();
     let mut app = Appliance::new();
     app.serve(&h.http.url());
+    let dashboard = app.forward_to_guest(80);
     app.power_on();
 
     // 1. Every daemon on the system bus, the booted slot shown.
@@ -95,6 +96,32 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
         !h.http.served("mlp-1.0.pack").is_empty(),
         "the pack came from the host"
     );
+
+    // ... and one through the dashboard, in a browser, over the forwarded
+    // port: the admin password set on first boot, Install clicked, the
+    // progress watched until done, a test run.
+    let seen = browse(
+        &format!("http://localhost:{dashboard}"),
+        &[
+            ("PASSWORD", "appliance admin password"),
+            ("MODEL", "attention"),
+            ("SCENARIO", "install"),
+            ("STEP_TIMEOUT_MS", "180000"),
+        ],
+    );
+    assert_eq!(seen["login_title"], "Set the admin password", "{seen:#}");
+    assert_eq!(seen["store_state"], "Installed", "{seen:#}");
+    assert!(
+        seen["run_provider"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("cpu"),
+        "{seen:#}"
+    );
+    assert_eq!(installed_models(&mut app), ["attention", "mlp"]);
+    assert!(!h.http.served("attention-1.0.pack").is_empty());
+    let cred = cat(&mut app, "/data/webd/admin.credential");
+    assert!(cred.starts_with("$argon2id$"), "{cred}");
 
     // 3. Power on the real virt board: no cpufreq or sensors, said so, and
     // the profile can still be chosen.

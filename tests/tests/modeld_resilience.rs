@@ -190,33 +190,6 @@ fn remove_partial_and_gc_free_what_an_interrupted_install_left() {
     w.assert_nothing_installed();
 }
 
-/// A tmpfs mounted for the life of the value.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs");
-        Tmpfs(dir.to_path_buf())
-    }
-
-    fn free(&self) -> u64 {
-        let s = nix::sys::statvfs::statvfs(&self.0).unwrap();
-        s.blocks_available() as u64 * s.fragment_size() as u64
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn disk_full_is_a_clear_error_and_gives_the_space_back() {
     if !root_or_skip("mounting a tmpfs") {

@@ -215,18 +215,30 @@ fn install_with_live_progress_then_run_and_remove() {
         .map(|e| &e["job"])
         .collect();
     let partial = progress.iter().find(|j| {
-        let (d, t) = (j["bytes_done"].as_u64().unwrap(), j["bytes_total"].as_u64().unwrap());
+        let (d, t) = (
+            j["bytes_done"].as_u64().unwrap(),
+            j["bytes_total"].as_u64().unwrap(),
+        );
         d > 0 && d < t
     });
-    let partial = partial.unwrap_or_else(|| panic!("no progress between 0 and done: {progress:#?}"));
+    let partial =
+        partial.unwrap_or_else(|| panic!("no progress between 0 and done: {progress:#?}"));
     assert_eq!(partial["phase"], "downloading");
     assert!(
-        progress.iter().any(|j| j["bytes_per_sec"].as_f64().unwrap() > 0.0
-            && j["eta_seconds"].as_i64().unwrap() >= 0),
+        progress
+            .iter()
+            .any(|j| j["bytes_per_sec"].as_f64().unwrap() > 0.0
+                && j["eta_seconds"].as_i64().unwrap() >= 0),
         "no speed or time left: {progress:#?}"
     );
-    let dones: Vec<u64> = progress.iter().map(|j| j["bytes_done"].as_u64().unwrap()).collect();
-    assert!(dones.windows(2).all(|p| p[0] <= p[1]), "progress went back: {dones:?}");
+    let dones: Vec<u64> = progress
+        .iter()
+        .map(|j| j["bytes_done"].as_u64().unwrap())
+        .collect();
+    assert!(
+        dones.windows(2).all(|p| p[0] <= p[1]),
+        "progress went back: {dones:?}"
+    );
 
     let models = d.get("/api/models").ok();
     let mlp = &models["installed"][0];
@@ -262,9 +274,12 @@ fn install_with_live_progress_then_run_and_remove() {
         .as_str()
         .unwrap()
         .to_string();
-    wait_event(&events, "attention downloading", Duration::from_secs(30), |e| {
-        e["type"] == "model-job" && e["job"]["bytes_done"].as_u64() > Some(0)
-    });
+    wait_event(
+        &events,
+        "attention downloading",
+        Duration::from_secs(30),
+        |e| e["type"] == "model-job" && e["job"]["bytes_done"].as_u64() > Some(0),
+    );
     d.post(&format!("/api/models/jobs/{job}/cancel"), json!({}))
         .ok();
     let (end, _) = wait_event(&events, "attention ended", Duration::from_secs(30), |e| {
@@ -342,9 +357,12 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
 
     // The intact pack installs the same way.
     d.upload("/api/models/upload", pack).ok();
-    let (end, _) = wait_event(&events, "the upload installed", Duration::from_secs(30), |e| {
-        e["type"] == "model-finished"
-    });
+    let (end, _) = wait_event(
+        &events,
+        "the upload installed",
+        Duration::from_secs(30),
+        |e| e["type"] == "model-finished",
+    );
     assert_eq!(end["success"], true, "{end}");
     assert_eq!(w.installed(), vec![("mlp".into(), "1.0".into())]);
 
@@ -363,7 +381,10 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
 
     // Garbage on the socket does not bring it down.
     use std::io::Write;
-    let addr = d.base.trim_start_matches("http://").replace("localhost", "127.0.0.1");
+    let addr = d
+        .base
+        .trim_start_matches("http://")
+        .replace("localhost", "127.0.0.1");
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     let _ = s.write_all(b"\x00\x01GARBAGE / HTTP/9.9\r\n\r\n");
     drop(s);
@@ -396,12 +417,21 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
     let bad = stranger.bundle(&w.tmp.path().join("bad"), "2.0");
     d.upload("/api/update/upload", std::fs::read(&bad.bundle).unwrap())
         .ok();
-    let (end, _) = wait_event(&events, "the bad bundle's end", Duration::from_secs(30), |e| {
-        e["type"] == "update-finished"
-    });
+    let (end, _) = wait_event(
+        &events,
+        "the bad bundle's end",
+        Duration::from_secs(30),
+        |e| e["type"] == "update-finished",
+    );
     assert_eq!(end["success"], false, "{end}");
     assert_eq!(end["error"], "Untrusted", "{end}");
-    assert!(end["message"].as_str().unwrap().contains("trusted updates key"), "{end}");
+    assert!(
+        end["message"]
+            .as_str()
+            .unwrap()
+            .contains("trusted updates key"),
+        "{end}"
+    );
     assert_eq!(b.primary().as_deref(), Some("A"));
 
     let v2 = publisher.bundle(&w.tmp.path().join("v2"), "2.0");
@@ -412,23 +442,66 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
     });
     assert_eq!(end["success"], true, "{end}");
     assert!(
-        seen.iter().any(|e| e["type"] == "update-job" && e["job"]["slot"] == "B"),
+        seen.iter()
+            .any(|e| e["type"] == "update-job" && e["job"]["slot"] == "B"),
         "no progress event: {seen:#?}"
     );
     assert_eq!(b.primary().as_deref(), Some("B"));
     let u = d.get("/api/update").ok();
     assert_eq!(u["primary"], "B");
     assert_eq!(u["slots"][1]["version"], "2.0");
-    wait_for("the uploaded bundle removed", Duration::from_secs(10), || {
-        (std::fs::read_dir(w.webd_dir().join("uploads")).unwrap().count() == 0).then_some(())
-    });
+    wait_for(
+        "the uploaded bundle removed",
+        Duration::from_secs(10),
+        || {
+            (std::fs::read_dir(w.webd_dir().join("uploads"))
+                .unwrap()
+                .count()
+                == 0)
+                .then_some(())
+        },
+    );
 
     // Boot the new system, then roll back from the page: A boots next.
     assert_eq!(b.boot(&w.bus), "B");
     assert_eq!(b.wait_health(&w.bus), "good");
     let u = d.get("/api/update").ok();
-    assert_eq!((u["booted"].as_str(), u["version"].as_str()), (Some("B"), Some("2.0")));
+    assert_eq!(
+        (u["booted"].as_str(), u["version"].as_str()),
+        (Some("B"), Some("2.0"))
+    );
     let r = d.post("/api/update/rollback", json!({})).ok();
     assert_eq!(r["primary"], "A");
     assert_eq!(b.primary().as_deref(), Some("A"));
+}
+
+#[test]
+fn a_full_disk_refuses_the_upload_and_keeps_the_credential() {
+    if !root_or_skip("mounting a tmpfs") {
+        return;
+    }
+    let mut w = World::start();
+    w.start_modeld();
+    let disk = Tmpfs::mount(&w.webd_dir(), "1m");
+    let mut d = Dash::new(&w.start_webd(""));
+    d.log_in(PASSWORD, true).ok();
+    let free = disk.free();
+
+    let msg = d
+        .upload("/api/models/upload", vec![7u8; 2 << 20])
+        .fails(507, "DiskFull");
+    assert!(msg.contains("not enough space"), "{msg}");
+    assert_eq!(
+        std::fs::read_dir(w.webd_dir().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(disk.free() >= free, "the space was not given back");
+    w.assert_nothing_installed();
+
+    // The credential is intact: a new session logs in with it.
+    let mut again = Dash::new(&d.base);
+    again.log_in(PASSWORD, false).ok();
+    assert_eq!(again.get("/api/session").ok()["logged_in"], true);
 }

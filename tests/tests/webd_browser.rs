@@ -44,7 +44,12 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
             ("SCREENSHOTS", &shots),
         ],
     );
-    let text = |k: &str| seen[k].as_str().unwrap_or_else(|| panic!("{k}: {seen:#}")).to_string();
+    let text = |k: &str| {
+        seen[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("{k}: {seen:#}"))
+            .to_string()
+    };
 
     assert_eq!(text("login_title"), "Set the admin password");
     assert_eq!(text("who"), "admin");
@@ -57,10 +62,15 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert!(
-        progress.iter().any(|p| p.starts_with("downloading · ") && p.contains(" of ")),
+        progress
+            .iter()
+            .any(|p| p.starts_with("downloading · ") && p.contains(" of ")),
         "{progress:?}"
     );
-    assert!(progress.iter().any(|p| p.contains("/s")), "no speed shown: {progress:?}");
+    assert!(
+        progress.iter().any(|p| p.contains("/s")),
+        "no speed shown: {progress:?}"
+    );
     assert!(text("install_message").contains("mlp is installed"));
     assert_eq!(text("store_state"), "Installed");
     assert_eq!(w.installed(), vec![("mlp".into(), "1.0".into())]);
@@ -83,7 +93,10 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
     // The tampered upload: the verifier's reason on the page, nothing
     // installed beside mlp.
     let msg = text("tampered_message");
-    assert!(msg.starts_with("Install of attention-tampered.pack failed"), "{msg}");
+    assert!(
+        msg.starts_with("Install of attention-tampered.pack failed"),
+        "{msg}"
+    );
     assert!(msg.contains("does not match its signed sha256"), "{msg}");
     assert_eq!(w.installed(), vec![("mlp".into(), "1.0".into())]);
 
@@ -92,8 +105,20 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
         "the page logged errors: {}",
         seen["console_errors"]
     );
-    for view in ["login", "store", "install-progress", "installed", "power", "tampered"] {
+    for view in [
+        "login",
+        "store",
+        "install-progress",
+        "installed",
+        "power",
+        "updates",
+        "dashboard",
+    ] {
         let f = std::path::Path::new(&shots).join(format!("{view}.png"));
-        assert!(f.metadata().map(|m| m.len() > 1000).unwrap_or(false), "{} missing", f.display());
+        assert!(
+            f.metadata().map(|m| m.len() > 1000).unwrap_or(false),
+            "{} missing",
+            f.display()
+        );
     }
 }

@@ -34,6 +34,7 @@ fn main() {
     );
     let mut app = Appliance::new();
     app.serve(&host.http.url());
+    let dashboard_port = app.forward_to_guest(80);
     println!(
         "== booting under qemu-system-aarch64 (TCG): UEFI, GRUB, Linux, BusyBox init, the daemons"
     );
@@ -63,6 +64,14 @@ fn main() {
     let run: serde_json::Value = serde_json::from_str(&run).unwrap_or_default();
     step(&mut app, "pocketctl power status");
     step(&mut app, "pocketctl update status");
+    // The dashboard, through the port QEMU forwards to the box's port 80.
+    let dashboard = format!("http://localhost:{dashboard_port}");
+    let web = pocket_tests::Dash::new(&dashboard);
+    let store = web.get("/api/models").ok();
+    let offered = store["catalog"].as_array().map_or(0, Vec::len);
+    let installed = store["installed"].as_array().map_or(0, Vec::len);
+    println!("\n$ curl {dashboard}/api/models   # the dashboard's view");
+    println!("   {offered} models offered, {installed} installed");
     let slot = app
         .ctl_json("status")
         .pointer("/daemons/otad/booted_slot")
@@ -79,5 +88,6 @@ fn main() {
         run["latency_ms"].as_f64().unwrap_or(f64::NAN)
     );
     println!("   power profile {profile} (npud holds performance while it runs models); powerd reports what the virt board lacks");
+    println!("   the dashboard answered at {dashboard}/ (the box's port 80)");
     println!("demo done");
 }
