@@ -5,7 +5,7 @@
 //!
 //! Runs per measurement: `POCKET_BENCH_RUNS` (default 200).
 
-use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor};
+use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor, TensorFile};
 use pocket_tests::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -264,13 +264,29 @@ fn main() {
         out.read_exact_at(&mut buf, y.offset).unwrap();
         assert_eq!(buf.len(), n * 4);
     };
+    // InferFd with one sealed tensor file reused for every request: npud
+    // reads the input in place and writes the output into the same file.
+    let tensor_file = TensorFile::new().unwrap();
+    let wide_tensor = Tensor {
+        dtype: "f32".into(),
+        shape: vec![1, n as i64],
+        data: wbytes.clone(),
+    };
+    let wide_shared = |npud: &Runtime1Proxy<'_>| {
+        let (out, _, _) = rt
+            .block_on(tensor_file.infer(npud, "wide", &[("x", &wide_tensor)]))
+            .unwrap();
+        assert_eq!(out["y"].data.len(), n * 4);
+    };
     for _ in 0..20 {
         wide_direct();
         wide_msg(&npud);
         wide_msg(&channel);
         wide_fd(&channel);
+        wide_shared(&channel);
     }
-    let (mut wd, mut wb, mut wc, mut wf) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut wd, mut wb, mut wc, mut wf, mut ws) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let t = Instant::now();
         wide_direct();
@@ -284,9 +300,12 @@ fn main() {
         let t = Instant::now();
         wide_fd(&channel);
         wf.push(t.elapsed());
+        let t = Instant::now();
+        wide_shared(&channel);
+        ws.push(t.elapsed());
     }
-    let wide_p50 = [&wd, &wb, &wc, &wf].map(|v| pct(v.to_vec(), 0.5));
-    let wide_p99 = [&wd, &wb, &wc, &wf].map(|v| pct(v.to_vec(), 0.99));
+    let wide_p50 = [&wd, &wb, &wc, &wf, &ws].map(|v| pct(v.to_vec(), 0.5));
+    let wide_p99 = [&wd, &wb, &wc, &wf, &ws].map(|v| pct(v.to_vec(), 0.99));
 
     let mb = std::fs::metadata(&model).unwrap().len() as f64 / (1 << 20) as f64;
     println!("runtime benchmark: {mb:.0} MiB MLP, batch {BATCH}, {runs} runs, {threads} intra-op threads, {CLIENTS} concurrent clients for throughput");
@@ -316,7 +335,8 @@ fn main() {
         "raw ONNX Runtime (ort, in process)",
         "npud Infer over D-Bus",
         "npud Infer on a private channel",
-        "npud InferFd (memfds) on a private channel",
+        "npud InferFd, a new memfd per request, on a private channel",
+        "npud InferFd, one reused sealed tensor file (TensorFile), on a private channel",
     ]
     .iter()
     .enumerate()

@@ -512,3 +512,97 @@ fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
         zero.stderr
     );
 }
+
+#[test]
+fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use pocket_proto::runtime::{Runtime1Proxy, TensorRef};
+    use std::collections::HashMap;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    let w = world("");
+    let fx = onnx_fixtures();
+    let inode = |f: &std::fs::File| f.metadata().unwrap().ino();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let sealed = std::fs::File::from(
+            memfd_create(
+                c"test-tensors",
+                MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+            )
+            .unwrap(),
+        );
+        fcntl(
+            sealed.as_raw_fd(),
+            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK),
+        )
+        .unwrap();
+        let unsealed = tempfile::tempfile().unwrap();
+        // Aligned (read in place) and one byte off (copied), sealed and
+        // not: every answer matches the reference.
+        for (seed, file, offset) in [
+            (11, &sealed, 0u64),
+            (12, &sealed, 1),
+            (13, &sealed, 0),
+            (14, &unsealed, 0),
+        ] {
+            let x = seeded_data(16, seed);
+            let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.write_all_at(&bytes, offset).unwrap();
+            let refs = HashMap::from([(
+                "x".to_string(),
+                TensorRef {
+                    dtype: "f32".into(),
+                    shape: vec![1, 16],
+                    offset,
+                    len: 64,
+                },
+            )]);
+            let (outs, fd, _, _) = npud
+                .infer_fd("mlp", refs, zbus::zvariant::Fd::from(file.as_fd()))
+                .await
+                .unwrap();
+            let out = std::fs::File::from(OwnedFd::from(fd));
+            // The sealed file comes back with the outputs in it, past the
+            // inputs; any other file gets a new one.
+            assert_eq!(inode(&out) == inode(file), std::ptr::eq(file, &sealed));
+            let y = &outs["y"];
+            if std::ptr::eq(file, &sealed) {
+                assert!(y.offset >= offset + 64 && y.offset % 64 == 0, "{y:?}");
+            }
+            let mut buf = vec![0u8; y.len as usize];
+            out.read_exact_at(&mut buf, y.offset).unwrap();
+            let got: Vec<f64> = buf
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect();
+            let got = serde_json::json!({"outputs": {"y": {"dtype": "f32", "shape": y.shape, "data": got}}});
+            let want = reference_outputs(
+                &fx.join("mlp.onnx"),
+                &serde_json::json!({"x": {"shape": [1, 16], "data": x}}),
+            );
+            assert_close(&got, &want, 1e-5);
+        }
+        // Bytes outside the sealed file: a clear error, not a crash.
+        let refs = HashMap::from([(
+            "x".to_string(),
+            TensorRef {
+                dtype: "f32".into(),
+                shape: vec![1, 16],
+                offset: 1 << 30,
+                len: 64,
+            },
+        )]);
+        let err = npud
+            .infer_fd("mlp", refs, zbus::zvariant::Fd::from(sealed.as_fd()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lie outside the file"), "{err}");
+    });
+    run_mlp(&w).ok();
+}

@@ -163,3 +163,81 @@ pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1P
         .build()
         .await
 }
+
+/// A tensor file for `InferFd`: a memfd sealed against shrinking, which
+/// npud maps and reads in place, writing the outputs back into it. Reuse
+/// one per stream of requests (one request at a time): after the first
+/// request it has room for the outputs too, and each tensor then moves
+/// once each way.
+#[derive(Debug)]
+pub struct TensorFile {
+    file: std::fs::File,
+}
+
+impl TensorFile {
+    pub fn new() -> std::io::Result<TensorFile> {
+        use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+        let fd = memfd_create(
+            c"pocket-tensors",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )?;
+        use std::os::fd::AsRawFd;
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK),
+        )?;
+        Ok(TensorFile {
+            file: std::fs::File::from(fd),
+        })
+    }
+
+    /// Runs `name` on `inputs` (name, tensor) through `InferFd`: outputs,
+    /// the provider that ran, latency in ms.
+    pub async fn infer(
+        &self,
+        runtime: &Runtime1Proxy<'_>,
+        name: &str,
+        inputs: &[(&str, &Tensor)],
+    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
+        let mut refs = HashMap::with_capacity(inputs.len());
+        let mut offset = 0u64;
+        for (n, t) in inputs {
+            self.file.write_all_at(&t.data, offset).map_err(io)?;
+            let len = t.data.len() as u64;
+            refs.insert(
+                n.to_string(),
+                TensorRef {
+                    dtype: t.dtype.clone(),
+                    shape: t.shape.clone(),
+                    offset,
+                    len,
+                },
+            );
+            // Each tensor on a 64-byte boundary: aligned for every type.
+            offset = (offset + len).div_ceil(64) * 64;
+        }
+        let (out_refs, out_fd, provider, latency) = runtime
+            .infer_fd(name, refs, zbus::zvariant::Fd::from(self.file.as_fd()))
+            .await?;
+        // The same file when npud wrote in place; a new one otherwise.
+        let out = std::fs::File::from(std::os::fd::OwnedFd::from(out_fd));
+        let mut outputs = HashMap::with_capacity(out_refs.len());
+        for (n, r) in out_refs {
+            let len = usize::try_from(r.len).map_err(|e| zbus::Error::Failure(e.to_string()))?;
+            let mut data = vec![0u8; len];
+            out.read_exact_at(&mut data, r.offset).map_err(io)?;
+            outputs.insert(
+                n,
+                Tensor {
+                    dtype: r.dtype,
+                    shape: r.shape,
+                    data,
+                },
+            );
+        }
+        Ok((outputs, provider, latency))
+    }
+}

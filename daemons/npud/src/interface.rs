@@ -153,6 +153,17 @@ impl RuntimeIface {
         name: &str,
         inputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, String, f64), Error> {
+        let ((outputs, latency), provider) = self.run_model(name, |m| m.run(inputs)).await?;
+        Ok((outputs, provider, latency))
+    }
+
+    /// Runs `f` on the loaded model `name` when its turn comes; returns
+    /// what `f` returned and the provider the model runs on.
+    async fn run_model<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(&crate::runtime::Loaded) -> Result<T, crate::error::RuntimeError>,
+    ) -> Result<(T, String), Error> {
         let model = self.ensure_loaded(name, "").await?;
         self.hold.touch(self.bus()?).await;
         // Counted as in use while it waits, so it is not evicted between
@@ -163,11 +174,62 @@ impl RuntimeIface {
         // (spawn_blocking, or block_in_place's hand-off of the worker) and
         // back costs more than the bus itself. One worker at a time may do
         // so, so another always reads the bus; beyond that, block_in_place.
-        let (outputs, latency) = match self.inline.try_acquire() {
-            Ok(_permit) => model.run(inputs)?,
-            Err(_) => tokio::task::block_in_place(|| model.run(inputs))?,
+        let result = match self.inline.try_acquire() {
+            Ok(_permit) => f(&model)?,
+            Err(_) => tokio::task::block_in_place(|| f(&model))?,
         };
-        Ok((outputs, model.provider.clone(), latency))
+        Ok((result, model.provider.clone()))
+    }
+
+    /// `InferFd` on a file npud can map: inputs read in place, outputs
+    /// written into the same file from the first 64-byte boundary past the
+    /// inputs (the file grows when it must).
+    async fn infer_in_place(
+        &self,
+        name: &str,
+        inputs: &HashMap<String, TensorRef>,
+        file: &std::fs::File,
+        map: &crate::shared::Mapped,
+    ) -> Result<(HashMap<String, TensorRef>, String, f64), Error> {
+        let mut views = Vec::with_capacity(inputs.len());
+        let mut end = 0;
+        for (n, r) in inputs {
+            let bytes = map.bytes(r.offset, r.len).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "input {n:?}: bytes {}..+{} lie outside the file",
+                    r.offset, r.len
+                ))
+            })?;
+            end = end.max(r.offset + r.len);
+            views.push((n.as_str(), r.dtype.as_str(), r.shape.as_slice(), bytes));
+        }
+        let ((refs, latency), provider) = self
+            .run_model(name, |m| {
+                let mut refs = HashMap::new();
+                let mut offset = crate::shared::align64(end);
+                let latency = m.run_with(&views, |n, dtype, shape, bytes| {
+                    file.write_all_at(bytes, offset).map_err(|e| {
+                        crate::error::RuntimeError::Inference(format!(
+                            "writing output {n:?} to the tensor file: {e}"
+                        ))
+                    })?;
+                    let len = bytes.len() as u64;
+                    refs.insert(
+                        n.to_string(),
+                        TensorRef {
+                            dtype: dtype.to_string(),
+                            shape,
+                            offset,
+                            len,
+                        },
+                    );
+                    offset = crate::shared::align64(offset + len);
+                    Ok(())
+                })?;
+                Ok((refs, latency))
+            })
+            .await?;
+        Ok((refs, provider, latency))
     }
 }
 
@@ -234,6 +296,16 @@ impl RuntimeIface {
             })?;
             crate::tensor::check(spec, &r.dtype, &r.shape, r.len as usize)?;
         }
+        if let Some(map) = crate::shared::Mapped::of(&file, size) {
+            let (refs, provider, latency) = self.infer_in_place(name, &inputs, &file, &map).await?;
+            let fd = std::os::fd::OwnedFd::from(
+                file.try_clone()
+                    .map_err(|e| Error::Inference(format!("tensor file: {e}")))?,
+            );
+            return Ok((refs, fd.into(), provider, latency));
+        }
+        // Any other file: its inputs are read out, the outputs go into a
+        // new memfd.
         let mut read = Vec::new();
         for (n, r) in inputs {
             if r.offset.checked_add(r.len).is_none_or(|end| end > size) {

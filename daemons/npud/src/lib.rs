@@ -11,6 +11,7 @@ pub mod error;
 pub mod interface;
 pub mod peers;
 pub mod runtime;
+pub mod shared;
 pub mod tensor;
 
 pub use config::Config;

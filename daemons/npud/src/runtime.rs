@@ -116,25 +116,44 @@ impl Loaded {
         &self,
         inputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, f64), RuntimeError> {
-        let mut values = Vec::with_capacity(inputs.len());
-        for (name, dtype, shape, bytes) in &inputs {
-            let spec = self
-                .inputs
-                .iter()
-                .find(|s| &s.name == name)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
-                    RuntimeError::InvalidInput(format!(
-                        "model {:?} has no input {name:?} (its inputs: {})",
-                        self.record.name,
-                        known.join(", ")
-                    ))
-                })?;
+        let views: Vec<Input<'_>> = inputs
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.as_slice(), b.as_slice()))
+            .collect();
+        let mut out = Vec::new();
+        let latency = self.run_with(&views, |name, dtype, shape, bytes| {
+            out.push((name.to_string(), dtype.to_string(), shape, bytes.to_vec()));
+            Ok(())
+        })?;
+        Ok((out, latency))
+    }
+
+    /// Runs the model on inputs that borrow their bytes (ONNX Runtime reads
+    /// them in place where they are aligned) and hands each output's
+    /// `(name, dtype, shape, bytes)` to `output` while ONNX Runtime still
+    /// holds it, so the caller copies it once, to where it goes. Returns
+    /// the run's latency in ms.
+    pub fn run_with(
+        &self,
+        inputs: &[Input<'_>],
+        mut output: impl FnMut(&str, &str, Vec<i64>, &[u8]) -> Result<(), RuntimeError>,
+    ) -> Result<f64, RuntimeError> {
+        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for &(name, dtype, shape, bytes) in inputs {
+            let spec = self.inputs.iter().find(|s| s.name == name).ok_or_else(|| {
+                let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+                RuntimeError::InvalidInput(format!(
+                    "model {:?} has no input {name:?} (its inputs: {})",
+                    self.record.name,
+                    known.join(", ")
+                ))
+            })?;
             tensor::check(spec, dtype, shape, bytes.len())?;
-            values.push((name.clone(), tensor::to_value(dtype, shape, bytes)?));
+            values.push((name.to_string(), tensor::input_value(dtype, shape, bytes)?));
         }
         for spec in &self.inputs {
-            if !inputs.iter().any(|(n, ..)| n == &spec.name) {
+            if !inputs.iter().any(|(n, ..)| *n == spec.name) {
                 return Err(RuntimeError::InvalidInput(format!(
                     "input {:?} ({} {:?}) is missing",
                     spec.name, spec.dtype, spec.shape
@@ -149,18 +168,20 @@ impl Loaded {
                 .run(values)
                 .map_err(|e| RuntimeError::Inference(e.to_string()))?;
             let latency = start.elapsed().as_secs_f64() * 1000.0;
-            let mut out = Vec::new();
             for (name, value) in outputs.iter() {
-                let (dtype, shape, bytes) = tensor::from_value(&value)?;
-                out.push((name.to_string(), dtype, shape, bytes));
+                let (dtype, shape, bytes) = tensor::output_bytes(&value)?;
+                output(name, &dtype, shape, &bytes)?;
             }
-            Ok((out, latency))
+            Ok(latency)
         })();
         *self.last_used.lock().expect("not poisoned") = Instant::now();
         self.busy.fetch_sub(1, Ordering::SeqCst);
         result
     }
 }
+
+/// An input that borrows its bytes: (name, dtype, shape, bytes).
+pub type Input<'a> = (&'a str, &'a str, &'a [i64], &'a [u8]);
 
 enum SessionError {
     Options(String),

@@ -3,8 +3,10 @@
 //! error instead of a crash.
 
 use crate::error::RuntimeError;
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::session::SessionInputValue;
+use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use pocket_proto::runtime::{dtype_size, TensorSpec};
+use std::borrow::Cow;
 
 /// Our short name of an ONNX element type.
 pub fn dtype_name(t: TensorElementType) -> &'static str {
@@ -115,6 +117,88 @@ pub fn to_value(dtype: &str, shape: &[i64], bytes: &[u8]) -> Result<DynValue, Ru
         }
     };
     r.map_err(|e| RuntimeError::InvalidInput(e.to_string()))
+}
+
+/// An input as ONNX Runtime takes it: a view of the request's bytes, with
+/// no copy, when they are aligned for the element type (little-endian
+/// bytes are the machine's own on every target PocketOS runs on); a
+/// converted copy otherwise.
+pub fn input_value<'a>(
+    dtype: &str,
+    shape: &[i64],
+    bytes: &'a [u8],
+) -> Result<SessionInputValue<'a>, RuntimeError> {
+    macro_rules! view {
+        ($t:ty) => {
+            if cfg!(target_endian = "little") {
+                if let Ok(elements) = bytemuck::try_cast_slice::<u8, $t>(bytes) {
+                    return TensorRef::from_array_view((shape.to_vec(), elements))
+                        .map(Into::into)
+                        .map_err(|e| RuntimeError::InvalidInput(e.to_string()));
+                }
+            }
+        };
+    }
+    match dtype {
+        "f32" => view!(f32),
+        "f64" => view!(f64),
+        "i64" => view!(i64),
+        "i32" => view!(i32),
+        "i16" => view!(i16),
+        "u16" => view!(u16),
+        "i8" => view!(i8),
+        "u8" => view!(u8),
+        "f16" => view!(half::f16),
+        _ => {}
+    }
+    Ok(to_value(dtype, shape, bytes)?.into())
+}
+
+/// An output as (element type, shape, little-endian bytes).
+pub type OutputBytes<'a> = (String, Vec<i64>, Cow<'a, [u8]>);
+
+/// An output's little-endian bytes: a view of ONNX Runtime's own buffer
+/// where the element type allows, a converted copy otherwise.
+pub fn output_bytes(value: &DynValue) -> Result<OutputBytes<'_>, RuntimeError> {
+    macro_rules! view {
+        ($t:ty) => {{
+            let (shape, data) = value
+                .try_extract_tensor::<$t>()
+                .map_err(|e| RuntimeError::Inference(e.to_string()))?;
+            (
+                shape.iter().copied().collect::<Vec<i64>>(),
+                Cow::Borrowed(bytemuck::cast_slice::<$t, u8>(data)),
+            )
+        }};
+    }
+    if !cfg!(target_endian = "little") {
+        let (dtype, shape, bytes) = from_value(value)?;
+        return Ok((dtype, shape, Cow::Owned(bytes)));
+    }
+    let ty = match value.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(RuntimeError::Inference(format!(
+                "output of type {other} is not a tensor"
+            )))
+        }
+    };
+    let (shape, bytes) = match ty {
+        TensorElementType::Float32 => view!(f32),
+        TensorElementType::Float64 => view!(f64),
+        TensorElementType::Int64 => view!(i64),
+        TensorElementType::Int32 => view!(i32),
+        TensorElementType::Int16 => view!(i16),
+        TensorElementType::Uint16 => view!(u16),
+        TensorElementType::Int8 => view!(i8),
+        TensorElementType::Uint8 => view!(u8),
+        TensorElementType::Float16 => view!(half::f16),
+        _ => {
+            let (_, shape, bytes) = from_value(value)?;
+            (shape, Cow::Owned(bytes))
+        }
+    };
+    Ok((dtype_name(ty).to_string(), shape, bytes))
 }
 
 macro_rules! to_le {
