@@ -392,10 +392,18 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
 }
 
 #[test]
-fn updates_from_an_uploaded_bundle_and_rollback() {
+fn updates_from_the_server_and_an_upload_then_rollback() {
     let (w, _board, mut d) = world("");
     let publisher = Publisher::new(&w.tmp.path().join("os-publisher"));
-    let mut b = UpdateBox::new(&w.tmp.path().join("box"), Loader::Grub, &publisher, "");
+    let site = w.tmp.path().join("os-site");
+    std::fs::create_dir_all(&site).unwrap();
+    let server = HttpServer::serve(&site);
+    let mut b = UpdateBox::new(
+        &w.tmp.path().join("box"),
+        Loader::Grub,
+        &publisher,
+        &format!("update_url = \"{}update.bundle\"", server.url()),
+    );
     assert_eq!(b.boot(&w.bus), "A");
     assert_eq!(b.wait_health(&w.bus), "good");
     d.log_in(PASSWORD, true).ok();
@@ -406,7 +414,7 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
     assert_eq!(u["health"], "good");
     assert_eq!(u["slots"].as_array().unwrap().len(), 2);
 
-    // No update server configured: a clear error, not a crash.
+    // Nothing on the server yet: a clear error, not a crash.
     let r = d.post("/api/update/check", json!({}));
     assert!(r.status >= 400, "{}", r.body);
     assert!(!r.body["message"].as_str().unwrap().is_empty());
@@ -434,9 +442,14 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
     );
     assert_eq!(b.primary().as_deref(), Some("A"));
 
+    // v2 on the update server: Check finds it, Install writes it into B.
     let v2 = publisher.bundle(&w.tmp.path().join("v2"), "2.0");
-    d.upload("/api/update/upload", std::fs::read(&v2.bundle).unwrap())
-        .ok();
+    std::fs::copy(&v2.bundle, site.join("update.bundle")).unwrap();
+    let c = d.post("/api/update/check", json!({})).ok();
+    assert_eq!(c["available"], true, "{c}");
+    assert_eq!(c["version"], "2.0");
+    assert_eq!(c["current_version"], "1.0");
+    d.post("/api/update/install", json!({})).ok();
     let (end, seen) = wait_event(&events, "the update's end", Duration::from_secs(60), |e| {
         e["type"] == "update-finished"
     });
@@ -446,10 +459,21 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
             .any(|e| e["type"] == "update-job" && e["job"]["slot"] == "B"),
         "no progress event: {seen:#?}"
     );
+    assert!(!server.served("update.bundle").is_empty());
     assert_eq!(b.primary().as_deref(), Some("B"));
     let u = d.get("/api/update").ok();
     assert_eq!(u["primary"], "B");
     assert_eq!(u["slots"][1]["version"], "2.0");
+
+    // v3 uploaded through the page replaces it in B.
+    let v3 = publisher.bundle(&w.tmp.path().join("v3"), "3.0");
+    d.upload("/api/update/upload", std::fs::read(&v3.bundle).unwrap())
+        .ok();
+    let (end, _) = wait_event(&events, "the upload's end", Duration::from_secs(60), |e| {
+        e["type"] == "update-finished"
+    });
+    assert_eq!(end["success"], true, "{end}");
+    assert_eq!(d.get("/api/update").ok()["slots"][1]["version"], "3.0");
     wait_for(
         "the uploaded bundle removed",
         Duration::from_secs(10),
@@ -468,7 +492,7 @@ fn updates_from_an_uploaded_bundle_and_rollback() {
     let u = d.get("/api/update").ok();
     assert_eq!(
         (u["booted"].as_str(), u["version"].as_str()),
-        (Some("B"), Some("2.0"))
+        (Some("B"), Some("3.0"))
     );
     let r = d.post("/api/update/rollback", json!({})).ok();
     assert_eq!(r["primary"], "A");
