@@ -62,6 +62,8 @@ pub struct RuntimeIface {
     peer_uid: Option<u32>,
     /// Sessions that may run on a runtime worker at once (workers - 1).
     inline: Arc<tokio::sync::Semaphore>,
+    /// The last tensor file used through this object (or this channel).
+    tensor_file: Arc<crate::shared::MapCache>,
 }
 
 impl RuntimeIface {
@@ -72,6 +74,7 @@ impl RuntimeIface {
             bus: Arc::default(),
             channels: Arc::default(),
             peer_uid: None,
+            tensor_file: Arc::default(),
             inline: Arc::new(tokio::sync::Semaphore::new(
                 tokio::runtime::Handle::try_current()
                     .map(|h| h.metrics().num_workers())
@@ -101,6 +104,7 @@ impl RuntimeIface {
         _slot: ChannelSlot,
     ) -> zbus::Result<()> {
         self.peer_uid = Some(uid);
+        self.tensor_file = Arc::default();
         // The socket's own credentials are npud's: the client is checked
         // against the caller of OpenChannel instead.
         let build = zbus::connection::Builder::unix_stream(stream)
@@ -296,7 +300,12 @@ impl RuntimeIface {
             })?;
             crate::tensor::check(spec, &r.dtype, &r.shape, r.len as usize)?;
         }
-        if let Some(map) = crate::shared::Mapped::of(&file, size) {
+        let needed = inputs
+            .values()
+            .map(|r| r.offset.saturating_add(r.len))
+            .max()
+            .unwrap_or(0);
+        if let Some(map) = self.tensor_file.map(&file, size, needed) {
             let (refs, provider, latency) = self.infer_in_place(name, &inputs, &file, &map).await?;
             let fd = std::os::fd::OwnedFd::from(
                 file.try_clone()

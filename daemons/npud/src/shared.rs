@@ -32,16 +32,20 @@ unsafe impl Send for Mapped {}
 unsafe impl Sync for Mapped {}
 
 impl Mapped {
-    /// Maps `file` (of `len` bytes) when it can be read in place and
-    /// written back to: sealed against shrinking, open for reading and
-    /// writing, not empty. `None` otherwise: the caller copies instead.
+    /// Whether `file` can be read in place and written back to: sealed
+    /// against shrinking, and open for reading and writing.
+    pub fn usable(file: &File) -> bool {
+        let sealed = fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS)
+            .is_ok_and(|s| SealFlag::from_bits_truncate(s).contains(SealFlag::F_SEAL_SHRINK));
+        let rw = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
+            .is_ok_and(|m| OFlag::from_bits_truncate(m) & OFlag::O_ACCMODE == OFlag::O_RDWR);
+        sealed && rw
+    }
+
+    /// Maps all `len` bytes of a [usable](Self::usable) file; `None` when
+    /// it is not usable or empty: the caller copies instead.
     pub fn of(file: &File, len: u64) -> Option<Mapped> {
-        let seals = fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS).ok()?;
-        if !SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
-            return None;
-        }
-        let mode = OFlag::from_bits_truncate(fcntl(file.as_raw_fd(), FcntlArg::F_GETFL).ok()?);
-        if mode & OFlag::O_ACCMODE != OFlag::O_RDWR {
+        if !Self::usable(file) {
             return None;
         }
         let len = NonZeroUsize::new(usize::try_from(len).ok()?)?;
@@ -54,7 +58,8 @@ impl Mapped {
                 None,
                 len,
                 nix::sys::mman::ProtFlags::PROT_READ,
-                nix::sys::mman::MapFlags::MAP_SHARED,
+                // Populated up front: one call instead of a page fault per page.
+                nix::sys::mman::MapFlags::MAP_SHARED | nix::sys::mman::MapFlags::MAP_POPULATE,
                 file.as_fd(),
                 0,
             )
@@ -64,6 +69,11 @@ impl Mapped {
             ptr,
             len: len.get(),
         })
+    }
+
+    /// Bytes mapped (never 0).
+    pub fn size(&self) -> u64 {
+        self.len as u64
     }
 
     /// `len` bytes at `offset`, or `None` when they lie outside the file.
@@ -90,6 +100,48 @@ impl Drop for Mapped {
         // SAFETY: ptr and len are the mapping made in `of`, unmapped once;
         // no slice of it outlives `self` (they borrow it).
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
+    }
+}
+
+/// The tensor file a client used last, kept mapped for its next request:
+/// mapping and unmapping a megabyte costs more than running a small model
+/// on it. Each private channel has its own, dropped with the channel; the
+/// bus object has one for all its callers. Holding the mapping keeps that
+/// one file alive until another takes its place.
+#[derive(Default)]
+pub struct MapCache(std::sync::Mutex<Option<Cached>>);
+
+struct Cached {
+    key: (u64, u64),
+    /// Keeps the file, so its inode is not reused while it is cached.
+    _file: File,
+    map: std::sync::Arc<Mapped>,
+}
+
+impl MapCache {
+    /// A mapping of `file` (now `size` bytes) that covers `needed` bytes:
+    /// the cached one when it is the same file, else a new one, cached.
+    /// `None` when the file is not usable in place.
+    pub fn map(&self, file: &File, size: u64, needed: u64) -> Option<std::sync::Arc<Mapped>> {
+        use std::os::unix::fs::MetadataExt;
+        if !Mapped::usable(file) {
+            return None;
+        }
+        let meta = file.metadata().ok()?;
+        let key = (meta.dev(), meta.ino());
+        let mut slot = self.0.lock().expect("not poisoned");
+        if let Some(c) = slot.as_ref() {
+            if c.key == key && c.map.size() >= needed {
+                return Some(c.map.clone());
+            }
+        }
+        let map = std::sync::Arc::new(Mapped::of(file, size)?);
+        *slot = Some(Cached {
+            key,
+            _file: file.try_clone().ok()?,
+            map: map.clone(),
+        });
+        Some(map)
     }
 }
 
