@@ -164,6 +164,24 @@ fn changes_without_the_credential_or_csrf_token_are_refused() {
     )
     .fails(403, "CrossOrigin");
 
+    // A page under another name (DNS rebinding) is refused, reads too.
+    d.post_with(
+        "/api/power/profile",
+        Some(json!({"profile": "performance"})),
+        &[
+            ("host", "attacker.example"),
+            ("origin", "http://attacker.example"),
+        ],
+    )
+    .fails(403, "BadHost");
+    let r = reqwest::blocking::Client::new()
+        .get(format!("{}/api/session", d.base))
+        .header("host", "attacker.example:80")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(r.headers().contains_key("content-security-policy"));
+
     // Nothing changed.
     assert_eq!(profile(&w), "balanced");
     w.assert_nothing_installed();
@@ -354,6 +372,32 @@ fn bad_requests_get_clear_errors_and_lose_nothing() {
         .fails(400, "BadRequest");
     let uploads = w.webd_dir().join("uploads");
     assert_eq!(std::fs::read_dir(&uploads).unwrap().count(), 0);
+
+    // A client that hangs up half way through an upload leaves nothing.
+    {
+        use std::io::Write;
+        let addr = d
+            .base
+            .trim_start_matches("http://")
+            .replace("localhost", "127.0.0.1");
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(
+            s,
+            "POST /api/models/upload HTTP/1.1\r\nHost: {addr}\r\nCookie: pocket_session={}\r\nX-CSRF-Token: {}\r\nContent-Length: 900000\r\n\r\n",
+            d.session.clone().unwrap(),
+            d.csrf.clone().unwrap()
+        )
+        .unwrap();
+        s.write_all(&[1u8; 300_000]).unwrap();
+        wait_for("the upload to start", Duration::from_secs(10), || {
+            (std::fs::read_dir(&uploads).unwrap().count() == 1).then_some(())
+        });
+    }
+    wait_for(
+        "the cut-off upload removed",
+        Duration::from_secs(10),
+        || (std::fs::read_dir(&uploads).unwrap().count() == 0).then_some(()),
+    );
 
     // The intact pack installs the same way.
     d.upload("/api/models/upload", pack).ok();

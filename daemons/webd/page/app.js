@@ -7,7 +7,7 @@ const $ = (sel) => document.querySelector(sel);
 // jobs: install jobs in progress by id; finished: ids of jobs that ended
 // (a fast job can end before the reply that started it arrives);
 // uploading: the name of the file being uploaded.
-const state = { session: {}, jobs: new Map(), finished: new Set(), uploading: null, models: null, update: null };
+const state = { session: {}, jobs: new Map(), finished: new Set(), uploading: null, models: null, update: null, events: null };
 
 function trackJob(job) {
   if (!state.finished.has(job.id)) state.jobs.set(job.id, job);
@@ -136,6 +136,8 @@ async function submitLogin(ev) {
     state.session = { ...state.session, logged_in: true, setup_needed: false, csrf: r.csrf };
     renderSession();
     $("#login").close();
+    // With login_to_read, the event stream was refused before the login.
+    if (!state.events || state.events.readyState === EventSource.CLOSED) listen();
     refreshAll();
   } catch (e) {
     $("#login-error").textContent = e.message;
@@ -349,6 +351,7 @@ async function rollback() {
 
 function listen() {
   const es = new EventSource("/api/events");
+  state.events = es;
   es.onmessage = (e) => {
     const ev = JSON.parse(e.data);
     switch (ev.type) {

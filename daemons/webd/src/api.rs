@@ -84,38 +84,22 @@ async fn page(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-/// Before any handler: who may connect, and cross-site requests refused.
-/// A change must carry `X-CSRF-Token` (a header a cross-site form cannot
-/// send, and a cross-site script cannot without a CORS preflight, which is
-/// never granted); handlers that need a session also check its value.
+/// Before any handler: who may connect, under which name, and cross-site
+/// requests refused. A change must carry `X-CSRF-Token` (a header a
+/// cross-site form cannot send, and a cross-site script cannot without a
+/// CORS preflight, which is never granted); handlers that need a session
+/// also check its value. Every response, refusals included, carries the
+/// security headers.
 async fn guard(
     State(app): AppState,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     req: Request,
     next: Next,
 ) -> Response {
-    if app.cfg.local_network_only && !crate::is_local_peer(peer.ip()) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "NotLocal",
-            "the dashboard answers only on the box's local network",
-        )
-        .into_response();
-    }
-    if !matches!(*req.method(), Method::GET | Method::HEAD) {
-        if let Err(e) = same_origin(req.headers()) {
-            return e.into_response();
-        }
-        if !req.headers().contains_key(auth::CSRF_HEADER) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "CsrfFailed",
-                "a change needs the X-CSRF-Token header",
-            )
-            .into_response();
-        }
-    }
-    let mut resp = next.run(req).await;
+    let mut resp = match admit(&app, peer, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    };
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -133,6 +117,42 @@ async fn guard(
         HeaderValue::from_static("no-referrer"),
     );
     resp
+}
+
+fn admit(app: &App, peer: SocketAddr, req: &Request) -> ApiResult<()> {
+    if app.cfg.local_network_only && !crate::is_local_peer(peer.ip()) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "NotLocal",
+            "the dashboard answers only on the box's local network",
+        ));
+    }
+    // A page under another name (DNS rebinding: attacker.example made to
+    // point at the box) is a different origin to the browser, and must not
+    // be able to talk to the box as if it were the box's own page.
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !crate::net::is_own_host(host, &app.host_names) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "BadHost",
+            "open the dashboard by the box's address or name",
+        ));
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        same_origin(req.headers())?;
+        if !req.headers().contains_key(auth::CSRF_HEADER) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "CsrfFailed",
+                "a change needs the X-CSRF-Token header",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An `Origin` header, when a browser sends one, must name this host.
@@ -265,24 +285,36 @@ async fn login(State(app): AppState, bytes: Bytes) -> ApiResult<Response> {
 
 async fn logout(State(app): AppState, admin: Admin) -> Response {
     app.auth.logout(&admin.token);
+    tracing::info!("admin logged out");
     ([(header::SET_COOKIE, app.auth.cookie(""))], Json(json!({}))).into_response()
 }
 
 async fn events(
     _r: Reader,
     State(app): AppState,
+    headers: HeaderMap,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
     let rx = app.events.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        use tokio::sync::broadcast::error::RecvError;
-        let event = match rx.recv().await {
-            Ok(text) => Event::default().data(&*text),
-            // The page missed some: it reloads everything.
-            Err(RecvError::Lagged(_)) => Event::default().data(r#"{"type":"lagged"}"#),
-            Err(RecvError::Closed) => return None,
-        };
-        Some((Ok(event), rx))
-    });
+    // Where reading needs a login, the stream ends with the session (it is
+    // checked at every event; powerd's come every second).
+    let token = app
+        .cfg
+        .login_to_read
+        .then(|| session_token(&headers).unwrap_or_default());
+    let stream =
+        futures_util::stream::unfold((rx, app, token), |(mut rx, app, token)| async move {
+            use tokio::sync::broadcast::error::RecvError;
+            let event = match rx.recv().await {
+                Ok(text) => Event::default().data(&*text),
+                // The page missed some: it reloads everything.
+                Err(RecvError::Lagged(_)) => Event::default().data(r#"{"type":"lagged"}"#),
+                Err(RecvError::Closed) => return None,
+            };
+            if token.as_deref().is_some_and(|t| !app.auth.is_live(t)) {
+                return None;
+            }
+            Some((Ok(event), (rx, app, token)))
+        });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
@@ -353,6 +385,7 @@ async fn refresh_catalog(_a: Admin, State(app): AppState) -> ApiResult<Json<Valu
         .refresh()
         .await
         .map_err(|e| ApiError::from_bus("modeld", e))?;
+    tracing::info!("catalogs refreshed from the dashboard");
     Ok(Json(json!({ "models": n })))
 }
 
@@ -369,7 +402,7 @@ async fn install_model(_a: Admin, State(app): AppState, bytes: Bytes) -> ApiResu
         .install(&n.name)
         .await
         .map_err(|e| ApiError::from_bus("modeld", e))?;
-    tracing::info!("install of {} started from the dashboard", n.name);
+    tracing::info!("install of {:?} started from the dashboard", n.name);
     Ok(Json(json!({ "job": job_id(&path) })))
 }
 
@@ -394,6 +427,7 @@ async fn cancel_model_job(
     job.cancel()
         .await
         .map_err(|e| no_such_job(ApiError::from_bus("modeld", e), &id))?;
+    tracing::info!("model install job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }
 
@@ -415,7 +449,7 @@ async fn remove_model(
         .remove(&name)
         .await
         .map_err(|e| ApiError::from_bus("modeld", e))?;
-    tracing::info!("{name} removed from the dashboard");
+    tracing::info!("{name:?} removed from the dashboard");
     app.events.send(json!({ "type": "models-changed" }));
     Ok(Json(json!({})))
 }
@@ -462,6 +496,9 @@ async fn run_model(
     })))
 }
 
+/// The most bytes one input of a test run may take.
+const SAMPLE_LIMIT: usize = 64 << 20;
+
 /// An input of the model's shape (dynamic dimensions as 1) with a fixed,
 /// varied pattern of values.
 fn sample_tensor(spec: &runtime::TensorSpec) -> ApiResult<runtime::Tensor> {
@@ -470,10 +507,11 @@ fn sample_tensor(spec: &runtime::TensorSpec) -> ApiResult<runtime::Tensor> {
         .iter()
         .map(|&d| if d < 1 { 1 } else { d })
         .collect();
+    let size = runtime::dtype_size(&spec.dtype).unwrap_or(8);
     let count = shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d as usize))
-        .filter(|&n| n <= 64 << 20)
+        .filter(|&n| n.saturating_mul(size) <= SAMPLE_LIMIT)
         .ok_or_else(|| {
             ApiError::bad_request(format!("input {} is too large for a test run", spec.name))
         })?;
@@ -548,9 +586,32 @@ pub fn clear_uploads(data_dir: &std::path::Path) {
     }
 }
 
+/// An upload's file, removed when dropped unless kept: whatever ends the
+/// request (an error, the client hanging up mid-way), nothing is left.
+struct Upload {
+    path: std::path::PathBuf,
+    keep: bool,
+}
+
+impl Upload {
+    /// Hands the file over (to a task that removes it later).
+    fn keep(mut self) -> std::path::PathBuf {
+        self.keep = true;
+        self.path.clone()
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Streams a request body into a new file under `uploads/`, up to the
 /// configured limit; on any failure nothing is left behind.
-async fn receive_upload(app: &App, body: Body, ext: &str) -> ApiResult<std::path::PathBuf> {
+async fn receive_upload(app: &App, body: Body, ext: &str) -> ApiResult<Upload> {
     let mut name = [0u8; 12];
     getrandom::fill(&mut name)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()))?;
@@ -559,14 +620,10 @@ async fn receive_upload(app: &App, body: Body, ext: &str) -> ApiResult<std::path
         .data_dir
         .join("uploads")
         .join(format!("{}.{ext}", hex::encode(name)));
-    let result = write_upload(app, body, &path).await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&path).await;
-    }
-    result.map(|n| {
-        tracing::info!("received an upload of {n} bytes");
-        path
-    })
+    let upload = Upload { path, keep: false };
+    let n = write_upload(app, body, &upload.path).await?;
+    tracing::info!("received an upload of {n} bytes");
+    Ok(upload)
 }
 
 async fn write_upload(app: &App, body: Body, path: &std::path::Path) -> ApiResult<u64> {
@@ -611,10 +668,10 @@ async fn write_upload(app: &App, body: Body, path: &std::path::Path) -> ApiResul
 }
 
 async fn upload_model(_a: Admin, State(app): AppState, body: Body) -> ApiResult<Json<Value>> {
-    let path = receive_upload(&app, body, "pack").await?;
-    let file = std::fs::File::open(&path);
+    let upload = receive_upload(&app, body, "pack").await?;
+    let file = std::fs::File::open(&upload.path);
     // modeld reads the pack through the descriptor; the name goes now.
-    let _ = std::fs::remove_file(&path);
+    drop(upload);
     let file =
         file.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Io", e.to_string()))?;
     let job = modeld(&app)
@@ -677,6 +734,7 @@ async fn set_budget(_a: Admin, State(app): AppState, bytes: Bytes) -> ApiResult<
     p1.set_budget(b.watts)
         .await
         .map_err(|e| ApiError::from_bus("powerd", e))?;
+    tracing::info!("power budget set to {} W from the dashboard", b.watts);
     let state = events::power_state(&app.bus)
         .await
         .map_err(|e| ApiError::from_bus("powerd", e))?;
@@ -747,15 +805,13 @@ async fn install_update(_a: Admin, State(app): AppState) -> ApiResult<Json<Value
 }
 
 async fn upload_update(_a: Admin, State(app): AppState, body: Body) -> ApiResult<Json<Value>> {
-    let path = receive_upload(&app, body, "bundle").await?;
+    let upload = receive_upload(&app, body, "bundle").await?;
     let u = otad(&app).await?;
-    let job = match u.install(&path.to_string_lossy()).await {
-        Ok(job) => job,
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            return Err(ApiError::from_bus("otad", e));
-        }
-    };
+    let job = u
+        .install(&upload.path.to_string_lossy())
+        .await
+        .map_err(|e| ApiError::from_bus("otad", e))?;
+    let path = upload.keep();
     // otad reads the bundle by its path; it goes once the job has ended.
     let bus = app.bus.clone();
     let job_for_cleanup = job.clone();
@@ -779,6 +835,7 @@ async fn rollback(_a: Admin, State(app): AppState) -> ApiResult<Json<Value>> {
         .rollback()
         .await
         .map_err(|e| ApiError::from_bus("otad", e))?;
+    tracing::info!("rolled back from the dashboard: slot {slot} boots next");
     Ok(Json(json!({ "primary": slot })))
 }
 
@@ -794,6 +851,7 @@ async fn cancel_update_job(
     job.cancel()
         .await
         .map_err(|e| no_such_job(ApiError::from_bus("otad", e), &id))?;
+    tracing::info!("update job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }
 

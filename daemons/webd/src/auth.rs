@@ -23,6 +23,8 @@ pub const COOKIE: &str = "pocket_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Shortest admin password accepted.
 pub const MIN_PASSWORD: usize = 8;
+/// Longest admin password accepted, in bytes.
+const MAX_PASSWORD: usize = 1024;
 /// Most sessions kept; the least recently used goes first.
 const MAX_SESSIONS: usize = 32;
 /// How long a wrong password holds up the next login attempt.
@@ -113,9 +115,22 @@ impl Auth {
         Ok(self.new_session())
     }
 
-    /// Checks the password and starts a session.
+    /// Checks the password and starts a session. While another check runs
+    /// (or its failure delay), the answer is `Busy` at once rather than a
+    /// place in a queue that guessers could keep full.
     pub async fn login(&self, password: String) -> ApiResult<SessionKeys> {
-        let _gate = self.gate.lock().await;
+        if password.len() > MAX_PASSWORD {
+            return Err(ApiError::bad_request(format!(
+                "the password is longer than {MAX_PASSWORD} bytes"
+            )));
+        }
+        let Ok(_gate) = self.gate.try_lock() else {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Busy",
+                "another login is being checked; try again in a moment",
+            ));
+        };
         let Some(hash) = self.hash.lock().unwrap().clone() else {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -175,6 +190,15 @@ impl Auth {
         }
         s.last_used = Instant::now();
         Some(s.csrf.clone())
+    }
+
+    /// Whether a session is live, without counting this as a use.
+    pub fn is_live(&self, token: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap()
+            .get(token)
+            .is_some_and(|s| s.last_used.elapsed() < self.idle)
     }
 
     pub fn logout(&self, token: &str) {

@@ -32,8 +32,14 @@ struct Rate {
 }
 
 impl Events {
-    /// Starts watching the bus; events go to every subscriber.
-    pub fn start(bus: &zbus::Connection) -> Events {
+    /// Starts watching the bus; events go to every subscriber. Signals
+    /// arrive on a connection of their own: a watcher that reads a job's
+    /// properties (on `bus`) while signals queue up must not hold up the
+    /// replies it waits for.
+    pub async fn start(bus: &zbus::Connection) -> anyhow::Result<Events> {
+        let signals = pocket_proto::system_bus()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
         let (tx, _) = broadcast::channel(256);
         let ev = Events {
             tx,
@@ -44,11 +50,14 @@ impl Events {
             ("update-job", update::BUS_NAME, update::JOB_PATH_PREFIX),
         ];
         for (kind, sender, prefix) in jobs {
-            tokio::spawn(ev.clone().watch_jobs(bus.clone(), kind, sender, prefix));
+            tokio::spawn(
+                ev.clone()
+                    .watch_jobs(signals.clone(), bus.clone(), kind, sender, prefix),
+            );
         }
-        tokio::spawn(ev.clone().watch_finished(bus.clone()));
+        tokio::spawn(ev.clone().watch_finished(signals));
         tokio::spawn(ev.clone().watch_power(bus.clone()));
-        ev
+        Ok(ev)
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
@@ -62,6 +71,7 @@ impl Events {
 
     async fn watch_jobs(
         self,
+        signals: zbus::Connection,
         bus: zbus::Connection,
         kind: &'static str,
         sender: &'static str,
@@ -75,10 +85,12 @@ impl Events {
             .and_then(|r| r.path_namespace(prefix))
             .map(|r| r.build());
         let mut stream = match rule {
-            Ok(rule) => match zbus::MessageStream::for_match_rule(rule, &bus, Some(256)).await {
-                Ok(s) => s,
-                Err(e) => return tracing::warn!("cannot watch {sender} jobs: {e}"),
-            },
+            Ok(rule) => {
+                match zbus::MessageStream::for_match_rule(rule, &signals, Some(256)).await {
+                    Ok(s) => s,
+                    Err(e) => return tracing::warn!("cannot watch {sender} jobs: {e}"),
+                }
+            }
             Err(e) => return tracing::warn!("cannot watch {sender} jobs: {e}"),
         };
         while let Some(msg) = stream.next().await {

@@ -36,6 +36,10 @@ pub struct Config {
     pub session_idle_minutes: u64,
     #[serde(default = "default_upload_limit_mb")]
     pub upload_limit_mb: u64,
+    /// Names the box answers to besides its IP addresses, `localhost`, its
+    /// host name and `<host name>.local`.
+    #[serde(default)]
+    pub host_names: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -57,6 +61,8 @@ fn default_upload_limit_mb() -> u64 {
 /// What every request handler shares.
 pub(crate) struct App {
     pub cfg: Config,
+    /// What a request's `Host` may name (see [`net::is_own_host`]).
+    pub host_names: Vec<String>,
     pub bus: zbus::Connection,
     pub auth: auth::Auth,
     pub events: events::Events,
@@ -75,7 +81,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
     let auth = auth::Auth::open(&cfg)?;
-    let events = events::Events::start(&bus);
+    let events = events::Events::start(&bus).await?;
     let addr: SocketAddr = cfg
         .listen
         .parse()
@@ -84,6 +90,7 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Arc::new(App {
+        host_names: net::host_names(&cfg.host_names),
         cfg,
         bus,
         auth,
