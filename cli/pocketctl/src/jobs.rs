@@ -18,22 +18,6 @@ pub(crate) trait JobView {
 /// A completion signal: (job path, success, error name, error message).
 pub(crate) type Finished = (String, bool, String, String);
 
-/// A proxy for the job object at `path` that reads every property fresh:
-/// a cached error could lag behind the phase that says the job failed.
-pub(crate) async fn job_proxy<P>(
-    conn: &zbus::Connection,
-    path: &zbus::zvariant::OwnedObjectPath,
-) -> zbus::Result<P>
-where
-    P: zbus::proxy::Defaults + From<zbus::Proxy<'static>>,
-{
-    zbus::proxy::Builder::<P>::new(conn)
-        .path(path.clone())?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-}
-
 /// Waits for the job at `path` to finish; `Err` carries the daemon's
 /// error as one line. `daemon` names who left when the bus goes away.
 pub(crate) async fn wait(

@@ -349,7 +349,7 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 }
                 (None, None) => bail!("name a model or give --file"),
             };
-            let job: JobProxy = jobs::job_proxy(conn, &path).await?;
+            let job: JobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((

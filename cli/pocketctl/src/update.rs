@@ -114,7 +114,7 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
             };
             let finished = u.receive_install_finished().await?;
             let path = u.install(&source).await?;
-            let job: UpdateJobProxy = crate::jobs::job_proxy(conn, &path).await?;
+            let job: UpdateJobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((

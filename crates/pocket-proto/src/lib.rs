@@ -16,6 +16,26 @@ pub async fn system_bus() -> zbus::Result<zbus::Connection> {
     zbus::Connection::system().await
 }
 
+/// A proxy that reads every property fresh instead of caching it: for job
+/// objects, whose progress changes all the time (a cached error could lag
+/// behind the phase that says the job failed), and for clients that read a
+/// daemon's state once per request. At `path`, or the interface's default
+/// path when `None`.
+pub async fn fresh_proxy<P>(
+    conn: &zbus::Connection,
+    path: Option<&zbus::zvariant::OwnedObjectPath>,
+) -> zbus::Result<P>
+where
+    P: zbus::proxy::Defaults + From<zbus::Proxy<'static>>,
+{
+    let mut builder =
+        zbus::proxy::Builder::<P>::new(conn).cache_properties(zbus::proxy::CacheProperties::No);
+    if let Some(path) = path {
+        builder = builder.path(path.clone())?;
+    }
+    builder.build().await
+}
+
 /// The short name of a PocketOS error (`DiskFull` for
 /// `org.pocketos.Error.DiskFull`), or the full name of any other error.
 pub fn short_error_name(name: &str) -> &str {

@@ -164,6 +164,13 @@ pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1P
         .await
 }
 
+/// Where a tensor in a tensor file may start at or after `n`: the next
+/// multiple of 64 (a cache line, aligned for every element type). Clients
+/// lay out inputs so, and npud its outputs after them.
+pub fn tensor_offset(n: u64) -> u64 {
+    n.div_ceil(64) * 64
+}
+
 /// A tensor file for `InferFd`: a memfd sealed against shrinking, which
 /// npud maps and reads in place, writing the outputs back into it. Reuse
 /// one per stream of requests (one request at a time): after the first
@@ -216,8 +223,7 @@ impl TensorFile {
                     len,
                 },
             );
-            // Each tensor on a 64-byte boundary: aligned for every type.
-            offset = (offset + len).div_ceil(64) * 64;
+            offset = tensor_offset(offset + len);
         }
         let (out_refs, out_fd, provider, latency) = runtime
             .infer_fd(name, refs, zbus::zvariant::Fd::from(self.file.as_fd()))

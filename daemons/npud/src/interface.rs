@@ -3,7 +3,7 @@
 use crate::error::RuntimeError;
 use crate::peers::{self, PerformanceHold};
 use crate::runtime::{Loaded, Runtime};
-use pocket_proto::runtime::{LoadedModel, Providers, Tensor, TensorRef};
+use pocket_proto::runtime::{tensor_offset, LoadedModel, Providers, Tensor, TensorRef};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -157,18 +157,18 @@ impl RuntimeIface {
         name: &str,
         inputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
     ) -> Result<(Vec<(String, String, Vec<i64>, Vec<u8>)>, String, f64), Error> {
-        let ((outputs, latency), provider) = self.run_model(name, |m| m.run(inputs)).await?;
+        let model = self.ensure_loaded(name, "").await?;
+        let ((outputs, latency), provider) = self.run_model(model, |m| m.run(inputs)).await?;
         Ok((outputs, provider, latency))
     }
 
-    /// Runs `f` on the loaded model `name` when its turn comes; returns
-    /// what `f` returned and the provider the model runs on.
+    /// Runs `f` on a loaded model when its turn comes; returns what `f`
+    /// returned and the provider the model runs on.
     async fn run_model<T>(
         &self,
-        name: &str,
-        f: impl FnOnce(&crate::runtime::Loaded) -> Result<T, crate::error::RuntimeError>,
+        model: Arc<Loaded>,
+        f: impl FnOnce(&Loaded) -> Result<T, crate::error::RuntimeError>,
     ) -> Result<(T, String), Error> {
-        let model = self.ensure_loaded(name, "").await?;
         self.hold.touch(self.bus()?).await;
         // Counted as in use while it waits, so it is not evicted between
         // the turns of the requests before it.
@@ -186,17 +186,17 @@ impl RuntimeIface {
     }
 
     /// `InferFd` on a file npud can map: inputs read in place, outputs
-    /// written into the same file from the first 64-byte boundary past the
-    /// inputs (the file grows when it must).
+    /// written into the same file from the first aligned offset past the
+    /// inputs' `end` (the file grows when it must).
     async fn infer_in_place(
         &self,
-        name: &str,
+        model: Arc<Loaded>,
         inputs: &HashMap<String, TensorRef>,
+        end: u64,
         file: &std::fs::File,
         map: &crate::shared::Mapped,
     ) -> Result<(HashMap<String, TensorRef>, String, f64), Error> {
         let mut views = Vec::with_capacity(inputs.len());
-        let mut end = 0;
         for (n, r) in inputs {
             let bytes = map.bytes(r.offset, r.len).ok_or_else(|| {
                 Error::InvalidArgument(format!(
@@ -204,13 +204,12 @@ impl RuntimeIface {
                     r.offset, r.len
                 ))
             })?;
-            end = end.max(r.offset + r.len);
             views.push((n.as_str(), r.dtype.as_str(), r.shape.as_slice(), bytes));
         }
         let ((refs, latency), provider) = self
-            .run_model(name, |m| {
+            .run_model(model, |m| {
                 let mut refs = HashMap::new();
-                let mut offset = crate::shared::align64(end);
+                let mut offset = tensor_offset(end);
                 let latency = m.run_with(&views, |n, dtype, shape, bytes| {
                     file.write_all_at(bytes, offset).map_err(|e| {
                         crate::error::RuntimeError::Inference(format!(
@@ -227,7 +226,7 @@ impl RuntimeIface {
                             len,
                         },
                     );
-                    offset = crate::shared::align64(offset + len);
+                    offset = tensor_offset(offset + len);
                     Ok(())
                 })?;
                 Ok((refs, latency))
@@ -306,7 +305,9 @@ impl RuntimeIface {
             .max()
             .unwrap_or(0);
         if let Some(map) = self.tensor_file.map(&file, size, needed) {
-            let (refs, provider, latency) = self.infer_in_place(name, &inputs, &file, &map).await?;
+            let (refs, provider, latency) = self
+                .infer_in_place(model, &inputs, needed, &file, &map)
+                .await?;
             let fd = std::os::fd::OwnedFd::from(
                 file.try_clone()
                     .map_err(|e| Error::Inference(format!("tensor file: {e}")))?,
@@ -328,7 +329,7 @@ impl RuntimeIface {
                 .map_err(|e| Error::InvalidArgument(format!("input {n:?}: {e}")))?;
             read.push((n, r.dtype, r.shape, buf));
         }
-        let (outputs, provider, latency) = self.run(name, read).await?;
+        let ((outputs, latency), provider) = self.run_model(model, |m| m.run(read)).await?;
         let out = nix::sys::memfd::memfd_create(
             c"npud-outputs",
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,

@@ -144,9 +144,3 @@ impl MapCache {
         Some(map)
     }
 }
-
-/// `n` rounded up to a multiple of 64 (a cache line, and aligned for every
-/// element type).
-pub fn align64(n: u64) -> u64 {
-    n.div_ceil(64) * 64
-}

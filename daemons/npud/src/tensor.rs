@@ -3,6 +3,11 @@
 //! error instead of a crash.
 
 use crate::error::RuntimeError;
+// Tensors travel as little-endian bytes and are viewed in place as the
+// machine's own numbers: that holds on every target PocketOS runs on.
+#[cfg(not(target_endian = "little"))]
+compile_error!("npud reads and writes tensors in place as little-endian numbers");
+
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
 use pocket_proto::runtime::{dtype_size, TensorSpec};
@@ -120,9 +125,8 @@ pub fn to_value(dtype: &str, shape: &[i64], bytes: &[u8]) -> Result<DynValue, Ru
 }
 
 /// An input as ONNX Runtime takes it: a view of the request's bytes, with
-/// no copy, when they are aligned for the element type (little-endian
-/// bytes are the machine's own on every target PocketOS runs on); a
-/// converted copy otherwise.
+/// no copy, when they are aligned for the element type; a converted copy
+/// otherwise.
 pub fn input_value<'a>(
     dtype: &str,
     shape: &[i64],
@@ -130,12 +134,10 @@ pub fn input_value<'a>(
 ) -> Result<SessionInputValue<'a>, RuntimeError> {
     macro_rules! view {
         ($t:ty) => {
-            if cfg!(target_endian = "little") {
-                if let Ok(elements) = bytemuck::try_cast_slice::<u8, $t>(bytes) {
-                    return TensorRef::from_array_view((shape.to_vec(), elements))
-                        .map(Into::into)
-                        .map_err(|e| RuntimeError::InvalidInput(e.to_string()));
-                }
+            if let Ok(elements) = bytemuck::try_cast_slice::<u8, $t>(bytes) {
+                return TensorRef::from_array_view((shape.to_vec(), elements))
+                    .map(Into::into)
+                    .map_err(|e| RuntimeError::InvalidInput(e.to_string()));
             }
         };
     }
@@ -157,8 +159,8 @@ pub fn input_value<'a>(
 /// An output as (element type, shape, little-endian bytes).
 pub type OutputBytes<'a> = (String, Vec<i64>, Cow<'a, [u8]>);
 
-/// An output's little-endian bytes: a view of ONNX Runtime's own buffer
-/// where the element type allows, a converted copy otherwise.
+/// An output's little-endian bytes: a view of ONNX Runtime's own buffer,
+/// or for `bool` a converted copy.
 pub fn output_bytes(value: &DynValue) -> Result<OutputBytes<'_>, RuntimeError> {
     macro_rules! view {
         ($t:ty) => {{
@@ -170,10 +172,6 @@ pub fn output_bytes(value: &DynValue) -> Result<OutputBytes<'_>, RuntimeError> {
                 Cow::Borrowed(bytemuck::cast_slice::<$t, u8>(data)),
             )
         }};
-    }
-    if !cfg!(target_endian = "little") {
-        let (dtype, shape, bytes) = from_value(value)?;
-        return Ok((dtype, shape, Cow::Owned(bytes)));
     }
     let ty = match value.dtype() {
         ValueType::Tensor { ty, .. } => *ty,
@@ -193,54 +191,13 @@ pub fn output_bytes(value: &DynValue) -> Result<OutputBytes<'_>, RuntimeError> {
         TensorElementType::Int8 => view!(i8),
         TensorElementType::Uint8 => view!(u8),
         TensorElementType::Float16 => view!(half::f16),
-        _ => {
-            let (_, shape, bytes) = from_value(value)?;
-            (shape, Cow::Owned(bytes))
-        }
-    };
-    Ok((dtype_name(ty).to_string(), shape, bytes))
-}
-
-macro_rules! to_le {
-    ($value:expr, $t:ty) => {{
-        let (shape, data) = $value
-            .try_extract_tensor::<$t>()
-            .map_err(|e| RuntimeError::Inference(e.to_string()))?;
-        let mut bytes = Vec::with_capacity(data.len() * std::mem::size_of::<$t>());
-        for x in data.iter() {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
-        (shape.iter().copied().collect::<Vec<i64>>(), bytes)
-    }};
-}
-
-/// An output value as (element type, shape, little-endian bytes).
-pub fn from_value(value: &DynValue) -> Result<(String, Vec<i64>, Vec<u8>), RuntimeError> {
-    let ty = match value.dtype() {
-        ValueType::Tensor { ty, .. } => *ty,
-        other => {
-            return Err(RuntimeError::Inference(format!(
-                "output of type {other} is not a tensor"
-            )))
-        }
-    };
-    let (shape, bytes) = match ty {
-        TensorElementType::Float32 => to_le!(value, f32),
-        TensorElementType::Float64 => to_le!(value, f64),
-        TensorElementType::Int64 => to_le!(value, i64),
-        TensorElementType::Int32 => to_le!(value, i32),
-        TensorElementType::Int16 => to_le!(value, i16),
-        TensorElementType::Uint16 => to_le!(value, u16),
-        TensorElementType::Int8 => to_le!(value, i8),
-        TensorElementType::Uint8 => to_le!(value, u8),
-        TensorElementType::Float16 => to_le!(value, half::f16),
         TensorElementType::Bool => {
             let (shape, data) = value
                 .try_extract_tensor::<bool>()
                 .map_err(|e| RuntimeError::Inference(e.to_string()))?;
             (
                 shape.iter().copied().collect(),
-                data.iter().map(|b| *b as u8).collect(),
+                Cow::Owned(data.iter().map(|b| *b as u8).collect()),
             )
         }
         other => {

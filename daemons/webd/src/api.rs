@@ -4,7 +4,7 @@
 
 use crate::auth::{self, SessionKeys};
 use crate::error::{ApiError, ApiResult};
-use crate::events::{self, fresh_proxy, job_id};
+use crate::events::{self, job_id};
 use crate::App;
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Request, State};
@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use pocket_proto::fresh_proxy;
 use pocket_proto::{models, power, runtime, update};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -321,17 +322,13 @@ async fn events(
 // ---- models ----
 
 async fn modeld(app: &App) -> ApiResult<models::Models1Proxy<'static>> {
-    models::Models1Proxy::builder(&app.bus)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
+    fresh_proxy(&app.bus, None)
         .await
         .map_err(|e| ApiError::from_bus("modeld", e))
 }
 
 async fn npud(app: &App) -> ApiResult<runtime::Runtime1Proxy<'static>> {
-    runtime::Runtime1Proxy::builder(&app.bus)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
+    fresh_proxy(&app.bus, None)
         .await
         .map_err(|e| ApiError::from_bus("npud", e))
 }
@@ -420,23 +417,43 @@ async fn cancel_model_job(
     State(app): AppState,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let path = job_path(models::JOB_PATH_PREFIX, &id)?;
-    let job: models::JobProxy = fresh_proxy(&app.bus, &path)
-        .await
-        .map_err(|e| ApiError::from_bus("modeld", e))?;
-    job.cancel()
-        .await
-        .map_err(|e| no_such_job(ApiError::from_bus("modeld", e), &id))?;
+    let job = job_path(models::JOB_PATH_PREFIX, &id)?;
+    cancel_job(
+        &app,
+        models::BUS_NAME,
+        "org.pocketos.Models1.Job",
+        &job,
+        "modeld",
+    )
+    .await?;
     tracing::info!("model install job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }
 
-fn no_such_job(e: ApiError, id: &str) -> ApiError {
-    if e.name.ends_with("UnknownObject") || e.name.ends_with("UnknownMethod") {
-        ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("no job {id}"))
-    } else {
-        e
-    }
+/// Calls `Cancel` on a daemon's job object; a job that is gone is
+/// `NotFound`.
+async fn cancel_job(
+    app: &App,
+    service: &str,
+    interface: &str,
+    job: &OwnedObjectPath,
+    daemon: &str,
+) -> ApiResult<()> {
+    let proxy = zbus::Proxy::new(&app.bus, service, job.as_str(), interface)
+        .await
+        .map_err(|e| ApiError::from_bus(daemon, e))?;
+    proxy.call::<_, _, ()>("Cancel", &()).await.map_err(|e| {
+        let e = ApiError::from_bus(daemon, e);
+        if e.name.ends_with("UnknownObject") || e.name.ends_with("UnknownMethod") {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("no job {}", job_id(job)),
+            )
+        } else {
+            e
+        }
+    })
 }
 
 async fn remove_model(
@@ -745,9 +762,7 @@ async fn set_budget(_a: Admin, State(app): AppState, bytes: Bytes) -> ApiResult<
 // ---- updates ----
 
 async fn otad(app: &App) -> ApiResult<update::Update1Proxy<'static>> {
-    update::Update1Proxy::builder(&app.bus)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
+    fresh_proxy(&app.bus, None)
         .await
         .map_err(|e| ApiError::from_bus("otad", e))
 }
@@ -844,13 +859,15 @@ async fn cancel_update_job(
     State(app): AppState,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let path = job_path(update::JOB_PATH_PREFIX, &id)?;
-    let job: update::UpdateJobProxy = fresh_proxy(&app.bus, &path)
-        .await
-        .map_err(|e| ApiError::from_bus("otad", e))?;
-    job.cancel()
-        .await
-        .map_err(|e| no_such_job(ApiError::from_bus("otad", e), &id))?;
+    let job = job_path(update::JOB_PATH_PREFIX, &id)?;
+    cancel_job(
+        &app,
+        update::BUS_NAME,
+        "org.pocketos.Update1.Job",
+        &job,
+        "otad",
+    )
+    .await?;
     tracing::info!("update job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }

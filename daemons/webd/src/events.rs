@@ -3,7 +3,7 @@
 //! turned into JSON events that `/api/events` pushes as Server-Sent Events.
 
 use futures_util::StreamExt;
-use pocket_proto::{models, power, update};
+use pocket_proto::{fresh_proxy, models, power, update};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -215,7 +215,7 @@ impl Events {
 
 /// A model install job as the page shows it; `None` once it is gone.
 pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
-    let job: models::JobProxy = fresh_proxy(bus, path).await.ok()?;
+    let job: models::JobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
     Some(json!({
         "id": job_id(path),
         "name": job.name().await.ok()?,
@@ -229,7 +229,7 @@ pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option
 
 /// A system update job as the page shows it; `None` once it is gone.
 pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
-    let job: update::UpdateJobProxy = fresh_proxy(bus, path).await.ok()?;
+    let job: update::UpdateJobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
     Some(json!({
         "id": job_id(path),
         "version": job.version().await.ok()?,
@@ -248,28 +248,10 @@ pub fn job_id(path: &str) -> String {
     path.rsplit('/').next().unwrap_or("").to_string()
 }
 
-/// A proxy that reads every property fresh (a job changes all the time).
-pub async fn fresh_proxy<P>(bus: &zbus::Connection, path: &OwnedObjectPath) -> zbus::Result<P>
-where
-    P: zbus::proxy::Defaults + From<zbus::Proxy<'static>>,
-{
-    zbus::proxy::Builder::<P>::new(bus)
-        .path(path.clone())?
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-}
-
 /// Profile, budget, watts and temperatures, from powerd.
 pub async fn power_state(bus: &zbus::Connection) -> zbus::Result<Value> {
-    let ppd: power::PowerProfilesProxy = zbus::proxy::Builder::new(bus)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    let p1 = power::Power1Proxy::builder(bus)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
+    let ppd: power::PowerProfilesProxy = fresh_proxy(bus, None).await?;
+    let p1: power::Power1Proxy = fresh_proxy(bus, None).await?;
     let t = p1.telemetry().await?;
     let watts = |w: f64| if w.is_finite() { json!(w) } else { Value::Null };
     let mut temps: Vec<(String, f64)> = t.temperatures.into_iter().collect();
