@@ -638,12 +638,36 @@ async fn receive_upload(app: &App, body: Body, ext: &str) -> ApiResult<Upload> {
         .join("uploads")
         .join(format!("{}.{ext}", hex::encode(name)));
     let upload = Upload { path, keep: false };
-    let n = write_upload(app, body, &upload.path).await?;
-    tracing::info!("received an upload of {n} bytes");
-    Ok(upload)
+    let mut stream = body.into_data_stream();
+    match write_upload(app, &mut stream, &upload.path).await {
+        Ok(n) => {
+            tracing::info!("received an upload of {n} bytes");
+            Ok(upload)
+        }
+        Err(e) => {
+            // A client still sending would see its connection reset instead
+            // of this answer: read (and drop) a bounded rest of the body
+            // first.
+            let mut rest = 0usize;
+            while rest < REFUSED_UPLOAD_DRAIN {
+                match stream.next().await {
+                    Some(Ok(chunk)) => rest += chunk.len(),
+                    _ => break,
+                }
+            }
+            Err(e)
+        }
+    }
 }
 
-async fn write_upload(app: &App, body: Body, path: &std::path::Path) -> ApiResult<u64> {
+/// How much of a refused upload's remaining body is read before answering.
+const REFUSED_UPLOAD_DRAIN: usize = 16 << 20;
+
+async fn write_upload(
+    app: &App,
+    stream: &mut axum::body::BodyDataStream,
+    path: &std::path::Path,
+) -> ApiResult<u64> {
     let limit = app.cfg.upload_limit_mb.saturating_mul(1 << 20);
     let io_err = |e: std::io::Error| {
         if e.raw_os_error() == Some(28) {
@@ -661,7 +685,6 @@ async fn write_upload(app: &App, body: Body, path: &std::path::Path) -> ApiResul
         }
     };
     let mut file = tokio::fs::File::create(path).await.map_err(io_err)?;
-    let mut stream = body.into_data_stream();
     let mut n: u64 = 0;
     while let Some(chunk) = stream.next().await {
         let chunk =
