@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 fn world(npud_extra: &str) -> World {
     let mut w = World::start();
     let fx = onnx_fixtures();
-    for m in ["wide", "typed"] {
+    for m in ["wide", "typed", "scaled", "doubled"] {
         w.publisher.pack(
             &w.packs,
             m,
@@ -20,7 +20,7 @@ fn world(npud_extra: &str) -> World {
     }
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
-    for m in ["mlp", "attention", "wide", "typed"] {
+    for m in ["mlp", "attention", "wide", "typed", "scaled", "doubled"] {
         w.ctl(&["model", "install", m]).ok();
     }
     w.start_npud(npud_extra);
@@ -274,6 +274,7 @@ fn memory_budget_refuses_evicts_least_recently_used_and_idles_out() {
 #[test]
 fn removing_a_loaded_model_unloads_it_first() {
     let mut w = world("");
+    let installed = w.installed().len();
     run_mlp(&w).ok();
     let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
     assert!(loaded
@@ -301,7 +302,7 @@ fn removing_a_loaded_model_unloads_it_first() {
     .ok();
     w.npud = None;
     w.ctl(&["model", "remove", "attention"]).ok();
-    assert_eq!(w.installed().len(), 2);
+    assert_eq!(w.installed().len(), installed - 2);
 }
 
 #[test]
@@ -603,6 +604,139 @@ fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lie outside the file"), "{err}");
+    });
+    run_mlp(&w).ok();
+}
+
+/// `x` as an f32 tensor of `shape`.
+fn f32_tensor(x: &[f32], shape: Vec<i64>) -> pocket_proto::runtime::Tensor {
+    pocket_proto::runtime::Tensor {
+        dtype: "f32".into(),
+        shape,
+        data: x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// A view's bytes as f32 numbers.
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_tensor_file_gets_its_outputs_written_in_place() {
+    use pocket_proto::runtime::{open_channel, Runtime1Proxy, TensorFile};
+    use std::borrow::Cow;
+    let w = world("");
+    let fx = onnx_fixtures();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let bus = Runtime1Proxy::new(&conn).await.unwrap();
+        let channel = open_channel(&bus).await.unwrap();
+        let mut file = TensorFile::new().unwrap();
+        // `scaled` (y[rows,4] = 3x): the output's shape follows from the
+        // input's named dimension, so ONNX Runtime writes it into the file
+        // and the client reads it there. The file grows and is mapped again
+        // as the rows change; bus and channel alike.
+        for (rows, npud) in [(5i64, &channel), (2, &bus), (300, &channel), (7, &bus)] {
+            let x = seeded_data(rows as usize * 4, rows as u64);
+            let t = f32_tensor(&x, vec![rows, 4]);
+            let ran = file.run(npud, "scaled", &[("x", &t)]).await.unwrap();
+            let y = &ran.outputs["y"];
+            assert!(matches!(y.data, Cow::Borrowed(_)), "read in place");
+            let got = json!({"outputs": {"y": {"dtype": y.dtype, "shape": y.shape, "data": f32s(&y.data)}}});
+            let want = reference_outputs(
+                &fx.join("scaled.onnx"),
+                &json!({"x": {"shape": [rows, 4], "data": x}}),
+            );
+            assert_close(&got, &want, 1e-5);
+        }
+        // `typed`: six outputs of six element types, each in its own slot.
+        let le = |v: &[&[u8]]| v.concat();
+        let typed = |dtype: &str, data: Vec<u8>| pocket_proto::runtime::Tensor {
+            dtype: dtype.into(),
+            shape: vec![3],
+            data,
+        };
+        let ins = [
+            ("a", typed("i64", le(&[&1i64.to_le_bytes(), &(-2i64).to_le_bytes(), &9_000_000_000i64.to_le_bytes()]))),
+            ("b", typed("i32", le(&[&1i32.to_le_bytes(), &2i32.to_le_bytes(), &(-3i32).to_le_bytes()]))),
+            ("c", typed("u8", vec![1, 2, 200])),
+            ("d", typed("bool", vec![1, 0, 1])),
+            // 0.5, 1.5, -2.0 as f16
+            ("e", typed("f16", le(&[&0x3800u16.to_le_bytes(), &0x3e00u16.to_le_bytes(), &0xc000u16.to_le_bytes()]))),
+            ("f", typed("f64", le(&[&0.1f64.to_le_bytes(), &0.2f64.to_le_bytes(), &0.3f64.to_le_bytes()]))),
+        ];
+        let refs: Vec<(&str, &pocket_proto::runtime::Tensor)> =
+            ins.iter().map(|(n, t)| (*n, t)).collect();
+        let ran = file.run(&channel, "typed", &refs).await.unwrap();
+        let want = [
+            ("a2", "i64", le(&[&2i64.to_le_bytes(), &(-4i64).to_le_bytes(), &18_000_000_000i64.to_le_bytes()])),
+            ("b2", "i32", le(&[&2i32.to_le_bytes(), &4i32.to_le_bytes(), &(-6i32).to_le_bytes()])),
+            ("c2", "u8", vec![2, 4, 144]),
+            ("d2", "bool", vec![0, 1, 0]),
+            // 1.0, 3.0, -4.0 as f16
+            ("e2", "f16", le(&[&0x3c00u16.to_le_bytes(), &0x4200u16.to_le_bytes(), &0xc400u16.to_le_bytes()])),
+            ("f2", "f64", le(&[&0.2f64.to_le_bytes(), &0.4f64.to_le_bytes(), &0.6f64.to_le_bytes()])),
+        ];
+        for (name, dtype, bytes) in want {
+            let y = &ran.outputs[name];
+            assert!(matches!(y.data, Cow::Borrowed(_)), "{name} read in place");
+            assert_eq!((y.dtype.as_str(), &y.shape[..]), (dtype, &[3i64][..]), "{name}");
+            assert_eq!(&y.data[..], &bytes[..], "{name}");
+        }
+        // `doubled` says y[n] but returns 2n elements: ONNX Runtime refuses
+        // to write that into an n-element slot, npud runs it again the
+        // usual way (and from then on), and every answer is still right.
+        for n in [3i64, 5, 4] {
+            let x = seeded_data(n as usize, 40 + n as u64);
+            let t = f32_tensor(&x, vec![n]);
+            let (outs, _, _) = file.infer(&channel, "doubled", &[("x", &t)]).await.unwrap();
+            let y = &outs["y"];
+            assert_eq!(y.shape, vec![2 * n]);
+            assert_eq!(f32s(&y.data), [x.clone(), x].concat());
+        }
+    });
+    let log = w.npud.as_ref().unwrap().log_text();
+    assert_eq!(
+        log.matches("outputs are copied from now on").count(),
+        1,
+        "{log}"
+    );
+    run_mlp(&w).ok();
+}
+
+#[test]
+fn a_tensor_file_past_the_request_limit_is_refused_before_it_is_read() {
+    use pocket_proto::runtime::{Runtime1Proxy, TensorFile};
+    let w = world("max_request_mb = 1");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let mut file = TensorFile::new().unwrap();
+        // 640 KiB in: fits; its 640 KiB out would not, so npud writes it
+        // after the inputs itself instead of mapping more.
+        let x = seeded_data(40_960 * 4, 3);
+        let t = f32_tensor(&x, vec![40_960, 4]);
+        let (outs, _, _) = file.infer(&npud, "scaled", &[("x", &t)]).await.unwrap();
+        let want: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+        assert_eq!(f32s(&outs["y"].data), want);
+        // 1.25 MiB in: refused with the reason, before a byte is mapped.
+        let x = seeded_data(81_920 * 4, 4);
+        let t = f32_tensor(&x, vec![81_920, 4]);
+        let err = file
+            .infer(&npud, "scaled", &[("x", &t)])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("InvalidArgument") && err.contains("max_request_mb"),
+            "{err}"
+        );
     });
     run_mlp(&w).ok();
 }

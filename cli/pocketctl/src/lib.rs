@@ -574,7 +574,7 @@ async fn run_model(
     }
     let total: usize = inputs.values().map(|t| t.data.len()).sum();
     // Large inputs go through one tensor file, reused by every run.
-    let file = if total > INLINE_LIMIT {
+    let mut file = if total > INLINE_LIMIT {
         Some(pocket_proto::runtime::TensorFile::new()?)
     } else {
         None
@@ -583,7 +583,7 @@ async fn run_model(
     let mut last = None;
     for run in 1..=repeat {
         let start = std::time::Instant::now();
-        last = Some(match &file {
+        last = Some(match &mut file {
             Some(file) => {
                 let refs: Vec<(&str, &pocket_proto::runtime::Tensor)> =
                     inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();

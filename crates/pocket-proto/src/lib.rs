@@ -5,6 +5,7 @@
 pub mod models;
 pub mod power;
 pub mod runtime;
+pub mod shm;
 pub mod update;
 
 /// Prefix of every typed PocketOS D-Bus error.

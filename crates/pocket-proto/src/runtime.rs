@@ -172,13 +172,40 @@ pub fn tensor_offset(n: u64) -> u64 {
 }
 
 /// A tensor file for `InferFd`: a memfd sealed against shrinking, which
-/// npud maps and reads in place, writing the outputs back into it. Reuse
-/// one per stream of requests (one request at a time): after the first
-/// request it has room for the outputs too, and each tensor then moves
-/// once each way.
+/// this client and npud both map. Inputs are copied into it once, npud
+/// reads them in place and has ONNX Runtime write the outputs into it, and
+/// [`TensorFile::run`] returns views of them: each tensor moves once, in.
+/// Reuse one per stream of requests (one request at a time): after the
+/// first request it has room for the outputs too.
 #[derive(Debug)]
 pub struct TensorFile {
     file: std::fs::File,
+    /// The file's (device, inode), to tell it from another file in a reply.
+    key: (u64, u64),
+    map: Option<crate::shm::Mapping>,
+}
+
+/// A tensor returned by [`TensorFile::run`]: its bytes are read in place in
+/// the tensor file when npud wrote them there, copied otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorView<'a> {
+    pub dtype: String,
+    pub shape: Vec<i64>,
+    pub data: std::borrow::Cow<'a, [u8]>,
+}
+
+/// What one [`TensorFile::run`] returned.
+#[derive(Debug)]
+pub struct FileOutputs<'a> {
+    pub outputs: HashMap<String, TensorView<'a>>,
+    pub provider: String,
+    pub latency_ms: f64,
+}
+
+fn file_key(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl TensorFile {
@@ -193,26 +220,46 @@ impl TensorFile {
             fd.as_raw_fd(),
             nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_SHRINK),
         )?;
+        let file = std::fs::File::from(fd);
         Ok(TensorFile {
-            file: std::fs::File::from(fd),
+            key: file_key(&file)?,
+            file,
+            map: None,
         })
     }
 
-    /// Runs `name` on `inputs` (name, tensor) through `InferFd`: outputs,
-    /// the provider that ran, latency in ms.
-    pub async fn infer(
-        &self,
+    /// The mapping, covering at least `len` bytes: the file grows when it
+    /// is shorter, and is mapped again whole when it has grown (here or in
+    /// npud) past the mapping.
+    fn mapped(&mut self, len: u64) -> std::io::Result<&crate::shm::Mapping> {
+        if self.map.as_ref().is_none_or(|m| m.size() < len) {
+            let size = self.file.metadata()?.len();
+            if size < len {
+                self.file.set_len(len)?;
+            }
+            self.map = None;
+            self.map = crate::shm::Mapping::of(&self.file, size.max(len));
+        }
+        self.map
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("the tensor file cannot be mapped"))
+    }
+
+    /// Runs `name` on `inputs` (name, tensor) through `InferFd` and returns
+    /// the outputs as views of this file, the provider that ran, and the
+    /// latency in ms.
+    pub async fn run(
+        &mut self,
         runtime: &Runtime1Proxy<'_>,
         name: &str,
         inputs: &[(&str, &Tensor)],
-    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+    ) -> zbus::Result<FileOutputs<'_>> {
         use std::os::fd::AsFd;
         use std::os::unix::fs::FileExt;
         let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
         let mut refs = HashMap::with_capacity(inputs.len());
         let mut offset = 0u64;
         for (n, t) in inputs {
-            self.file.write_all_at(&t.data, offset).map_err(io)?;
             let len = t.data.len() as u64;
             refs.insert(
                 n.to_string(),
@@ -225,25 +272,71 @@ impl TensorFile {
             );
             offset = tensor_offset(offset + len);
         }
-        let (out_refs, out_fd, provider, latency) = runtime
+        let map = self.mapped(offset.max(1)).map_err(io)?;
+        for (n, t) in inputs {
+            map.write(refs[*n].offset, &t.data);
+        }
+        let (out_refs, out_fd, provider, latency_ms) = runtime
             .infer_fd(name, refs, zbus::zvariant::Fd::from(self.file.as_fd()))
             .await?;
-        // The same file when npud wrote in place; a new one otherwise.
         let out = std::fs::File::from(std::os::fd::OwnedFd::from(out_fd));
         let mut outputs = HashMap::with_capacity(out_refs.len());
-        for (n, r) in out_refs {
-            let len = usize::try_from(r.len).map_err(|e| zbus::Error::Failure(e.to_string()))?;
-            let mut data = vec![0u8; len];
-            out.read_exact_at(&mut data, r.offset).map_err(io)?;
-            outputs.insert(
-                n,
-                Tensor {
-                    dtype: r.dtype,
-                    shape: r.shape,
-                    data,
-                },
-            );
+        if file_key(&out).map_err(io)? != self.key {
+            // npud could not write in place: the outputs are in a new file.
+            for (n, r) in out_refs {
+                let len =
+                    usize::try_from(r.len).map_err(|e| zbus::Error::Failure(e.to_string()))?;
+                let mut data = vec![0u8; len];
+                out.read_exact_at(&mut data, r.offset).map_err(io)?;
+                let data = std::borrow::Cow::Owned(data);
+                let (dtype, shape) = (r.dtype, r.shape);
+                outputs.insert(n, TensorView { dtype, shape, data });
+            }
+            return Ok(FileOutputs {
+                outputs,
+                provider,
+                latency_ms,
+            });
         }
-        Ok((outputs, provider, latency))
+        let end = out_refs
+            .values()
+            .map(|r| r.offset.saturating_add(r.len))
+            .max()
+            .unwrap_or(0);
+        let map = self.mapped(end.max(1)).map_err(io)?;
+        for (n, r) in out_refs {
+            let data = map.bytes(r.offset, r.len).ok_or_else(|| {
+                zbus::Error::Failure(format!("output {n:?} lies outside the tensor file"))
+            })?;
+            let data = std::borrow::Cow::Borrowed(data);
+            let (dtype, shape) = (r.dtype, r.shape);
+            outputs.insert(n, TensorView { dtype, shape, data });
+        }
+        Ok(FileOutputs {
+            outputs,
+            provider,
+            latency_ms,
+        })
+    }
+
+    /// [`Self::run`] with the outputs copied out: outputs, the provider
+    /// that ran, latency in ms.
+    pub async fn infer(
+        &mut self,
+        runtime: &Runtime1Proxy<'_>,
+        name: &str,
+        inputs: &[(&str, &Tensor)],
+    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+        let ran = self.run(runtime, name, inputs).await?;
+        let outputs = ran
+            .outputs
+            .into_iter()
+            .map(|(n, v)| {
+                let data = v.data.into_owned();
+                let (dtype, shape) = (v.dtype, v.shape);
+                (n, Tensor { dtype, shape, data })
+            })
+            .collect();
+        Ok((outputs, ran.provider, ran.latency_ms))
     }
 }

@@ -32,6 +32,12 @@ pub struct Config {
     /// Threads per session; 0 for one per CPU core.
     #[serde(default)]
     pub intra_threads: usize,
+    /// The most bytes of one `InferFd` request's file that npud maps or
+    /// reads: inputs that reach past it are refused before any is read, and
+    /// outputs that would reach past it are written into the file instead
+    /// of being mapped.
+    #[serde(default = "default_request")]
+    pub max_request_mb: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +61,9 @@ fn default_true() -> bool {
 }
 fn default_keep_alive() -> u64 {
     300
+}
+fn default_request() -> u64 {
+    1024
 }
 fn default_hold() -> u64 {
     10

@@ -3,6 +3,7 @@
 use crate::error::RuntimeError;
 use crate::peers::{self, PerformanceHold};
 use crate::runtime::{Loaded, Runtime};
+use crate::tensor::Slot;
 use pocket_proto::runtime::{tensor_offset, LoadedModel, Providers, Tensor, TensorRef};
 use std::collections::HashMap;
 use std::io::Write;
@@ -186,15 +187,15 @@ impl RuntimeIface {
     }
 
     /// `InferFd` on a file npud can map: inputs read in place, outputs
-    /// written into the same file from the first aligned offset past the
-    /// inputs' `end` (the file grows when it must).
+    /// written into the same file past the inputs' `end`: by ONNX Runtime
+    /// itself into their `slots`, the rest copied after those.
     async fn infer_in_place(
         &self,
         model: Arc<Loaded>,
         inputs: &HashMap<String, TensorRef>,
-        end: u64,
+        slots: Vec<Slot>,
         file: &std::fs::File,
-        map: &crate::shared::Mapped,
+        map: &pocket_proto::shm::Mapping,
     ) -> Result<(HashMap<String, TensorRef>, String, f64), Error> {
         let mut views = Vec::with_capacity(inputs.len());
         for (n, r) in inputs {
@@ -209,26 +210,45 @@ impl RuntimeIface {
         let ((refs, latency), provider) = self
             .run_model(model, |m| {
                 let mut refs = HashMap::new();
-                let mut offset = tensor_offset(end);
-                let latency = m.run_with(&views, |n, dtype, shape, bytes| {
-                    file.write_all_at(bytes, offset).map_err(|e| {
-                        crate::error::RuntimeError::Inference(format!(
-                            "writing output {n:?} to the tensor file: {e}"
-                        ))
+                let mut offset = tensor_offset(slots.last().map_or(0, |s| s.offset + s.len));
+                let latency =
+                    m.run_with(&views, Some((map, &slots)), |n, dtype, shape, bytes| {
+                        let placed = match bytes {
+                            None => slots
+                                .iter()
+                                .find(|s| s.name == n)
+                                .map(|s| (s.offset, s.len)),
+                            Some(_) => None,
+                        };
+                        let (at, len) = match (placed, bytes) {
+                            (Some(placed), _) => placed,
+                            (None, bytes) => {
+                                let bytes = bytes.unwrap_or_default();
+                                if !map.write(offset, bytes) {
+                                    file.write_all_at(bytes, offset).map_err(|e| {
+                                        crate::error::RuntimeError::Inference(format!(
+                                            "writing output {n:?} to the tensor file: {e}"
+                                        ))
+                                    })?;
+                                }
+                                let at = offset;
+                                offset = tensor_offset(offset + bytes.len() as u64);
+                                (at, bytes.len() as u64)
+                            }
+                        };
+                        let dtype = dtype.to_string();
+                        let offset = at;
+                        refs.insert(
+                            n.to_string(),
+                            TensorRef {
+                                dtype,
+                                shape,
+                                offset,
+                                len,
+                            },
+                        );
+                        Ok(())
                     })?;
-                    let len = bytes.len() as u64;
-                    refs.insert(
-                        n.to_string(),
-                        TensorRef {
-                            dtype: dtype.to_string(),
-                            shape,
-                            offset,
-                            len,
-                        },
-                    );
-                    offset = tensor_offset(offset + len);
-                    Ok(())
-                })?;
                 Ok((refs, latency))
             })
             .await?;
@@ -304,9 +324,40 @@ impl RuntimeIface {
             .map(|r| r.offset.saturating_add(r.len))
             .max()
             .unwrap_or(0);
-        if let Some(map) = self.tensor_file.map(&file, size, needed) {
+        if needed > size {
+            let (n, r) = (inputs.iter())
+                .find(|(_, r)| r.offset.saturating_add(r.len) > size)
+                .expect("one input ends past the file");
+            return Err(Error::InvalidArgument(format!(
+                "input {n:?}: bytes {}..+{} lie outside the file ({size} bytes)",
+                r.offset, r.len
+            )));
+        }
+        let limit = self.rt.request_limit();
+        if needed > limit {
+            return Err(Error::InvalidArgument(format!(
+                "the inputs span {needed} bytes of the file, over npud's limit of {limit} (max_request_mb)"
+            )));
+        }
+        // Outputs whose shapes are known before the run go into the file
+        // right after the inputs, written there by ONNX Runtime.
+        let shapes: Vec<(&str, &[i64])> = (inputs.iter())
+            .map(|(n, r)| (n.as_str(), r.shape.as_slice()))
+            .collect();
+        let mut slots = model.plan(&shapes, tensor_offset(needed));
+        let mut map = None;
+        if let Some(end) = slots.last().map(|s| s.offset + s.len) {
+            map = (end <= limit)
+                .then(|| self.tensor_file.map(&file, end))
+                .flatten();
+        }
+        if map.is_none() {
+            slots.clear();
+            map = self.tensor_file.map(&file, needed);
+        }
+        if let Some(map) = map {
             let (refs, provider, latency) = self
-                .infer_in_place(model, &inputs, needed, &file, &map)
+                .infer_in_place(model, &inputs, slots, &file, &map)
                 .await?;
             let fd = std::os::fd::OwnedFd::from(
                 file.try_clone()
@@ -318,12 +369,6 @@ impl RuntimeIface {
         // new memfd.
         let mut read = Vec::new();
         for (n, r) in inputs {
-            if r.offset.checked_add(r.len).is_none_or(|end| end > size) {
-                return Err(Error::InvalidArgument(format!(
-                    "input {n:?}: bytes {}..+{} lie outside the {size}-byte file",
-                    r.offset, r.len
-                )));
-            }
             let mut buf = vec![0u8; r.len as usize];
             file.read_exact_at(&mut buf, r.offset)
                 .map_err(|e| Error::InvalidArgument(format!("input {n:?}: {e}")))?;

@@ -3,12 +3,12 @@
 
 use crate::config::Config;
 use crate::error::RuntimeError;
-use crate::tensor;
+use crate::tensor::{self, Slot};
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
-use pocket_proto::runtime::{LoadedModel, Providers, TensorSpec};
+use pocket_proto::runtime::{dtype_size, tensor_offset, LoadedModel, Providers, TensorSpec};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -64,6 +64,12 @@ pub struct Loaded {
     busy: AtomicUsize,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// The names of the inputs' and outputs' dynamic dimensions.
+    input_symbols: Vec<Vec<String>>,
+    output_symbols: Vec<Vec<String>>,
+    /// Whether ONNX Runtime writes this model's outputs into a tensor file
+    /// itself; cleared when it refused the shapes worked out for it.
+    in_place: AtomicBool,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -121,37 +127,94 @@ impl Loaded {
             .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.as_slice(), b.as_slice()))
             .collect();
         let mut out = Vec::new();
-        let latency = self.run_with(&views, |name, dtype, shape, bytes| {
-            out.push((name.to_string(), dtype.to_string(), shape, bytes.to_vec()));
+        let latency = self.run_with(&views, None, |name, dtype, shape, bytes| {
+            let bytes = bytes.unwrap_or_default().to_vec();
+            out.push((name.to_string(), dtype.to_string(), shape, bytes));
             Ok(())
         })?;
         Ok((out, latency))
     }
 
+    /// Slots from `start` on, one for each output whose shape follows from
+    /// the inputs' shapes (its dimensions fixed, or named like a dimension
+    /// of an input), for ONNX Runtime to write into; none when it refused
+    /// that for this model before.
+    pub fn plan(&self, inputs: &[(&str, &[i64])], start: u64) -> Vec<Slot> {
+        if !self.in_place.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let named = |symbol: &str| {
+            self.inputs
+                .iter()
+                .zip(&self.input_symbols)
+                .find_map(|(spec, symbols)| {
+                    let k = symbols.iter().position(|s| s == symbol)?;
+                    let (_, shape) = inputs.iter().find(|(n, _)| *n == spec.name)?;
+                    shape.get(k).copied()
+                })
+        };
+        let mut slots = Vec::new();
+        let mut offset = start;
+        for (spec, symbols) in self.outputs.iter().zip(&self.output_symbols) {
+            let shape: Option<Vec<i64>> = (spec.shape.iter().enumerate())
+                .map(|(d, &dim)| match dim {
+                    0.. => Some(dim),
+                    _ => named(symbols.get(d).filter(|s| !s.is_empty())?),
+                })
+                .collect();
+            let len = shape
+                .as_ref()
+                .zip(dtype_size(&spec.dtype))
+                .and_then(|(s, size)| {
+                    s.iter()
+                        .try_fold(size as u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
+                });
+            if let (Some(shape), Some(len @ 1..)) = (shape, len) {
+                slots.push(Slot {
+                    name: spec.name.clone(),
+                    dtype: spec.dtype.clone(),
+                    shape,
+                    offset,
+                    len,
+                });
+                offset = tensor_offset(offset + len);
+            }
+        }
+        slots
+    }
+
     /// Runs the model on inputs that borrow their bytes (ONNX Runtime reads
-    /// them in place where they are aligned) and hands each output's
-    /// `(name, dtype, shape, bytes)` to `output` while ONNX Runtime still
-    /// holds it, so the caller copies it once, to where it goes. Returns
-    /// the run's latency in ms.
+    /// them in place where they are aligned). With `placed`, ONNX Runtime
+    /// writes the slots' outputs into the mapping itself. Hands each
+    /// output's `(name, dtype, shape, bytes)` to `output` while ONNX
+    /// Runtime still holds it, so the caller copies it once, to where it
+    /// goes; the bytes are `None` for an output already in its slot.
+    /// Returns the run's latency in ms.
     pub fn run_with(
         &self,
         inputs: &[Input<'_>],
-        mut output: impl FnMut(&str, &str, Vec<i64>, &[u8]) -> Result<(), RuntimeError>,
+        placed: Option<(&pocket_proto::shm::Mapping, &[Slot])>,
+        mut output: impl FnMut(&str, &str, Vec<i64>, Option<&[u8]>) -> Result<(), RuntimeError>,
     ) -> Result<f64, RuntimeError> {
-        let mut values: Vec<(String, ort::session::SessionInputValue<'_>)> =
-            Vec::with_capacity(inputs.len());
-        for &(name, dtype, shape, bytes) in inputs {
-            let spec = self.inputs.iter().find(|s| s.name == name).ok_or_else(|| {
-                let known: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
-                RuntimeError::InvalidInput(format!(
-                    "model {:?} has no input {name:?} (its inputs: {})",
-                    self.record.name,
-                    known.join(", ")
-                ))
-            })?;
-            tensor::check(spec, dtype, shape, bytes.len())?;
-            values.push((name.to_string(), tensor::input_value(dtype, shape, bytes)?));
-        }
+        let values =
+            || -> Result<Vec<(String, ort::session::SessionInputValue<'_>)>, RuntimeError> {
+                let mut values = Vec::with_capacity(inputs.len());
+                for &(name, dtype, shape, bytes) in inputs {
+                    let spec = self.inputs.iter().find(|s| s.name == name).ok_or_else(|| {
+                        let known: Vec<&str> =
+                            self.inputs.iter().map(|s| s.name.as_str()).collect();
+                        RuntimeError::InvalidInput(format!(
+                            "model {:?} has no input {name:?} (its inputs: {})",
+                            self.record.name,
+                            known.join(", ")
+                        ))
+                    })?;
+                    tensor::check(spec, dtype, shape, bytes.len())?;
+                    values.push((name.to_string(), tensor::input_value(dtype, shape, bytes)?));
+                }
+                Ok(values)
+            };
+        let first = values()?;
         for spec in &self.inputs {
             if !inputs.iter().any(|(n, ..)| *n == spec.name) {
                 return Err(RuntimeError::InvalidInput(format!(
@@ -160,24 +223,55 @@ impl Loaded {
                 )));
             }
         }
+        let failed = |e: ort::Error| RuntimeError::Inference(e.to_string());
         self.busy.fetch_add(1, Ordering::SeqCst);
         let result = (|| {
             let mut session = self.session.lock().expect("not poisoned");
             let start = Instant::now();
-            let outputs = session
-                .run(values)
-                .map_err(|e| RuntimeError::Inference(e.to_string()))?;
-            let latency = start.elapsed().as_secs_f64() * 1000.0;
-            for (name, value) in outputs.iter() {
-                let (dtype, shape, bytes) = tensor::output_bytes(&value)?;
-                output(name, &dtype, shape, &bytes)?;
+            let placed = placed.filter(|(_, slots)| !slots.is_empty());
+            let options = placed
+                .map(|(map, slots)| tensor::in_place(map, slots))
+                .transpose()?;
+            if let (Some(options), Some((_, slots))) = (&options, placed) {
+                let refused = match session.run_with_options(first, options) {
+                    Ok(outputs) => return emit(outputs, slots, start, &mut output),
+                    Err(e) => e,
+                };
+                // ONNX Runtime would not write these outputs in place (their
+                // shapes were worked out wrongly): run again the usual way,
+                // and for good if that works.
+                let outputs = session.run(values()?).map_err(failed)?;
+                self.in_place.store(false, Ordering::Relaxed);
+                tracing::info!(model = %self.record.name, "outputs are copied from now on: {refused}");
+                return emit(outputs, &[], start, &mut output);
             }
-            Ok(latency)
+            let outputs = session.run(first).map_err(failed)?;
+            emit(outputs, &[], start, &mut output)
         })();
         *self.last_used.lock().expect("not poisoned") = Instant::now();
         self.busy.fetch_sub(1, Ordering::SeqCst);
         result
     }
+}
+
+/// Hands a run's outputs to `output` (see [`Loaded::run_with`]) and
+/// returns the run's latency in ms, counted from `start` to here.
+fn emit(
+    outputs: ort::session::SessionOutputs<'_>,
+    slots: &[Slot],
+    start: Instant,
+    output: &mut impl FnMut(&str, &str, Vec<i64>, Option<&[u8]>) -> Result<(), RuntimeError>,
+) -> Result<f64, RuntimeError> {
+    let latency = start.elapsed().as_secs_f64() * 1000.0;
+    for (name, value) in outputs.iter() {
+        if let Some(slot) = slots.iter().find(|s| s.name == name) {
+            output(name, &slot.dtype, slot.shape.clone(), None)?;
+            continue;
+        }
+        let (dtype, shape, bytes) = tensor::output_bytes(&value)?;
+        output(name, &dtype, shape, Some(&bytes))?;
+    }
+    Ok(latency)
 }
 
 /// An input that borrows its bytes: (name, dtype, shape, bytes).
@@ -342,6 +436,11 @@ impl Runtime {
         }
     }
 
+    /// The most bytes one request's tensor file may span.
+    pub fn request_limit(&self) -> u64 {
+        self.cfg.max_request_mb.saturating_mul(MIB)
+    }
+
     pub fn budget(&self) -> u64 {
         self.cfg.memory_budget_mb * MIB
     }
@@ -445,6 +544,12 @@ impl Runtime {
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
+        let input_symbols = (session.inputs().iter())
+            .map(|o| tensor::symbols(o.dtype()))
+            .collect();
+        let output_symbols = (session.outputs().iter())
+            .map(|o| tensor::symbols(o.dtype()))
+            .collect();
         let loaded = Arc::new(Loaded {
             record,
             provider,
@@ -454,6 +559,9 @@ impl Runtime {
             busy: AtomicUsize::new(0),
             inputs,
             outputs,
+            input_symbols,
+            output_symbols,
+            in_place: AtomicBool::new(true),
         });
         tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
         self.models
