@@ -516,11 +516,9 @@ fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
 
 #[test]
 fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
-    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
-    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
     use pocket_proto::runtime::{Runtime1Proxy, TensorRef};
     use std::collections::HashMap;
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, OwnedFd};
     use std::os::unix::fs::{FileExt, MetadataExt};
 
     let w = world("");
@@ -530,18 +528,7 @@ fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
     rt.block_on(async {
         let conn = w.bus.connect().await;
         let npud = Runtime1Proxy::new(&conn).await.unwrap();
-        let sealed = std::fs::File::from(
-            memfd_create(
-                c"test-tensors",
-                MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-            )
-            .unwrap(),
-        );
-        fcntl(
-            sealed.as_raw_fd(),
-            FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK),
-        )
-        .unwrap();
+        let sealed = sealed_memfd();
         let unsealed = tempfile::tempfile().unwrap();
         // Aligned (read in place) and one byte off (copied), sealed and
         // not: every answer matches the reference.
@@ -606,6 +593,26 @@ fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
         assert!(err.contains("lie outside the file"), "{err}");
     });
     run_mlp(&w).ok();
+}
+
+/// A memfd sealed against shrinking: a tensor file npud maps.
+fn sealed_memfd() -> std::fs::File {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::from(
+        memfd_create(
+            c"test-tensors",
+            MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+        )
+        .unwrap(),
+    );
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK),
+    )
+    .unwrap();
+    file
 }
 
 /// `x` as an f32 tensor of `shape`.
@@ -718,12 +725,40 @@ fn a_tensor_file_past_the_request_limit_is_refused_before_it_is_read() {
         let conn = w.bus.connect().await;
         let npud = Runtime1Proxy::new(&conn).await.unwrap();
         let mut file = TensorFile::new().unwrap();
-        // 640 KiB in: fits; its 640 KiB out would not, so npud writes it
-        // after the inputs itself instead of mapping more.
+        // 640 KiB in: fits; its 640 KiB out would not, so npud copies it
+        // into the file itself past the inputs (which stay as they were)
+        // instead of mapping more.
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
         let x = seeded_data(40_960 * 4, 3);
         let t = f32_tensor(&x, vec![40_960, 4]);
-        let (outs, _, _) = file.infer(&npud, "scaled", &[("x", &t)]).await.unwrap();
+        let sealed = sealed_memfd();
+        sealed.write_all_at(&t.data, 0).unwrap();
+        let len = t.data.len() as u64;
+        let refs = std::collections::HashMap::from([(
+            "x".to_string(),
+            pocket_proto::runtime::TensorRef {
+                dtype: "f32".into(),
+                shape: t.shape.clone(),
+                offset: 0,
+                len,
+            },
+        )]);
+        let (outs, _, _, _) = npud
+            .infer_fd("scaled", refs, zbus::zvariant::Fd::from(sealed.as_fd()))
+            .await
+            .unwrap();
+        let y = &outs["y"];
+        assert!(y.offset >= len && y.offset % 64 == 0, "{y:?}");
+        let mut got = vec![0u8; y.len as usize];
+        sealed.read_exact_at(&mut got, y.offset).unwrap();
         let want: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+        assert_eq!(f32s(&got), want);
+        let mut input = vec![0u8; len as usize];
+        sealed.read_exact_at(&mut input, 0).unwrap();
+        assert_eq!(input, t.data, "the inputs are left as they were");
+        // The same through TensorFile.
+        let (outs, _, _) = file.infer(&npud, "scaled", &[("x", &t)]).await.unwrap();
         assert_eq!(f32s(&outs["y"].data), want);
         // 1.25 MiB in: refused with the reason, before a byte is mapped.
         let x = seeded_data(81_920 * 4, 4);

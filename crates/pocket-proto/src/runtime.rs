@@ -228,12 +228,17 @@ impl TensorFile {
         })
     }
 
-    /// The mapping, covering at least `len` bytes: the file grows when it
-    /// is shorter, and is mapped again whole when it has grown (here or in
-    /// npud) past the mapping.
-    fn mapped(&mut self, len: u64) -> std::io::Result<&crate::shm::Mapping> {
+    /// The mapping, covering at least `len` bytes, mapped again whole when
+    /// the file has grown (here or in npud) past it. With `grow`, a file
+    /// shorter than `len` grows to it; without, that is an error.
+    fn mapped(&mut self, len: u64, grow: bool) -> std::io::Result<&crate::shm::Mapping> {
         if self.map.as_ref().is_none_or(|m| m.size() < len) {
             let size = self.file.metadata()?.len();
+            if size < len && !grow {
+                return Err(std::io::Error::other(format!(
+                    "npud answered with bytes up to {len} of a {size}-byte tensor file"
+                )));
+            }
             if size < len {
                 self.file.set_len(len)?;
             }
@@ -272,7 +277,7 @@ impl TensorFile {
             );
             offset = tensor_offset(offset + len);
         }
-        let map = self.mapped(offset.max(1)).map_err(io)?;
+        let map = self.mapped(offset.max(1), true).map_err(io)?;
         for (n, t) in inputs {
             map.write(refs[*n].offset, &t.data);
         }
@@ -303,7 +308,7 @@ impl TensorFile {
             .map(|r| r.offset.saturating_add(r.len))
             .max()
             .unwrap_or(0);
-        let map = self.mapped(end.max(1)).map_err(io)?;
+        let map = self.mapped(end.max(1), false).map_err(io)?;
         for (n, r) in out_refs {
             let data = map.bytes(r.offset, r.len).ok_or_else(|| {
                 zbus::Error::Failure(format!("output {n:?} lies outside the tensor file"))

@@ -193,6 +193,7 @@ impl RuntimeIface {
         &self,
         model: Arc<Loaded>,
         inputs: &HashMap<String, TensorRef>,
+        end: u64,
         slots: Vec<Slot>,
         file: &std::fs::File,
         map: &pocket_proto::shm::Mapping,
@@ -210,7 +211,7 @@ impl RuntimeIface {
         let ((refs, latency), provider) = self
             .run_model(model, |m| {
                 let mut refs = HashMap::new();
-                let mut offset = tensor_offset(slots.last().map_or(0, |s| s.offset + s.len));
+                let mut offset = tensor_offset(slots.last().map_or(end, |s| s.offset + s.len));
                 let latency =
                     m.run_with(&views, Some((map, &slots)), |n, dtype, shape, bytes| {
                         let placed = match bytes {
@@ -344,12 +345,10 @@ impl RuntimeIface {
         let shapes: Vec<(&str, &[i64])> = (inputs.iter())
             .map(|(n, r)| (n.as_str(), r.shape.as_slice()))
             .collect();
-        let mut slots = model.plan(&shapes, tensor_offset(needed));
+        let mut slots = model.plan(&shapes, tensor_offset(needed), limit);
         let mut map = None;
         if let Some(end) = slots.last().map(|s| s.offset + s.len) {
-            map = (end <= limit)
-                .then(|| self.tensor_file.map(&file, end))
-                .flatten();
+            map = self.tensor_file.map(&file, end);
         }
         if map.is_none() {
             slots.clear();
@@ -357,7 +356,7 @@ impl RuntimeIface {
         }
         if let Some(map) = map {
             let (refs, provider, latency) = self
-                .infer_in_place(model, &inputs, slots, &file, &map)
+                .infer_in_place(model, &inputs, needed, slots, &file, &map)
                 .await?;
             let fd = std::os::fd::OwnedFd::from(
                 file.try_clone()

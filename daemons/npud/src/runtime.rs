@@ -137,9 +137,9 @@ impl Loaded {
 
     /// Slots from `start` on, one for each output whose shape follows from
     /// the inputs' shapes (its dimensions fixed, or named like a dimension
-    /// of an input), for ONNX Runtime to write into; none when it refused
-    /// that for this model before.
-    pub fn plan(&self, inputs: &[(&str, &[i64])], start: u64) -> Vec<Slot> {
+    /// of an input) and that ends within `limit`, for ONNX Runtime to write
+    /// into; none when it refused that for this model before.
+    pub fn plan(&self, inputs: &[(&str, &[i64])], start: u64, limit: u64) -> Vec<Slot> {
         if !self.in_place.load(Ordering::Relaxed) {
             return Vec::new();
         }
@@ -169,15 +169,19 @@ impl Loaded {
                     s.iter()
                         .try_fold(size as u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
                 });
-            if let (Some(shape), Some(len @ 1..)) = (shape, len) {
+            let end = len
+                .filter(|len| *len > 0)
+                .and_then(|len| offset.checked_add(len))
+                .filter(|end| *end <= limit);
+            if let (Some(shape), Some(end)) = (shape, end) {
                 slots.push(Slot {
                     name: spec.name.clone(),
                     dtype: spec.dtype.clone(),
                     shape,
                     offset,
-                    len,
+                    len: end - offset,
                 });
-                offset = tensor_offset(offset + len);
+                offset = tensor_offset(end);
             }
         }
         slots
@@ -436,9 +440,10 @@ impl Runtime {
         }
     }
 
-    /// The most bytes one request's tensor file may span.
+    /// The most bytes of one request's tensor file npud maps or reads
+    /// (at most 2^62, so that offsets below it never overflow).
     pub fn request_limit(&self) -> u64 {
-        self.cfg.max_request_mb.saturating_mul(MIB)
+        self.cfg.max_request_mb.saturating_mul(MIB).min(1 << 62)
     }
 
     pub fn budget(&self) -> u64 {
