@@ -214,17 +214,16 @@ impl RuntimeIface {
                 let mut offset = tensor_offset(slots.last().map_or(end, |s| s.offset + s.len));
                 let latency =
                     m.run_with(&views, Some((map, &slots)), |n, dtype, shape, bytes| {
-                        let placed = match bytes {
-                            None => slots
-                                .iter()
-                                .find(|s| s.name == n)
-                                .map(|s| (s.offset, s.len)),
-                            Some(_) => None,
-                        };
-                        let (at, len) = match (placed, bytes) {
-                            (Some(placed), _) => placed,
-                            (None, bytes) => {
-                                let bytes = bytes.unwrap_or_default();
+                        let (at, len) = match bytes {
+                            // Written there by ONNX Runtime.
+                            None => (slots.iter().find(|s| s.name == n))
+                                .map(|s| (s.offset, s.len))
+                                .ok_or_else(|| {
+                                    crate::error::RuntimeError::Inference(format!(
+                                        "output {n:?} has no slot"
+                                    ))
+                                })?,
+                            Some(bytes) => {
                                 if !map.write(offset, bytes) {
                                     file.write_all_at(bytes, offset).map_err(|e| {
                                         crate::error::RuntimeError::Inference(format!(
@@ -307,10 +306,10 @@ impl RuntimeIface {
         Error,
     > {
         let file = std::fs::File::from(std::os::fd::OwnedFd::from(data));
-        let size = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::InvalidArgument(format!("input file: {e}")))?
-            .len();
+            .map_err(|e| Error::InvalidArgument(format!("input file: {e}")))?;
+        let size = meta.len();
         // Check every input against the model before a byte is read, so a
         // request cannot make npud allocate more than the model takes.
         let model = self.ensure_loaded(name, "").await?;
@@ -348,11 +347,11 @@ impl RuntimeIface {
         let mut slots = model.plan(&shapes, tensor_offset(needed), limit);
         let mut map = None;
         if let Some(end) = slots.last().map(|s| s.offset + s.len) {
-            map = self.tensor_file.map(&file, end);
+            map = self.tensor_file.map(&file, &meta, end);
         }
         if map.is_none() {
             slots.clear();
-            map = self.tensor_file.map(&file, needed);
+            map = self.tensor_file.map(&file, &meta, needed);
         }
         if let Some(map) = map {
             let (refs, provider, latency) = self

@@ -6,7 +6,7 @@
 //! itself is `pocket_proto::shm::Mapping`, shared with the client side.
 
 use pocket_proto::shm::{self, Mapping};
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::sync::{Arc, Mutex};
 
 /// The tensor file a client used last, kept mapped for its next request:
@@ -25,16 +25,16 @@ struct Cached {
 }
 
 impl MapCache {
-    /// A mapping of the first `needed` bytes of `file` or more, the file
-    /// grown to `needed` bytes when it is shorter: the cached one when it is
-    /// the same file and covers them, else a new one, cached. `None` when
-    /// the file is not usable in place or cannot grow.
-    pub fn map(&self, file: &File, needed: u64) -> Option<Arc<Mapping>> {
+    /// A mapping of the first `needed` bytes of `file` (whose metadata is
+    /// `meta`) or more, the file grown to `needed` bytes when it is shorter:
+    /// the cached one when it is the same file and covers them, else a new
+    /// one, cached. `None` when the file is not usable in place or cannot
+    /// grow.
+    pub fn map(&self, file: &File, meta: &Metadata, needed: u64) -> Option<Arc<Mapping>> {
         use std::os::unix::fs::MetadataExt;
         if !shm::usable(file) {
             return None;
         }
-        let meta = file.metadata().ok()?;
         let key = (meta.dev(), meta.ino());
         let mut slot = self.0.lock().expect("not poisoned");
         if let Some(c) = slot.as_ref() {

@@ -87,6 +87,14 @@ pub fn in_place(
     slots: &[Slot],
 ) -> Result<RunOptions<HasSelectedOutputs>, RuntimeError> {
     let failed = |e: ort::Error| RuntimeError::Inference(format!("output in place: {e}"));
+    let info = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Device,
+        MemoryType::Default,
+    )
+    .map_err(failed)?;
+    let allocator = Allocator::default();
     let mut selector = OutputSelector::default();
     for slot in slots {
         let ty = element_type(&slot.dtype).ok_or_else(|| {
@@ -95,13 +103,6 @@ pub fn in_place(
         let ptr = map.ptr_at(slot.offset, slot.len).ok_or_else(|| {
             RuntimeError::Inference(format!("output {:?} lies outside the file", slot.name))
         })?;
-        let info = MemoryInfo::new(
-            AllocationDevice::CPU,
-            0,
-            AllocatorType::Device,
-            MemoryType::Default,
-        )
-        .map_err(failed)?;
         let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
         #[allow(unsafe_code)]
         // SAFETY: ptr..ptr+len lies inside `map` (ptr_at checks) and is
@@ -123,7 +124,7 @@ pub fn in_place(
             ort::Error::result_from_status(status).map_err(failed)?;
             let value = std::ptr::NonNull::new(value)
                 .ok_or_else(|| RuntimeError::Inference("output in place: no value".into()))?;
-            DynValue::from_ptr(value, Some(&Allocator::default()))
+            DynValue::from_ptr(value, Some(&allocator))
         };
         selector = selector.preallocate(&slot.name, value);
     }
