@@ -4,7 +4,7 @@
 # .hash holds the sha256 of that one tarball. buildroot/bump.sh [COMMIT]
 # re-pins both, with Buildroot's own download scripts; a build of the
 # checkout this tree is in runs it for HEAD first (see README.md).
-POCKETOS_VERSION = 55deb2f82a4396db2cafabae42f04d99e62317ca
+POCKETOS_VERSION = 21afd84ea9276b10b87a8482d9a8a64034dbaf4b
 POCKETOS_SITE = https://github.com/pocketos/pocketos.git
 POCKETOS_SITE_METHOD = git
 POCKETOS_SOURCE = pocketos-$(POCKETOS_VERSION)-git4-cargo5.tar.gz
