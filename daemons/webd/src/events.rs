@@ -46,8 +46,8 @@ impl Events {
             rates: Arc::default(),
         };
         let jobs = [
-            ("model-job", models::BUS_NAME, models::JOB_PATH_PREFIX),
-            ("update-job", update::BUS_NAME, update::JOB_PATH_PREFIX),
+            (Kind::Model, models::BUS_NAME, models::JOB_PATH_PREFIX),
+            (Kind::Update, update::BUS_NAME, update::JOB_PATH_PREFIX),
         ];
         for (kind, sender, prefix) in jobs {
             tokio::spawn(
@@ -55,7 +55,6 @@ impl Events {
                     .watch_jobs(signals.clone(), bus.clone(), kind, sender, prefix),
             );
         }
-        tokio::spawn(ev.clone().watch_finished(signals));
         tokio::spawn(ev.clone().watch_power(bus.clone()));
         Ok(ev)
     }
@@ -69,20 +68,20 @@ impl Events {
         let _ = self.tx.send(event.to_string().into());
     }
 
+    /// One daemon's job progress and completion signals, taken from one
+    /// stream so that they reach the page in the order they were sent: a
+    /// job's last progress event always comes before its end.
     async fn watch_jobs(
         self,
         signals: zbus::Connection,
         bus: zbus::Connection,
-        kind: &'static str,
+        kind: Kind,
         sender: &'static str,
         prefix: &'static str,
     ) {
         let rule = MatchRule::builder()
             .msg_type(zbus::message::Type::Signal)
             .sender(sender)
-            .and_then(|r| r.interface("org.freedesktop.DBus.Properties"))
-            .and_then(|r| r.member("PropertiesChanged"))
-            .and_then(|r| r.path_namespace(prefix))
             .map(|r| r.build());
         let mut stream = match rule {
             Ok(rule) => {
@@ -95,28 +94,39 @@ impl Events {
         };
         while let Some(msg) = stream.next().await {
             let Ok(msg) = msg else { continue };
-            let Some(path) = msg
-                .header()
-                .path()
-                .map(|p| OwnedObjectPath::from(p.to_owned()))
-            else {
+            let header = msg.header();
+            let (Some(path), Some(member)) = (header.path(), header.member()) else {
                 continue;
             };
-            let job = match kind {
-                "model-job" => model_job(&bus, &path).await,
-                _ => update_job(&bus, &path).await,
-            };
-            if let Some(job) = job {
-                if let Some(job) = self.with_rate(&path, job) {
-                    self.send(json!({ "type": kind, "job": job }));
+            if member.as_str() == "PropertiesChanged" && path.as_str().starts_with(prefix) {
+                let path = OwnedObjectPath::from(path.to_owned());
+                if let Some(job) = kind.job(&bus, &path).await {
+                    if let Some(job) = self.with_rate(&path, job, false) {
+                        self.send(json!({ "type": kind.job_event(), "job": job }));
+                    }
                 }
+            } else if member.as_str() == "InstallFinished" {
+                let Some(end) = kind.finished(&msg) else {
+                    continue;
+                };
+                let path = OwnedObjectPath::try_from(end.job.as_str()).ok();
+                if let Some(path) = path {
+                    // The job's last state, whatever progress was skipped.
+                    if let Some(job) = kind.job(&bus, &path).await {
+                        if let Some(job) = self.with_rate(&path, job, true) {
+                            self.send(json!({ "type": kind.job_event(), "job": job }));
+                        }
+                    }
+                }
+                self.send(end.event);
             }
         }
     }
 
     /// Adds speed and time left to a job's progress; `None` when it is too
     /// soon after the last event for the same job and phase.
-    fn with_rate(&self, path: &str, mut job: Value) -> Option<Value> {
+    /// `last` sends it regardless.
+    fn with_rate(&self, path: &str, mut job: Value, last: bool) -> Option<Value> {
         let done = job["bytes_done"].as_u64().unwrap_or(0);
         let total = job["bytes_total"].as_u64().unwrap_or(0);
         let phase = job["phase"].as_str().unwrap_or("").to_string();
@@ -140,7 +150,7 @@ impl Events {
             r.at = now;
         }
         if let Some((at, last_phase)) = &r.last_sent {
-            if *last_phase == phase && now.duration_since(*at) < PROGRESS_PERIOD {
+            if !last && *last_phase == phase && now.duration_since(*at) < PROGRESS_PERIOD {
                 return None;
             }
         }
@@ -154,48 +164,10 @@ impl Events {
             };
             job["eta_seconds"] = json!(eta);
         }
-        if phase == "done" || phase == "failed" {
+        if last || phase == "done" || phase == "failed" {
             rates.remove(path);
         }
         Some(job)
-    }
-
-    async fn watch_finished(self, bus: zbus::Connection) {
-        let models = async {
-            let proxy = models::Models1Proxy::new(&bus).await?;
-            let mut s = proxy.receive_install_finished().await?;
-            while let Some(sig) = s.next().await {
-                let Ok(a) = sig.args() else { continue };
-                self.send(json!({
-                    "type": "model-finished",
-                    "job": a.job().to_string(),
-                    "name": a.name(),
-                    "success": a.success(),
-                    "error": a.error_name().rsplit('.').next().unwrap_or(""),
-                    "message": a.error_message(),
-                }));
-            }
-            zbus::Result::Ok(())
-        };
-        let updates = async {
-            let proxy = update::Update1Proxy::new(&bus).await?;
-            let mut s = proxy.receive_install_finished().await?;
-            while let Some(sig) = s.next().await {
-                let Ok(a) = sig.args() else { continue };
-                self.send(json!({
-                    "type": "update-finished",
-                    "job": a.job().to_string(),
-                    "success": a.success(),
-                    "error": a.error_name().rsplit('.').next().unwrap_or(""),
-                    "message": a.error_message(),
-                }));
-            }
-            zbus::Result::Ok(())
-        };
-        let (m, u) = tokio::join!(models, updates);
-        for e in [m.err(), u.err()].into_iter().flatten() {
-            tracing::warn!("cannot watch completion signals: {e}");
-        }
     }
 
     async fn watch_power(self, bus: zbus::Connection) {
@@ -208,6 +180,72 @@ impl Events {
             }
             if let Ok(p) = power_state(&bus).await {
                 self.send(json!({ "type": "power", "power": p }));
+            }
+        }
+    }
+}
+
+/// Whose jobs a watcher follows.
+#[derive(Clone, Copy)]
+enum Kind {
+    Model,
+    Update,
+}
+
+/// A completion signal: the job's path and the page's event for it.
+struct Finished {
+    job: String,
+    event: Value,
+}
+
+impl Kind {
+    fn job_event(self) -> &'static str {
+        match self {
+            Kind::Model => "model-job",
+            Kind::Update => "update-job",
+        }
+    }
+
+    async fn job(self, bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
+        match self {
+            Kind::Model => model_job(bus, path).await,
+            Kind::Update => update_job(bus, path).await,
+        }
+    }
+
+    /// The page's event for a daemon's `InstallFinished`; `None` for any
+    /// other signal or a malformed one.
+    fn finished(self, msg: &zbus::Message) -> Option<Finished> {
+        let short = |name: &str| name.rsplit('.').next().unwrap_or("").to_string();
+        match self {
+            Kind::Model => {
+                let sig = models::InstallFinished::from_message(msg.clone())?;
+                let a = sig.args().ok()?;
+                Some(Finished {
+                    job: a.job().to_string(),
+                    event: json!({
+                        "type": "model-finished",
+                        "job": a.job().to_string(),
+                        "name": a.name(),
+                        "success": a.success(),
+                        "error": short(a.error_name()),
+                        "message": a.error_message(),
+                    }),
+                })
+            }
+            Kind::Update => {
+                let sig = update::InstallFinished::from_message(msg.clone())?;
+                let a = sig.args().ok()?;
+                Some(Finished {
+                    job: a.job().to_string(),
+                    event: json!({
+                        "type": "update-finished",
+                        "job": a.job().to_string(),
+                        "success": a.success(),
+                        "error": short(a.error_name()),
+                        "message": a.error_message(),
+                    }),
+                })
             }
         }
     }
