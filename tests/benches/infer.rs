@@ -5,7 +5,7 @@
 //!
 //! Runs per measurement: `POCKET_BENCH_RUNS` (default 200).
 
-use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor, TensorFile};
+use pocket_proto::runtime::{open_channel, Channel, Runtime1Proxy, Tensor, TensorFile};
 use pocket_tests::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -143,10 +143,20 @@ fn main() {
     };
     // The same calls on a private channel (OpenChannel): straight to npud.
     let channel = rt.block_on(open_channel(&npud)).unwrap();
+    // And on a channel whose calls block this thread (runtime::Channel):
+    // it writes each call and reads the reply itself.
+    let mut blocking = rt.block_on(Channel::open(&npud)).unwrap();
+    let small = inputs();
+    let via_blocking = |c: &mut Channel| {
+        let (out, _, inside_ms) = c.infer("big", &small).unwrap();
+        assert_eq!(out.len(), 1);
+        inside_ms
+    };
     for _ in 0..20 {
         direct(&session);
         via(&npud);
         via(&channel);
+        via_blocking(&mut blocking);
     }
     // Latency: each contender in a pass of its own, alternating run by run
     // with raw ONNX Runtime, so that drift in the machine's speed hits both
@@ -160,11 +170,15 @@ fn main() {
         inside.push(Duration::from_secs_f64(via(&channel) / 1000.0));
     });
     let (i50, i99) = (pct(inside.clone(), 0.5), pct(inside, 0.99));
+    let blocking_pass = paired(runs, raw, || {
+        via_blocking(&mut blocking);
+    });
 
     // Throughput: CLIENTS concurrent clients, three rounds alternating
     // between the contenders; the median round of each.
     let per = runs / CLIENTS;
-    let (mut tput_d, mut tput_n, mut tput_c) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tput_d, mut tput_n, mut tput_c, mut tput_b) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     // Each concurrent client on its own private channel, as separate apps.
     let channels: Vec<_> = (0..CLIENTS)
         .map(|_| rt.block_on(open_channel(&npud)).unwrap())
@@ -203,12 +217,29 @@ fn main() {
         tput_d.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
         tput_n.push(npud_clients(vec![npud.clone(); CLIENTS]));
         tput_c.push(npud_clients(channels.clone()));
+        // Blocking channels, each client on a thread of its own.
+        let mut blocking: Vec<Channel> = (0..CLIENTS)
+            .map(|_| rt.block_on(Channel::open(&npud)).unwrap())
+            .collect();
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for c in &mut blocking {
+                let small = inputs();
+                sc.spawn(move || {
+                    for _ in 0..per {
+                        c.infer("big", &small).unwrap();
+                    }
+                });
+            }
+        });
+        tput_b.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
     let (d_tput, n_tput, c_tput) = (median(tput_d), median(tput_n), median(tput_c));
+    let b_tput = median(tput_b);
     let loaded_rss = rss_mib(npud_pid);
 
     // The onnxruntime Python API.
@@ -305,6 +336,19 @@ fn main() {
         assert_eq!(y.len(), n);
         assert_eq!(y[n - 1], 2.0 * wx[n - 1]);
     };
+    let mut blocking_file = TensorFile::new().unwrap();
+    let mut wide_blocking = |c: &mut Channel| {
+        let ran = blocking_file
+            .run_on(c, "wide", &[("x", &wide_tensor)])
+            .unwrap();
+        let y: &[f32] = bytemuck::cast_slice(&ran.outputs["y"].data);
+        assert_eq!(y.len(), n);
+        assert_eq!(y[n - 1], 2.0 * wx[n - 1]);
+    };
+    for _ in 0..20 {
+        wide_blocking(&mut blocking);
+    }
+    let wide_blocking_pass = paired(runs, wide_direct, || wide_blocking(&mut blocking));
     for _ in 0..20 {
         wide_direct();
         wide_msg(&npud);
@@ -336,6 +380,10 @@ fn main() {
         &channel_pass,
     );
     println!("| (npud's session.run alone, channel pass) | {i50:.3} | {i99:.3} | | |");
+    let over_blocking = row(
+        "npud on a private channel, blocking client (runtime::Channel)",
+        &blocking_pass,
+    );
     println!(
         "| onnxruntime Python API (own run) | {:.3} | {:.3} | | |",
         py["p50_ms"].as_f64().unwrap(),
@@ -351,14 +399,19 @@ fn main() {
         c_tput / d_tput
     );
     println!(
+        "| npud on private channels, blocking clients (a thread each) | {b_tput:.1} | {:.3} |",
+        b_tput / d_tput
+    );
+    println!(
         "| onnxruntime Python API | {:.1} | {:.3} |",
         py["throughput"].as_f64().unwrap(),
         py["throughput"].as_f64().unwrap() / d_tput
     );
     println!(
-        "npud p50 - raw p50 = {over_bus:.3} ms over the bus, {over_channel:.3} ms on a channel; npud throughput / raw = {:.3} over the bus, {:.3} on channels",
+        "npud p50 - raw p50 = {over_bus:.3} ms over the bus, {over_channel:.3} ms on a channel, {over_blocking:.3} ms on a blocking channel; npud throughput / raw = {:.3} over the bus, {:.3} on channels, {:.3} on blocking channels",
         n_tput / d_tput,
-        c_tput / d_tput
+        c_tput / d_tput,
+        b_tput / d_tput
     );
     println!("1.2 MB input and output (wide, y = 2x over x[1,300000]), {runs} runs per pass:");
     println!("| contender | p50 (ms) | p99 (ms) | raw p50 in its pass (ms) | p50 - raw (ms) |");
@@ -371,5 +424,9 @@ fn main() {
     ]) {
         row(name, pass);
     }
+    row(
+        "npud InferFd, one reused tensor file (TensorFile::run_on), blocking channel",
+        &wide_blocking_pass,
+    );
     println!("npud RSS: {idle_rss:.1} MiB idle without a model, {loaded_rss:.1} MiB with the model loaded");
 }

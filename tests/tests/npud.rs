@@ -473,6 +473,75 @@ fn a_private_channel_serves_the_same_runtime_until_the_client_closes_it() {
 }
 
 #[test]
+fn a_blocking_channel_gives_the_bus_answers_and_errors() {
+    use pocket_proto::runtime::{Channel, Runtime1Proxy, TensorFile};
+    use std::borrow::Cow;
+    let w = world("");
+    let fx = onnx_fixtures();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let npud = rt.block_on(async {
+        let conn = w.bus.connect().await;
+        Runtime1Proxy::new(&conn).await.unwrap()
+    });
+    // Opened through the bus; every call after that is plain blocking I/O
+    // on this thread.
+    let mut channel = rt.block_on(Channel::open(&npud)).expect("OpenChannel");
+    let x = seeded_data(16, 11);
+    let inputs = std::collections::HashMap::from([("x".to_string(), f32_tensor(&x, vec![1, 16]))]);
+    for _ in 0..3 {
+        let (on_channel, provider, latency) = channel.infer("mlp", &inputs).unwrap();
+        let (on_bus, _, _) = rt.block_on(npud.infer("mlp", inputs.clone())).unwrap();
+        assert_eq!(provider, "cpu");
+        assert!(latency > 0.0);
+        assert_eq!(on_channel, on_bus);
+    }
+    let want = reference_outputs(
+        &fx.join("mlp.onnx"),
+        &json!({"x": {"shape": [1, 16], "data": x}}),
+    );
+    let (outs, _, _) = channel.infer("mlp", &inputs).unwrap();
+    let got = json!({"outputs": {"y": {"dtype": outs["y"].dtype, "shape": outs["y"].shape, "data": f32s(&outs["y"].data)}}});
+    assert_close(&got, &want, 1e-5);
+
+    // npud's errors arrive with their names and messages, and the channel
+    // goes on answering.
+    let error = |e: zbus::Error| match e {
+        zbus::Error::MethodError(name, text, _) => (name.to_string(), text.unwrap_or_default()),
+        other => panic!("not an error reply: {other}"),
+    };
+    let (name, text) = error(channel.infer("no-such-model", &inputs).unwrap_err());
+    assert_eq!(name, "org.pocketos.Error.NotFound");
+    assert!(text.contains("no-such-model"), "{text}");
+    let wrong =
+        std::collections::HashMap::from([("nope".to_string(), f32_tensor(&x, vec![1, 16]))]);
+    let (name, text) = error(channel.infer("mlp", &wrong).unwrap_err());
+    assert_eq!(name, "org.pocketos.Error.InvalidArgument");
+    assert!(text.contains("\"nope\""), "{text}");
+
+    // A tensor file on the same channel: the descriptor goes with the call,
+    // ONNX Runtime writes the output into the file, read there.
+    let mut file = TensorFile::new().unwrap();
+    for rows in [5i64, 300, 2] {
+        let x = seeded_data(rows as usize * 4, 60 + rows as u64);
+        let t = f32_tensor(&x, vec![rows, 4]);
+        let ran = file.run_on(&mut channel, "scaled", &[("x", &t)]).unwrap();
+        let y = &ran.outputs["y"];
+        assert!(matches!(y.data, Cow::Borrowed(_)), "read in place");
+        let got =
+            json!({"outputs": {"y": {"dtype": y.dtype, "shape": y.shape, "data": f32s(&y.data)}}});
+        let want = reference_outputs(
+            &fx.join("scaled.onnx"),
+            &json!({"x": {"shape": [rows, 4], "data": x}}),
+        );
+        assert_close(&got, &want, 1e-5);
+    }
+    let (outs, _, _) = channel.infer("mlp", &inputs).unwrap();
+    assert_eq!(outs, channel.infer("mlp", &inputs).unwrap().0);
+    drop(channel);
+    run_mlp(&w).ok();
+}
+
+#[test]
 fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
     let w = world("");
     let inputs = json!({"x": {"shape": [1, 16], "data": seeded_data(16, 9)}});

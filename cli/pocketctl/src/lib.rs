@@ -564,14 +564,20 @@ async fn run_model(
     json: bool,
 ) -> Result<()> {
     let mut inputs = tensors::parse_inputs(text)?;
-    let mut rt = Runtime1Proxy::new(conn)
+    let rt = Runtime1Proxy::new(conn)
         .await
         .context("npud is not reachable")?;
-    if repeat > 1 {
-        rt = pocket_proto::runtime::open_channel(&rt)
-            .await
-            .context("npud gave no private channel")?;
-    }
+    // Repeated runs go on a private channel, each call written and its
+    // reply read by this thread.
+    let mut channel = if repeat > 1 {
+        Some(
+            pocket_proto::runtime::Channel::open(&rt)
+                .await
+                .context("npud gave no private channel")?,
+        )
+    } else {
+        None
+    };
     let total: usize = inputs.values().map(|t| t.data.len()).sum();
     // Large inputs go through one tensor file, reused by every run.
     let mut file = if total > INLINE_LIMIT {
@@ -581,23 +587,19 @@ async fn run_model(
     };
     let mut round_trips = Vec::with_capacity(repeat as usize);
     let mut last = None;
-    for run in 1..=repeat {
+    for _ in 0..repeat {
         let start = std::time::Instant::now();
-        last = Some(match &mut file {
-            Some(file) => {
+        last = Some(match (&mut file, &mut channel) {
+            (Some(file), channel) => {
                 let refs: Vec<(&str, &pocket_proto::runtime::Tensor)> =
                     inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                file.infer(&rt, name, &refs).await?
+                match channel {
+                    Some(c) => file.infer_on(c, name, &refs)?,
+                    None => file.infer(&rt, name, &refs).await?,
+                }
             }
-            None => {
-                // The last run takes the inputs; earlier ones send copies.
-                let inputs = if run == repeat {
-                    std::mem::take(&mut inputs)
-                } else {
-                    inputs.clone()
-                };
-                rt.infer(name, inputs).await?
-            }
+            (None, Some(c)) => c.infer(name, &inputs)?,
+            (None, None) => rt.infer(name, std::mem::take(&mut inputs)).await?,
         });
         round_trips.push(start.elapsed().as_secs_f64() * 1000.0);
     }

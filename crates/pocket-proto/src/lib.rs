@@ -3,6 +3,7 @@
 //! daemon.
 
 pub mod models;
+pub mod peer;
 pub mod power;
 pub mod runtime;
 pub mod shm;

@@ -139,16 +139,10 @@ pub trait Runtime1 {
 
 /// Opens a private channel to npud (`OpenChannel`) and returns a proxy on
 /// it: for a client that runs many inferences, each call then goes straight
-/// to npud instead of through the bus daemon. Needs a tokio runtime.
+/// to npud instead of through the bus daemon. Needs a tokio runtime. For
+/// the least latency per call from one thread, see [`Channel`].
 pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1Proxy<'static>> {
-    let received: std::os::fd::OwnedFd = runtime.open_channel().await?.into();
-    // A copy marked close-on-exec, so a child process started later does
-    // not keep the channel open after this client closes it.
-    let fd = received
-        .try_clone()
-        .map_err(|e| zbus::Error::InputOutput(e.into()))?;
-    drop(received);
-    let stream = std::os::unix::net::UnixStream::from(fd);
+    let stream = channel_socket(runtime).await?;
     stream
         .set_nonblocking(true)
         .map_err(|e| zbus::Error::InputOutput(e.into()))?;
@@ -162,6 +156,68 @@ pub async fn open_channel(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Runtime1P
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
+}
+
+/// The client's end of a new private channel.
+async fn channel_socket(
+    runtime: &Runtime1Proxy<'_>,
+) -> zbus::Result<std::os::unix::net::UnixStream> {
+    let received: std::os::fd::OwnedFd = runtime.open_channel().await?.into();
+    // A copy marked close-on-exec, so a child process started later does
+    // not keep the channel open after this client closes it.
+    let fd = received
+        .try_clone()
+        .map_err(|e| zbus::Error::InputOutput(e.into()))?;
+    drop(received);
+    Ok(std::os::unix::net::UnixStream::from(fd))
+}
+
+/// A private channel to npud whose calls block the calling thread, which
+/// writes each call and reads its reply itself: the least time per call
+/// for a client that runs a model again and again, one request at a time
+/// (see [`crate::peer`]). npud serves it like any channel. Open one per
+/// thread that calls.
+#[derive(Debug)]
+pub struct Channel {
+    peer: crate::peer::PeerClient,
+}
+
+impl Channel {
+    /// Opens a channel through `runtime` (on the bus); the rest of its
+    /// calls need no async runtime.
+    pub async fn open(runtime: &Runtime1Proxy<'_>) -> zbus::Result<Channel> {
+        let socket = channel_socket(runtime).await?;
+        Ok(Channel {
+            peer: crate::peer::PeerClient::handshake(socket)?,
+        })
+    }
+
+    /// `Infer`: outputs, the provider that ran, latency in ms.
+    #[allow(clippy::type_complexity)]
+    pub fn infer(
+        &mut self,
+        name: &str,
+        inputs: &HashMap<String, Tensor>,
+    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+        self.peer.call(PATH, BUS_NAME, "Infer", &(name, inputs))
+    }
+
+    /// `InferFd` on the tensor file `data`.
+    #[allow(clippy::type_complexity)]
+    pub fn infer_fd(
+        &mut self,
+        name: &str,
+        inputs: &HashMap<String, TensorRef>,
+        data: std::os::fd::BorrowedFd<'_>,
+    ) -> zbus::Result<(
+        HashMap<String, TensorRef>,
+        zbus::zvariant::OwnedFd,
+        String,
+        f64,
+    )> {
+        let body = (name, inputs, zbus::zvariant::Fd::from(data));
+        self.peer.call(PATH, BUS_NAME, "InferFd", &body)
+    }
 }
 
 /// Where a tensor in a tensor file may start at or after `n`: the next
@@ -200,6 +256,23 @@ pub struct FileOutputs<'a> {
     pub outputs: HashMap<String, TensorView<'a>>,
     pub provider: String,
     pub latency_ms: f64,
+}
+
+impl FileOutputs<'_> {
+    /// The outputs copied out of the file: outputs, the provider that ran,
+    /// latency in ms.
+    pub fn owned(self) -> (HashMap<String, Tensor>, String, f64) {
+        let outputs = self
+            .outputs
+            .into_iter()
+            .map(|(n, v)| {
+                let data = v.data.into_owned();
+                let (dtype, shape) = (v.dtype, v.shape);
+                (n, Tensor { dtype, shape, data })
+            })
+            .collect();
+        (outputs, self.provider, self.latency_ms)
+    }
 }
 
 fn file_key(file: &std::fs::File) -> std::io::Result<(u64, u64)> {
@@ -260,7 +333,29 @@ impl TensorFile {
         inputs: &[(&str, &Tensor)],
     ) -> zbus::Result<FileOutputs<'_>> {
         use std::os::fd::AsFd;
-        use std::os::unix::fs::FileExt;
+        let refs = self.stage(inputs)?;
+        let reply = runtime
+            .infer_fd(name, refs, zbus::zvariant::Fd::from(self.file.as_fd()))
+            .await?;
+        self.collect(reply)
+    }
+
+    /// [`Self::run`] on a blocking [`Channel`].
+    pub fn run_on(
+        &mut self,
+        channel: &mut Channel,
+        name: &str,
+        inputs: &[(&str, &Tensor)],
+    ) -> zbus::Result<FileOutputs<'_>> {
+        use std::os::fd::AsFd;
+        let refs = self.stage(inputs)?;
+        let reply = channel.infer_fd(name, &refs, self.file.as_fd())?;
+        self.collect(reply)
+    }
+
+    /// Copies `inputs` into the file, one after another, and returns where
+    /// each one lies.
+    fn stage(&mut self, inputs: &[(&str, &Tensor)]) -> zbus::Result<HashMap<String, TensorRef>> {
         let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
         let mut refs = HashMap::with_capacity(inputs.len());
         let mut offset = 0u64;
@@ -281,9 +376,23 @@ impl TensorFile {
         for (n, t) in inputs {
             map.write(refs[*n].offset, &t.data);
         }
-        let (out_refs, out_fd, provider, latency_ms) = runtime
-            .infer_fd(name, refs, zbus::zvariant::Fd::from(self.file.as_fd()))
-            .await?;
+        Ok(refs)
+    }
+
+    /// The outputs of npud's answer to `InferFd`: views of this file, or
+    /// copies out of the file npud answered with instead.
+    #[allow(clippy::type_complexity)]
+    fn collect(
+        &mut self,
+        (out_refs, out_fd, provider, latency_ms): (
+            HashMap<String, TensorRef>,
+            zbus::zvariant::OwnedFd,
+            String,
+            f64,
+        ),
+    ) -> zbus::Result<FileOutputs<'_>> {
+        use std::os::unix::fs::FileExt;
+        let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
         let out = std::fs::File::from(std::os::fd::OwnedFd::from(out_fd));
         let mut outputs = HashMap::with_capacity(out_refs.len());
         if file_key(&out).map_err(io)? != self.key {
@@ -332,16 +441,18 @@ impl TensorFile {
         name: &str,
         inputs: &[(&str, &Tensor)],
     ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
-        let ran = self.run(runtime, name, inputs).await?;
-        let outputs = ran
-            .outputs
-            .into_iter()
-            .map(|(n, v)| {
-                let data = v.data.into_owned();
-                let (dtype, shape) = (v.dtype, v.shape);
-                (n, Tensor { dtype, shape, data })
-            })
-            .collect();
-        Ok((outputs, ran.provider, ran.latency_ms))
+        self.run(runtime, name, inputs)
+            .await
+            .map(FileOutputs::owned)
+    }
+
+    /// [`Self::infer`] on a blocking [`Channel`].
+    pub fn infer_on(
+        &mut self,
+        channel: &mut Channel,
+        name: &str,
+        inputs: &[(&str, &Tensor)],
+    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+        self.run_on(channel, name, inputs).map(FileOutputs::owned)
     }
 }

@@ -179,9 +179,15 @@ impl RuntimeIface {
         // (spawn_blocking, or block_in_place's hand-off of the worker) and
         // back costs more than the bus itself. One worker at a time may do
         // so, so another always reads the bus; beyond that, block_in_place.
-        let result = match self.inline.try_acquire() {
-            Ok(_permit) => f(&model)?,
-            Err(_) => tokio::task::block_in_place(|| f(&model))?,
+        // A channel's own thread serves nothing else: it runs the model
+        // itself.
+        let result = if self.peer_uid.is_some() {
+            f(&model)?
+        } else {
+            match self.inline.try_acquire() {
+                Ok(_permit) => f(&model)?,
+                Err(_) => tokio::task::block_in_place(|| f(&model))?,
+            }
         };
         Ok((result, model.provider.clone()))
     }
@@ -414,17 +420,34 @@ impl RuntimeIface {
                 "{MAX_CHANNELS} private channels are open already; close one first"
             ))
         })?;
-        let pair = std::os::unix::net::UnixStream::pair().and_then(|(ours, theirs)| {
-            ours.set_nonblocking(true)?;
-            Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
-        });
-        let (ours, theirs) = pair.map_err(|e| Error::Inference(format!("channel socket: {e}")))?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .and_then(|(ours, theirs)| ours.set_nonblocking(true).map(|()| (ours, theirs)))
+            .map_err(|e| Error::Inference(format!("channel socket: {e}")))?;
         let iface = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = iface.serve_channel(ours, uid, slot).await {
-                tracing::debug!("private channel: {e}");
-            }
-        });
+        // Each channel is served on a thread of its own, on a single-threaded
+        // runtime: the request is read, the model run and the reply written
+        // by one thread, which the kernel wakes once per call. On the shared
+        // multi-threaded runtime each call crossed threads several times,
+        // and every crossing woke a parked worker with cold caches right
+        // after the model had swept them.
+        std::thread::Builder::new()
+            .name("npud-channel".into())
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(zbus::Error::from)
+                    .and_then(|rt| {
+                        rt.block_on(async move {
+                            let ours = tokio::net::UnixStream::from_std(ours)?;
+                            iface.serve_channel(ours, uid, slot).await
+                        })
+                    });
+                if let Err(e) = served {
+                    tracing::debug!("private channel: {e}");
+                }
+            })
+            .map_err(|e| Error::Inference(format!("channel thread: {e}")))?;
         Ok(std::os::fd::OwnedFd::from(theirs).into())
     }
 
