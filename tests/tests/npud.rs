@@ -538,6 +538,45 @@ fn a_blocking_channel_gives_the_bus_answers_and_errors() {
     let (outs, _, _) = channel.infer("mlp", &inputs).unwrap();
     assert_eq!(outs, channel.infer("mlp", &inputs).unwrap().0);
     drop(channel);
+
+    // The same channel, called the wrong way by hand: each call gets an
+    // error reply, and the channel goes on. Calls other than Infer and
+    // InferFd are answered by npud's object server behind the channel.
+    use pocket_proto::runtime::{INTERFACE, PATH};
+    let fd: std::os::fd::OwnedFd = rt.block_on(npud.open_channel()).unwrap().into();
+    let mut peer =
+        pocket_proto::peer::PeerClient::handshake(std::os::unix::net::UnixStream::from(fd))
+            .unwrap();
+    let mismatched = peer.call::<_, (String,)>(PATH, INTERFACE, "Infer", &("mlp", 7u32));
+    let (name, text) = error(mismatched.unwrap_err());
+    assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs");
+    assert!(text.contains("Infer"), "{text}");
+    let unknown = peer.call::<_, ()>(PATH, INTERFACE, "NoSuchMethod", &());
+    let (name, _) = error(unknown.unwrap_err());
+    assert_eq!(name, "org.freedesktop.DBus.Error.UnknownMethod");
+    let status: zbus::zvariant::OwnedValue = peer
+        .call(
+            PATH,
+            "org.freedesktop.DBus.Properties",
+            "Get",
+            &(INTERFACE, "Status"),
+        )
+        .unwrap();
+    assert_eq!(String::try_from(status).unwrap(), "ok");
+    type Reply = (
+        std::collections::HashMap<String, pocket_proto::runtime::Tensor>,
+        String,
+        f64,
+    );
+    let (outs, provider, _): Reply = peer
+        .call(PATH, INTERFACE, "Infer", &("mlp", &inputs))
+        .unwrap();
+    assert_eq!(provider, "cpu");
+    assert_eq!(
+        outs,
+        rt.block_on(npud.infer("mlp", inputs.clone())).unwrap().0
+    );
+    drop(peer);
     run_mlp(&w).ok();
 }
 

@@ -6,6 +6,7 @@ use zbus::zvariant::Type;
 
 pub const BUS_NAME: &str = "org.pocketos.Runtime1";
 pub const PATH: &str = "/org/pocketos/Runtime1";
+pub const INTERFACE: &str = "org.pocketos.Runtime1";
 
 /// Bytes per element of `dtype`.
 pub fn dtype_size(dtype: &str) -> Option<usize> {
@@ -199,7 +200,7 @@ impl Channel {
         name: &str,
         inputs: &HashMap<String, Tensor>,
     ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
-        self.peer.call(PATH, BUS_NAME, "Infer", &(name, inputs))
+        self.peer.call(PATH, INTERFACE, "Infer", &(name, inputs))
     }
 
     /// `InferFd` on the tensor file `data`.
@@ -216,7 +217,7 @@ impl Channel {
         f64,
     )> {
         let body = (name, inputs, zbus::zvariant::Fd::from(data));
-        self.peer.call(PATH, BUS_NAME, "InferFd", &body)
+        self.peer.call(PATH, INTERFACE, "InferFd", &body)
     }
 }
 

@@ -10,12 +10,9 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 /// Private channels (`OpenChannel`) open at once, at most.
 pub const MAX_CHANNELS: usize = 64;
-/// How long a client has to start D-Bus's handshake on a new channel.
-const CHANNEL_HANDSHAKE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.pocketos.Error")]
@@ -65,6 +62,9 @@ pub struct RuntimeIface {
     inline: Arc<tokio::sync::Semaphore>,
     /// The last tensor file used through this object (or this channel).
     tensor_file: Arc<crate::shared::MapCache>,
+    /// Serving a channel on the channel's own thread, which runs the
+    /// model itself.
+    dedicated: bool,
 }
 
 impl RuntimeIface {
@@ -76,12 +76,22 @@ impl RuntimeIface {
             channels: Arc::default(),
             peer_uid: None,
             tensor_file: Arc::default(),
+            dedicated: false,
             inline: Arc::new(tokio::sync::Semaphore::new(
                 tokio::runtime::Handle::try_current()
                     .map(|h| h.metrics().num_workers())
                     .unwrap_or(1)
                     .saturating_sub(1),
             )),
+        }
+    }
+
+    /// The same object for serving on npud's runtime (a channel's other
+    /// calls).
+    pub fn shared(&self) -> RuntimeIface {
+        RuntimeIface {
+            dedicated: false,
+            ..self.clone()
         }
     }
 
@@ -94,31 +104,6 @@ impl RuntimeIface {
         self.bus
             .get()
             .ok_or_else(|| Error::PeerUnavailable("npud is still joining the bus".into()))
-    }
-
-    /// Serves this object on `stream`, the server side of a private
-    /// channel for user `uid`, until the client closes it.
-    async fn serve_channel(
-        mut self,
-        stream: tokio::net::UnixStream,
-        uid: u32,
-        _slot: ChannelSlot,
-    ) -> zbus::Result<()> {
-        self.peer_uid = Some(uid);
-        self.tensor_file = Arc::default();
-        // The socket's own credentials are npud's: the client is checked
-        // against the caller of OpenChannel instead.
-        let build = zbus::connection::Builder::unix_stream(stream)
-            .server(zbus::Guid::generate())?
-            .p2p()
-            .user_id(uid)
-            .serve_at(pocket_proto::runtime::PATH, self)?
-            .build();
-        let conn = tokio::time::timeout(CHANNEL_HANDSHAKE, build)
-            .await
-            .map_err(|_| zbus::Error::Failure("no handshake on the channel".into()))??;
-        conn.closed().await;
-        Ok(())
     }
 
     /// The user who called, on the bus or on a channel.
@@ -181,7 +166,7 @@ impl RuntimeIface {
         // so, so another always reads the bus; beyond that, block_in_place.
         // A channel's own thread serves nothing else: it runs the model
         // itself.
-        let result = if self.peer_uid.is_some() {
+        let result = if self.dedicated {
             f(&model)?
         } else {
             match self.inline.try_acquire() {
@@ -280,7 +265,7 @@ impl RuntimeIface {
         Ok(self.rt.unload(name)?)
     }
 
-    async fn infer(
+    pub(crate) async fn infer(
         &self,
         name: &str,
         inputs: HashMap<String, Tensor>,
@@ -297,7 +282,7 @@ impl RuntimeIface {
         Ok((outputs, provider, latency))
     }
 
-    async fn infer_fd(
+    pub(crate) async fn infer_fd(
         &self,
         name: &str,
         inputs: HashMap<String, TensorRef>,
@@ -421,29 +406,17 @@ impl RuntimeIface {
             ))
         })?;
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .and_then(|(ours, theirs)| ours.set_nonblocking(true).map(|()| (ours, theirs)))
             .map_err(|e| Error::Inference(format!("channel socket: {e}")))?;
-        let iface = self.clone();
-        // Each channel is served on a thread of its own, on a single-threaded
-        // runtime: the request is read, the model run and the reply written
-        // by one thread, which the kernel wakes once per call. On the shared
-        // multi-threaded runtime each call crossed threads several times,
-        // and every crossing woke a parked worker with cold caches right
-        // after the model had swept them.
+        let mut iface = self.clone();
+        iface.peer_uid = Some(uid);
+        iface.tensor_file = Arc::default();
+        iface.dedicated = true;
+        let handle = tokio::runtime::Handle::current();
         std::thread::Builder::new()
             .name("npud-channel".into())
             .spawn(move || {
-                let served = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(zbus::Error::from)
-                    .and_then(|rt| {
-                        rt.block_on(async move {
-                            let ours = tokio::net::UnixStream::from_std(ours)?;
-                            iface.serve_channel(ours, uid, slot).await
-                        })
-                    });
-                if let Err(e) = served {
+                let _slot = slot;
+                if let Err(e) = crate::channel::serve(iface, handle, ours, uid) {
                     tracing::debug!("private channel: {e}");
                 }
             })

@@ -4,8 +4,10 @@
 //!   memory budget (the core room);
 //! - [`tensor`]: tensors between the bus and ONNX Runtime;
 //! - [`peers`]: modeld and powerd, which may be absent;
-//! - [`interface`]: the bus surface.
+//! - [`interface`]: the bus surface;
+//! - [`channel`]: private channels, each served on a thread of its own.
 
+pub mod channel;
 pub mod config;
 pub mod error;
 pub mod interface;

@@ -1,0 +1,139 @@
+//! The server side of a private channel (`OpenChannel`), on a thread of its
+//! own: that thread reads each call, answers `Infer` and `InferFd` itself
+//! (running the model on this thread) and writes the reply, so the kernel
+//! wakes one thread once per call. Every other call (loads, properties,
+//! introspection) goes to a zbus object server for the same object on
+//! npud's runtime, and its answer comes back the same way.
+//!
+//! Serving the hot calls through zbus's object server cost a reader task, a
+//! message queue and a dispatch per call, all with cold caches right after
+//! the model had swept them (`docs/runtime.md`).
+
+use crate::interface::{Error, RuntimeIface};
+use pocket_proto::peer::{PeerClient, Received, Wire, METHOD_CALL};
+use pocket_proto::runtime::{Tensor, TensorRef, INTERFACE, PATH};
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+use zbus::DBusError;
+
+/// How long a client has to finish D-Bus's handshake on a new channel.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// Serves `iface` (a channel's object, for user `uid`) on `socket` until
+/// the client closes it. Blocks: run it on the channel's own thread.
+pub fn serve(
+    iface: RuntimeIface,
+    handle: tokio::runtime::Handle,
+    socket: UnixStream,
+    uid: u32,
+) -> zbus::Result<()> {
+    // The socket's own credentials are npud's: the client is checked
+    // against the caller of OpenChannel instead.
+    let guid = zbus::Guid::generate();
+    let mut wire = Wire::accept(socket, guid.as_str(), HANDSHAKE, |claimed| {
+        claimed.is_none_or(|c| c == uid)
+    })?;
+    let mut others: Option<PeerClient> = None;
+    loop {
+        let call = match wire.receive() {
+            Ok(call) => call,
+            Err(zbus::Error::InputOutput(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+        if call.kind() != METHOD_CALL {
+            continue;
+        }
+        let member = call.member().unwrap_or_default();
+        let ours =
+            call.path().as_deref() == Some(PATH) && call.interface().is_none_or(|i| i == INTERFACE);
+        if ours && matches!(member.as_str(), "Infer" | "InferFd") {
+            let reply = handle.block_on(answer(&iface, &call, &member))?;
+            wire.send(&reply)?;
+            continue;
+        }
+        if others.is_none() {
+            others = Some(object_server(&iface, &handle)?);
+        }
+        let server = others.as_mut().expect("just set");
+        let reply = server.forward(&call, |signal| wire.forward(&signal))?;
+        wire.forward(&reply)?;
+    }
+}
+
+/// The reply to an `Infer` or `InferFd` call.
+async fn answer(
+    iface: &RuntimeIface,
+    call: &Received,
+    member: &str,
+) -> zbus::Result<zbus::Message> {
+    // zbus builds a reply from the call's header; a call of ours with the
+    // same serial stands in for the one received.
+    let serial = std::num::NonZeroU32::new(call.serial())
+        .ok_or_else(|| zbus::Error::Failure("a call with serial 0".into()))?;
+    let stand_in = zbus::Message::method_call(PATH, member)?
+        .serial(serial)
+        .build(&())?;
+    let header = stand_in.header();
+    let bad_args = |e: zbus::Error| {
+        zbus::Message::error(&header, "org.freedesktop.DBus.Error.InvalidArgs")?
+            .build(&(format!("{member}: {e}"),))
+    };
+    match member {
+        "Infer" => match call.body::<(String, HashMap<String, Tensor>)>() {
+            Ok((name, inputs)) => reply(&header, iface.infer(&name, inputs).await),
+            Err(e) => bad_args(e),
+        },
+        _ => match call.body::<(String, HashMap<String, TensorRef>, zbus::zvariant::OwnedFd)>() {
+            Ok((name, inputs, data)) => reply(&header, iface.infer_fd(&name, inputs, data).await),
+            Err(e) => bad_args(e),
+        },
+    }
+}
+
+fn reply<T>(
+    header: &zbus::message::Header<'_>,
+    result: Result<T, Error>,
+) -> zbus::Result<zbus::Message>
+where
+    T: serde::Serialize + zbus::zvariant::DynamicType,
+{
+    match result {
+        Ok(body) => zbus::Message::method_return(header)?.build(&body),
+        Err(e) => e.create_reply(header),
+    }
+}
+
+/// A zbus object server for the channel's object on npud's runtime, over
+/// a socket pair of its own, for the calls the channel's thread does not
+/// answer itself.
+fn object_server(
+    iface: &RuntimeIface,
+    handle: &tokio::runtime::Handle,
+) -> zbus::Result<PeerClient> {
+    let (server, client) = UnixStream::pair()?;
+    server.set_nonblocking(true)?;
+    let iface = iface.shared();
+    // Only this thread holds the other end: it authenticates as npud.
+    let euid = nix::unistd::geteuid().as_raw();
+    handle.spawn(async move {
+        let serve = async {
+            let stream = tokio::net::UnixStream::from_std(server)?;
+            let conn = zbus::connection::Builder::unix_stream(stream)
+                .server(zbus::Guid::generate())?
+                .p2p()
+                .user_id(euid)
+                .serve_at(PATH, iface)?
+                .build()
+                .await?;
+            conn.closed().await;
+            zbus::Result::Ok(())
+        };
+        if let Err(e) = serve.await {
+            tracing::debug!("a channel's object server: {e}");
+        }
+    });
+    PeerClient::handshake(client)
+}
