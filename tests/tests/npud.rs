@@ -554,6 +554,21 @@ fn a_blocking_channel_gives_the_bus_answers_and_errors() {
     let unknown = peer.call::<_, ()>(PATH, INTERFACE, "NoSuchMethod", &());
     let (name, _) = error(unknown.unwrap_err());
     assert_eq!(name, "org.freedesktop.DBus.Error.UnknownMethod");
+    // Calls that expect no reply get none, and hold nothing up.
+    for (path, iface, member) in [
+        (PATH, "org.freedesktop.DBus.Peer", "Ping"),
+        (PATH, INTERFACE, "NoSuchMethod"),
+    ] {
+        let quiet = zbus::Message::method_call(path, member)
+            .unwrap()
+            .interface(iface)
+            .unwrap()
+            .with_flags(zbus::message::Flags::NoReplyExpected)
+            .unwrap()
+            .build(&())
+            .unwrap();
+        peer.send(&quiet).unwrap();
+    }
     let status: zbus::zvariant::OwnedValue = peer
         .call(
             PATH,

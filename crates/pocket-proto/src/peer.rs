@@ -79,6 +79,12 @@ impl Received {
         self.data[1]
     }
 
+    /// Whether the sender waits for a reply (its `NO_REPLY_EXPECTED`
+    /// flag is clear).
+    pub fn expects_reply(&self) -> bool {
+        self.data[2] & 0x1 == 0
+    }
+
     pub fn serial(&self) -> u32 {
         u32::from_le_bytes(self.data[8..12].try_into().expect("4 bytes"))
     }
@@ -401,14 +407,24 @@ impl PeerClient {
     }
 
     /// Sends a message as it was received elsewhere and returns the reply
-    /// to it, handing every other message that arrives first to `other`.
+    /// to it, handing every other message that arrives first to `other`;
+    /// `None` for a call that expects no reply.
     pub fn forward(
         &mut self,
         call: &Received,
         other: impl FnMut(Received) -> zbus::Result<()>,
-    ) -> zbus::Result<Received> {
+    ) -> zbus::Result<Option<Received>> {
         self.wire.forward(call)?;
-        self.reply_to(call.serial(), other)
+        if !call.expects_reply() {
+            return Ok(None);
+        }
+        self.reply_to(call.serial(), other).map(Some)
+    }
+
+    /// Sends a message without waiting for anything back (a call flagged
+    /// `NO_REPLY_EXPECTED`, or a signal).
+    pub fn send(&mut self, msg: &zbus::Message) -> zbus::Result<()> {
+        self.wire.send(msg)
     }
 
     fn reply_to(

@@ -51,15 +51,18 @@ pub fn serve(
             call.path().as_deref() == Some(PATH) && call.interface().is_none_or(|i| i == INTERFACE);
         if ours && matches!(member.as_str(), "Infer" | "InferFd") {
             let reply = handle.block_on(answer(&iface, &call, &member))?;
-            wire.send(&reply)?;
+            if call.expects_reply() {
+                wire.send(&reply)?;
+            }
             continue;
         }
         if others.is_none() {
             others = Some(object_server(&iface, &handle)?);
         }
         let server = others.as_mut().expect("just set");
-        let reply = server.forward(&call, |signal| wire.forward(&signal))?;
-        wire.forward(&reply)?;
+        if let Some(reply) = server.forward(&call, |signal| wire.forward(&signal))? {
+            wire.forward(&reply)?;
+        }
     }
 }
 
