@@ -99,7 +99,12 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
 
     // ... and one through the dashboard, in a browser, over the forwarded
     // port: the admin password set on first boot, Install clicked, the
-    // progress watched until done, a test run.
+    // progress watched until done, a test run. The pack is a few KiB: it
+    // is served at 2 KiB/s, so that there is progress to watch however
+    // fast the install would be (on an idle machine it could finish before
+    // the page has the job's id, and the page rightly shows no progress
+    // for a finished job).
+    h.http.throttle(2 << 10);
     let seen = browse(
         &format!("http://localhost:{dashboard}"),
         &[
@@ -109,6 +114,7 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
             ("STEP_TIMEOUT_MS", "180000"),
         ],
     );
+    h.http.throttle(0);
     assert_eq!(seen["login_title"], "Set the admin password", "{seen:#}");
     assert_eq!(seen["store_state"], "Installed", "{seen:#}");
     assert!(
