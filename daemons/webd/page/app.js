@@ -153,8 +153,18 @@ async function loadModels() {
     $("#store-status").textContent = e.message;
     return;
   }
-  for (const j of state.models.jobs) state.jobs.set(j.id, j);
+  for (const j of state.models.jobs) mergeJob(j);
   renderModels();
+}
+
+// A job's news, from an event or the job list, over what the page knew of
+// it; nothing for a job that has ended.
+function mergeJob(job) {
+  if (state.finished.has(job.id)) return;
+  const old = state.jobs.get(job.id) || {};
+  // An upload's job has no model name until the pack is read: keep the
+  // file's name the page gave it.
+  state.jobs.set(job.id, { ...old, ...job, name: job.name || old.name });
 }
 
 function jobFor(name) {
@@ -355,14 +365,10 @@ function listen() {
   es.onmessage = (e) => {
     const ev = JSON.parse(e.data);
     switch (ev.type) {
-      case "model-job": {
-        if (state.finished.has(ev.job.id)) break;
-        const old = state.jobs.get(ev.job.id) || {};
-        // An upload's job has no model name until the pack is read.
-        state.jobs.set(ev.job.id, { ...old, ...ev.job, name: ev.job.name || old.name });
+      case "model-job":
+        mergeJob(ev.job);
         renderModels();
         break;
-      }
       case "model-finished": modelFinished(ev); break;
       case "models-changed": loadModels(); break;
       case "power": renderPower(ev.power); break;
