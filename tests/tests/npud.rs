@@ -578,12 +578,7 @@ fn a_blocking_channel_gives_the_bus_answers_and_errors() {
         )
         .unwrap();
     assert_eq!(String::try_from(status).unwrap(), "ok");
-    type Reply = (
-        std::collections::HashMap<String, pocket_proto::runtime::Tensor>,
-        String,
-        f64,
-    );
-    let (outs, provider, _): Reply = peer
+    let (outs, provider, _): pocket_proto::runtime::InferReply = peer
         .call(PATH, INTERFACE, "Infer", &("mlp", &inputs))
         .unwrap();
     assert_eq!(provider, "cpu");

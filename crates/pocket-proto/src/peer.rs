@@ -129,11 +129,15 @@ impl Received {
         body.deserialize::<T>().map(|(t, _)| t).map_err(Into::into)
     }
 
-    /// A header field's value, when present and of type `T`.
     fn field<T: TryFrom<OwnedValue>>(&self, code: u8) -> Option<T> {
-        let (_, v) = self.fields.iter().find(|(c, _)| *c == code)?;
-        v.try_clone().ok().and_then(|v| T::try_from(v).ok())
+        field(&self.fields, code)
     }
+}
+
+/// A header field's value, when present and of type `T`.
+fn field<T: TryFrom<OwnedValue>>(fields: &[(u8, OwnedValue)], code: u8) -> Option<T> {
+    let (_, v) = fields.iter().find(|(c, _)| *c == code)?;
+    v.try_clone().ok().and_then(|v| T::try_from(v).ok())
 }
 
 impl Wire {
@@ -204,11 +208,7 @@ impl Wire {
             let head = Data::new(&bytes[..body_at], Context::new_dbus(LE, 0));
             head.slice(12..).deserialize().map_err(protocol)?.0
         };
-        let nfds = fields
-            .iter()
-            .find(|(c, _)| *c == FIELD_UNIX_FDS)
-            .and_then(|(_, v)| u32::try_from(v).ok())
-            .unwrap_or(0) as usize;
+        let nfds = field::<u32>(&fields, FIELD_UNIX_FDS).unwrap_or(0) as usize;
         if nfds > self.fds.len() {
             return Err(protocol("a message without the file descriptors it names"));
         }
@@ -461,6 +461,7 @@ fn read_line(socket: &mut UnixStream) -> zbus::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A peer that answers the handshake with `auth`, then writes `then`
     /// once the client's first call has arrived.
@@ -632,8 +633,6 @@ mod tests {
         });
         (ours, server)
     }
-
-    use std::time::Duration;
 
     #[test]
     fn the_server_handshake_takes_zbus_and_our_client_and_refuses_another_user() {

@@ -82,6 +82,18 @@ pub struct Providers {
     pub allow_cpu_fallback: bool,
 }
 
+/// `Infer`'s reply: outputs, the provider that ran, latency in ms.
+pub type InferReply = (HashMap<String, Tensor>, String, f64);
+
+/// `InferFd`'s reply: where the outputs lie, the file they lie in, the
+/// provider that ran, latency in ms.
+pub type InferFdReply = (
+    HashMap<String, TensorRef>,
+    zbus::zvariant::OwnedFd,
+    String,
+    f64,
+);
+
 /// What one inference returned.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InferOutput {
@@ -193,29 +205,22 @@ impl Channel {
         })
     }
 
-    /// `Infer`: outputs, the provider that ran, latency in ms.
-    #[allow(clippy::type_complexity)]
+    /// `Infer`.
     pub fn infer(
         &mut self,
         name: &str,
         inputs: &HashMap<String, Tensor>,
-    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+    ) -> zbus::Result<InferReply> {
         self.peer.call(PATH, INTERFACE, "Infer", &(name, inputs))
     }
 
     /// `InferFd` on the tensor file `data`.
-    #[allow(clippy::type_complexity)]
     pub fn infer_fd(
         &mut self,
         name: &str,
         inputs: &HashMap<String, TensorRef>,
         data: std::os::fd::BorrowedFd<'_>,
-    ) -> zbus::Result<(
-        HashMap<String, TensorRef>,
-        zbus::zvariant::OwnedFd,
-        String,
-        f64,
-    )> {
+    ) -> zbus::Result<InferFdReply> {
         let body = (name, inputs, zbus::zvariant::Fd::from(data));
         self.peer.call(PATH, INTERFACE, "InferFd", &body)
     }
@@ -262,7 +267,7 @@ pub struct FileOutputs<'a> {
 impl FileOutputs<'_> {
     /// The outputs copied out of the file: outputs, the provider that ran,
     /// latency in ms.
-    pub fn owned(self) -> (HashMap<String, Tensor>, String, f64) {
+    pub fn owned(self) -> InferReply {
         let outputs = self
             .outputs
             .into_iter()
@@ -382,15 +387,9 @@ impl TensorFile {
 
     /// The outputs of npud's answer to `InferFd`: views of this file, or
     /// copies out of the file npud answered with instead.
-    #[allow(clippy::type_complexity)]
     fn collect(
         &mut self,
-        (out_refs, out_fd, provider, latency_ms): (
-            HashMap<String, TensorRef>,
-            zbus::zvariant::OwnedFd,
-            String,
-            f64,
-        ),
+        (out_refs, out_fd, provider, latency_ms): InferFdReply,
     ) -> zbus::Result<FileOutputs<'_>> {
         use std::os::unix::fs::FileExt;
         let io = |e: std::io::Error| zbus::Error::InputOutput(e.into());
@@ -441,7 +440,7 @@ impl TensorFile {
         runtime: &Runtime1Proxy<'_>,
         name: &str,
         inputs: &[(&str, &Tensor)],
-    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+    ) -> zbus::Result<InferReply> {
         self.run(runtime, name, inputs)
             .await
             .map(FileOutputs::owned)
@@ -453,7 +452,7 @@ impl TensorFile {
         channel: &mut Channel,
         name: &str,
         inputs: &[(&str, &Tensor)],
-    ) -> zbus::Result<(HashMap<String, Tensor>, String, f64)> {
+    ) -> zbus::Result<InferReply> {
         self.run_on(channel, name, inputs).map(FileOutputs::owned)
     }
 }

@@ -100,25 +100,30 @@ impl Events {
             };
             if member.as_str() == "PropertiesChanged" && path.as_str().starts_with(prefix) {
                 let path = OwnedObjectPath::from(path.to_owned());
-                if let Some(job) = kind.job(&bus, &path).await {
-                    if let Some(job) = self.with_rate(&path, job, false) {
-                        self.send(json!({ "type": kind.job_event(), "job": job }));
-                    }
-                }
+                self.send_job(kind, &bus, &path, false).await;
             } else if member.as_str() == "InstallFinished" {
-                let Some(end) = kind.finished(&msg) else {
+                let Some((path, end)) = kind.finished(&msg) else {
                     continue;
                 };
-                let path = OwnedObjectPath::try_from(end.job.as_str()).ok();
-                if let Some(path) = path {
-                    // The job's last state, whatever progress was skipped.
-                    if let Some(job) = kind.job(&bus, &path).await {
-                        if let Some(job) = self.with_rate(&path, job, true) {
-                            self.send(json!({ "type": kind.job_event(), "job": job }));
-                        }
-                    }
-                }
-                self.send(end.event);
+                // The job's last state, whatever progress was skipped.
+                self.send_job(kind, &bus, &path, true).await;
+                self.send(end);
+            }
+        }
+    }
+
+    /// Reads a job and sends it as a progress event, unless it is too soon
+    /// after the last one (see [`Self::with_rate`]).
+    async fn send_job(
+        &self,
+        kind: Kind,
+        bus: &zbus::Connection,
+        path: &OwnedObjectPath,
+        last: bool,
+    ) {
+        if let Some(job) = kind.job(bus, path).await {
+            if let Some(job) = self.with_rate(path, job, last) {
+                self.send(json!({ "type": kind.job_event(), "job": job }));
             }
         }
     }
@@ -192,12 +197,6 @@ enum Kind {
     Update,
 }
 
-/// A completion signal: the job's path and the page's event for it.
-struct Finished {
-    job: String,
-    event: Value,
-}
-
 impl Kind {
     fn job_event(self) -> &'static str {
         match self {
@@ -213,42 +212,43 @@ impl Kind {
         }
     }
 
-    /// The page's event for a daemon's `InstallFinished`; `None` for any
-    /// other signal or a malformed one.
-    fn finished(self, msg: &zbus::Message) -> Option<Finished> {
-        let short = |name: &str| name.rsplit('.').next().unwrap_or("").to_string();
-        match self {
+    /// The job and the page's event for a daemon's `InstallFinished`;
+    /// `None` for any other signal or a malformed one.
+    fn finished(self, msg: &zbus::Message) -> Option<(OwnedObjectPath, Value)> {
+        let (kind, job, name, success, error, message) = match self {
             Kind::Model => {
                 let sig = models::InstallFinished::from_message(msg.clone())?;
                 let a = sig.args().ok()?;
-                Some(Finished {
-                    job: a.job().to_string(),
-                    event: json!({
-                        "type": "model-finished",
-                        "job": a.job().to_string(),
-                        "name": a.name(),
-                        "success": a.success(),
-                        "error": short(a.error_name()),
-                        "message": a.error_message(),
-                    }),
-                })
+                let (job, name) = (a.job().to_string(), Some(a.name().to_string()));
+                let (e, m) = (short_error(a.error_name()), a.error_message().to_string());
+                ("model-finished", job, name, *a.success(), e, m)
             }
             Kind::Update => {
                 let sig = update::InstallFinished::from_message(msg.clone())?;
                 let a = sig.args().ok()?;
-                Some(Finished {
-                    job: a.job().to_string(),
-                    event: json!({
-                        "type": "update-finished",
-                        "job": a.job().to_string(),
-                        "success": a.success(),
-                        "error": short(a.error_name()),
-                        "message": a.error_message(),
-                    }),
-                })
+                let (e, m) = (short_error(a.error_name()), a.error_message().to_string());
+                let job = a.job().to_string();
+                ("update-finished", job, None, *a.success(), e, m)
             }
+        };
+        let mut event = json!({
+            "type": kind,
+            "job": job,
+            "success": success,
+            "error": error,
+            "message": message,
+        });
+        if let Some(name) = name {
+            event["name"] = json!(name);
         }
+        Some((OwnedObjectPath::try_from(job).ok()?, event))
     }
+}
+
+/// The last part of an error's name (`DiskFull` for
+/// `org.pocketos.Error.DiskFull`), as the page shows it.
+fn short_error(name: &str) -> String {
+    name.rsplit('.').next().unwrap_or("").to_string()
 }
 
 /// A model install job as the page shows it; `None` once it is gone.
@@ -260,7 +260,7 @@ pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option
         "phase": job.phase().await.ok()?,
         "bytes_done": job.bytes_done().await.ok()?,
         "bytes_total": job.bytes_total().await.ok()?,
-        "error": job.error_name().await.ok()?.rsplit('.').next().unwrap_or("").to_string(),
+        "error": short_error(&job.error_name().await.ok()?),
         "message": job.error_message().await.ok()?,
     }))
 }
@@ -276,7 +276,7 @@ pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Optio
         "bytes_done": job.bytes_done().await.ok()?,
         "bytes_total": job.bytes_total().await.ok()?,
         "eta_seconds": job.eta_seconds().await.ok()?,
-        "error": job.error_name().await.ok()?.rsplit('.').next().unwrap_or("").to_string(),
+        "error": short_error(&job.error_name().await.ok()?),
         "message": job.error_message().await.ok()?,
     }))
 }
