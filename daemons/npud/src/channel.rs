@@ -46,15 +46,13 @@ pub fn serve(
         if call.kind() != METHOD_CALL {
             continue;
         }
-        let member = call.member().unwrap_or_default();
-        let ours =
-            call.path().as_deref() == Some(PATH) && call.interface().is_none_or(|i| i == INTERFACE);
-        if ours && matches!(member.as_str(), "Infer" | "InferFd") {
-            let reply = handle.block_on(answer(&iface, &call, &member))?;
-            if call.expects_reply() {
-                wire.send(&reply)?;
+        let ours = call.path() == Some(PATH) && call.interface().is_none_or(|i| i == INTERFACE);
+        match call.member() {
+            Some(member @ ("Infer" | "InferFd")) if ours => {
+                answer(&mut wire, &iface, &handle, &call, member)?;
+                continue;
             }
-            continue;
+            _ => {}
         }
         if others.is_none() {
             others = Some(object_server(&iface, &handle)?);
@@ -66,47 +64,56 @@ pub fn serve(
     }
 }
 
-/// The reply to an `Infer` or `InferFd` call.
-async fn answer(
+/// Runs an `Infer` or `InferFd` call and writes its reply.
+fn answer(
+    wire: &mut Wire,
     iface: &RuntimeIface,
+    handle: &tokio::runtime::Handle,
     call: &Received,
     member: &str,
-) -> zbus::Result<zbus::Message> {
-    // zbus builds a reply from the call's header; a call of ours with the
-    // same serial stands in for the one received.
-    let serial = std::num::NonZeroU32::new(call.serial())
-        .ok_or_else(|| zbus::Error::Failure("a call with serial 0".into()))?;
-    let stand_in = zbus::Message::method_call(PATH, member)?
-        .serial(serial)
-        .build(&())?;
-    let header = stand_in.header();
-    let bad_args = |e: zbus::Error| {
-        zbus::Message::error(&header, "org.freedesktop.DBus.Error.InvalidArgs")?
-            .build(&(format!("{member}: {e}"),))
+) -> zbus::Result<()> {
+    let bad_args = |wire: &mut Wire, e: zbus::Error| {
+        let name = "org.freedesktop.DBus.Error.InvalidArgs";
+        wire.reply_error(call, name, &format!("{member}: {e}"))
     };
-    match member {
-        "Infer" => match call.body::<(String, HashMap<String, Tensor>)>() {
-            Ok((name, inputs)) => reply(&header, iface.infer(&name, inputs).await),
-            Err(e) => bad_args(e),
-        },
-        _ => match call.body::<(String, HashMap<String, TensorRef>, zbus::zvariant::OwnedFd)>() {
-            Ok((name, inputs, data)) => reply(&header, iface.infer_fd(&name, inputs, data).await),
-            Err(e) => bad_args(e),
-        },
+    if member == "Infer" {
+        match call.body::<(String, HashMap<String, Tensor>)>() {
+            Ok((name, inputs)) => reply(wire, call, handle.block_on(iface.infer(&name, inputs))),
+            Err(e) => bad_args(wire, e),
+        }
+    } else {
+        match call.body::<(String, HashMap<String, TensorRef>, zbus::zvariant::OwnedFd)>() {
+            Ok((name, inputs, data)) => reply(
+                wire,
+                call,
+                handle.block_on(iface.infer_fd(&name, inputs, data)),
+            ),
+            Err(e) => bad_args(wire, e),
+        }
     }
 }
 
-fn reply<T>(
-    header: &zbus::message::Header<'_>,
-    result: Result<T, Error>,
-) -> zbus::Result<zbus::Message>
+/// Writes `result` in reply to `call`: its value, or the error as npud's
+/// object server would send it.
+fn reply<T>(wire: &mut Wire, call: &Received, result: Result<T, Error>) -> zbus::Result<()>
 where
-    T: serde::Serialize + zbus::zvariant::DynamicType,
+    T: serde::Serialize + zbus::zvariant::Type,
 {
-    match result {
-        Ok(body) => zbus::Message::method_return(header)?.build(&body),
-        Err(e) => e.create_reply(header),
+    let e = match result {
+        Ok(body) => return wire.reply(call, &body),
+        Err(e) => e,
+    };
+    if !call.expects_reply() {
+        return Ok(());
     }
+    // zbus builds the error from the call's header; a call of ours with
+    // the same serial stands in for the one received.
+    let serial = std::num::NonZeroU32::new(call.serial())
+        .ok_or_else(|| zbus::Error::Failure("a call with serial 0".into()))?;
+    let stand_in = zbus::Message::method_call(PATH, call.member().unwrap_or("Infer"))?
+        .serial(serial)
+        .build(&())?;
+    wire.send(&e.create_reply(&stand_in.header())?)
 }
 
 /// A zbus object server for the channel's object on npud's runtime, over
