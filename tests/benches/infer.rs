@@ -161,24 +161,56 @@ fn main() {
     // Latency: each contender in a pass of its own, alternating run by run
     // with raw ONNX Runtime, so that drift in the machine's speed hits both
     // alike and no third contender stirs the caches between them.
+    // npud reports the time its session.run took: each pass also keeps
+    // those, for the time a call spends outside the session.
     let raw = || direct(&session);
-    let bus_pass = paired(runs, raw, || {
-        via(&npud);
-    });
-    let mut inside = Vec::with_capacity(runs);
-    let channel_pass = paired(runs, raw, || {
-        inside.push(Duration::from_secs_f64(via(&channel) / 1000.0));
-    });
-    let (i50, i99) = (pct(inside.clone(), 0.5), pct(inside, 0.99));
+    let mut inside = [const { Vec::new() }; 3];
+    let ms = Duration::from_secs_f64;
+    let bus_pass = paired(runs, raw, || inside[0].push(ms(via(&npud) / 1000.0)));
+    let channel_pass = paired(runs, raw, || inside[1].push(ms(via(&channel) / 1000.0)));
     let blocking_pass = paired(runs, raw, || {
-        via_blocking(&mut blocking);
+        inside[2].push(ms(via_blocking(&mut blocking) / 1000.0))
     });
+    let (i50, i99) = (pct(inside[1].clone(), 0.5), pct(inside[1].clone(), 0.99));
+    // The p50 of (call - npud's session.run) in each pass.
+    let outside = |pass: &(Vec<Duration>, Vec<Duration>), inside: &[Duration]| {
+        let d: Vec<Duration> = pass
+            .1
+            .iter()
+            .zip(inside)
+            .map(|(c, i)| c.saturating_sub(*i))
+            .collect();
+        pct(d, 0.5)
+    };
+    let outside = [
+        outside(&bus_pass, &inside[0]),
+        outside(&channel_pass, &inside[1]),
+        outside(&blocking_pass, &inside[2]),
+    ];
 
-    // Throughput: CLIENTS concurrent clients, three rounds alternating
-    // between the contenders; the median round of each.
-    let per = runs / CLIENTS;
-    let (mut tput_d, mut tput_n, mut tput_c, mut tput_b) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Throughput: CLIENTS concurrent clients. Each npud contender runs
+    // right after a raw round of its own, ROUNDS times; a contender's
+    // ratio is the median over the rounds of its throughput over the raw
+    // round's, so that drift in the machine's speed hits both alike.
+    let per = (runs / 2 / CLIENTS).max(1);
+    let rounds: usize = std::env::var("POCKET_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let inf_per_s = |t: Instant| (per * CLIENTS) as f64 / t.elapsed().as_secs_f64();
+    let raw_round = || {
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for _ in 0..CLIENTS {
+                sc.spawn(|| {
+                    for _ in 0..per {
+                        direct(&session);
+                    }
+                });
+            }
+        });
+        inf_per_s(t)
+    };
     // Each concurrent client on its own private channel, as separate apps.
     let channels: Vec<_> = (0..CLIENTS)
         .map(|_| rt.block_on(open_channel(&npud)).unwrap())
@@ -201,29 +233,16 @@ fn main() {
                 task.await.unwrap();
             }
         });
-        (per * CLIENTS) as f64 / t.elapsed().as_secs_f64()
+        inf_per_s(t)
     };
-    for _ in 0..3 {
+    // Blocking channels, each client on a thread of its own.
+    let mut blocking_clients: Vec<Channel> = (0..CLIENTS)
+        .map(|_| rt.block_on(Channel::open(&npud)).unwrap())
+        .collect();
+    let mut blocking_round = || {
         let t = Instant::now();
         std::thread::scope(|sc| {
-            for _ in 0..CLIENTS {
-                sc.spawn(|| {
-                    for _ in 0..per {
-                        direct(&session);
-                    }
-                });
-            }
-        });
-        tput_d.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
-        tput_n.push(npud_clients(vec![npud.clone(); CLIENTS]));
-        tput_c.push(npud_clients(channels.clone()));
-        // Blocking channels, each client on a thread of its own.
-        let mut blocking: Vec<Channel> = (0..CLIENTS)
-            .map(|_| rt.block_on(Channel::open(&npud)).unwrap())
-            .collect();
-        let t = Instant::now();
-        std::thread::scope(|sc| {
-            for c in &mut blocking {
+            for c in &mut blocking_clients {
                 let small = inputs();
                 sc.spawn(move || {
                     for _ in 0..per {
@@ -232,14 +251,25 @@ fn main() {
                 });
             }
         });
-        tput_b.push((per * CLIENTS) as f64 / t.elapsed().as_secs_f64());
+        inf_per_s(t)
+    };
+    // Per contender: (raw, contender) throughput of each round.
+    let mut tput: [Vec<(f64, f64)>; 3] = Default::default();
+    for _ in 0..rounds {
+        tput[0].push((raw_round(), npud_clients(vec![npud.clone(); CLIENTS])));
+        tput[1].push((raw_round(), npud_clients(channels.clone())));
+        tput[2].push((raw_round(), blocking_round()));
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (d_tput, n_tput, c_tput) = (median(tput_d), median(tput_n), median(tput_c));
-    let b_tput = median(tput_b);
+    let d_tput = median(tput.iter().flatten().map(|(d, _)| *d).collect());
+    // Each contender's median throughput and median ratio to raw.
+    let [n_tput, c_tput, b_tput] = tput.map(|rounds| {
+        let ratio = median(rounds.iter().map(|(d, c)| c / d).collect());
+        (median(rounds.into_iter().map(|(_, c)| c).collect()), ratio)
+    });
     let loaded_rss = rss_mib(npud_pid);
 
     // The onnxruntime Python API.
@@ -389,29 +419,32 @@ fn main() {
         py["p50_ms"].as_f64().unwrap(),
         py["p99_ms"].as_f64().unwrap(),
     );
-    println!("throughput with {CLIENTS} concurrent clients (inf/s):");
-    println!("| contender | throughput | / raw |");
+    println!("throughput with {CLIENTS} concurrent clients (inf/s), {rounds} rounds, each contender after a raw round of its own:");
+    println!("| contender | throughput (median) | / raw (median of the rounds) |");
     println!("|---|---|---|");
     println!("| raw ONNX Runtime (ort, in process) | {d_tput:.1} | 1 |");
-    println!("| npud over D-Bus | {n_tput:.1} | {:.3} |", n_tput / d_tput);
+    for (name, (t, ratio)) in [
+        ("npud over D-Bus", n_tput),
+        ("npud on private channels", c_tput),
+        (
+            "npud on private channels, blocking clients (a thread each)",
+            b_tput,
+        ),
+    ] {
+        println!("| {name} | {t:.1} | {ratio:.3} |");
+    }
     println!(
-        "| npud on private channels | {c_tput:.1} | {:.3} |",
-        c_tput / d_tput
-    );
-    println!(
-        "| npud on private channels, blocking clients (a thread each) | {b_tput:.1} | {:.3} |",
-        b_tput / d_tput
-    );
-    println!(
-        "| onnxruntime Python API | {:.1} | {:.3} |",
+        "| onnxruntime Python API (own run) | {:.1} | {:.3} |",
         py["throughput"].as_f64().unwrap(),
         py["throughput"].as_f64().unwrap() / d_tput
     );
     println!(
+        "a call's time outside npud's session.run (p50): {:.3} ms over the bus, {:.3} ms on a channel, {:.3} ms on a blocking channel",
+        outside[0], outside[1], outside[2]
+    );
+    println!(
         "npud p50 - raw p50 = {over_bus:.3} ms over the bus, {over_channel:.3} ms on a channel, {over_blocking:.3} ms on a blocking channel; npud throughput / raw = {:.3} over the bus, {:.3} on channels, {:.3} on blocking channels",
-        n_tput / d_tput,
-        c_tput / d_tput,
-        b_tput / d_tput
+        n_tput.1, c_tput.1, b_tput.1
     );
     println!("1.2 MB input and output (wide, y = 2x over x[1,300000]), {runs} runs per pass:");
     println!("| contender | p50 (ms) | p99 (ms) | raw p50 in its pass (ms) | p50 - raw (ms) |");
