@@ -539,7 +539,7 @@ fn a_blocking_channel_gives_the_bus_answers_and_errors() {
     assert_eq!(outs, channel.infer("mlp", &inputs).unwrap().0);
     drop(channel);
 
-    // The same channel, called the wrong way by hand: each call gets an
+    // A second channel, called the wrong way by hand: each call gets an
     // error reply, and the channel goes on. Calls other than Infer and
     // InferFd are answered by npud's object server behind the channel.
     use pocket_proto::runtime::{INTERFACE, PATH};

@@ -277,14 +277,13 @@ enum Field<'a> {
 /// of `fields` that is `Some`, in order.
 fn write_header(
     kind: u8,
-    flags: u8,
     serial: u32,
     body_len: usize,
     fields: &[(u8, Option<Field<'_>>)],
 ) -> zbus::Result<Vec<u8>> {
     let body_len = u32::try_from(body_len).map_err(|_| zbus::Error::ExcessData)?;
     let mut h = Vec::with_capacity(256);
-    h.extend_from_slice(&[b'l', kind, flags, 1]);
+    h.extend_from_slice(&[b'l', kind, 0, 1]);
     h.extend_from_slice(&body_len.to_le_bytes());
     h.extend_from_slice(&serial.to_le_bytes());
     h.extend_from_slice(&[0; 4]);
@@ -357,18 +356,20 @@ impl Wire {
         body: &B,
     ) -> zbus::Result<u32> {
         zbus::zvariant::ObjectPath::try_from(path)?;
+        zbus::names::InterfaceName::try_from(interface)?;
+        zbus::names::MemberName::try_from(member)?;
         let fields = [
             (FIELD_PATH, Some(Field::Text(b'o', path))),
             (FIELD_INTERFACE, Some(Field::Text(b's', interface))),
             (FIELD_MEMBER, Some(Field::Text(b's', member))),
         ];
-        self.write(METHOD_CALL, 0, fields, body)
+        self.write(METHOD_CALL, fields, body)
     }
 
     /// Writes the reply to `call`, when its sender waits for one.
     pub fn reply<B: Serialize + Type>(&mut self, call: &Received, body: &B) -> zbus::Result<()> {
         if call.expects_reply() {
-            self.write(METHOD_RETURN, 0, reply_fields(call), body)?;
+            self.write(METHOD_RETURN, reply_fields(call), body)?;
         }
         Ok(())
     }
@@ -384,7 +385,7 @@ impl Wire {
                 destination,
                 (FIELD_ERROR_NAME, Some(Field::Text(b's', name))),
             ];
-            self.write(ERROR, 0, fields, &(text,))?;
+            self.write(ERROR, fields, &(text,))?;
         }
         Ok(())
     }
@@ -394,7 +395,6 @@ impl Wire {
     fn write<B: Serialize + Type, const N: usize>(
         &mut self,
         kind: u8,
-        flags: u8,
         fields: [(u8, Option<Field<'_>>); N],
         body: &B,
     ) -> zbus::Result<u32> {
@@ -410,7 +410,7 @@ impl Wire {
                 (!sig.is_empty()).then_some(Field::Text(b'g', sig)),
             ));
             all.push((FIELD_UNIX_FDS, (nfds > 0).then_some(Field::Number(nfds))));
-            write_header(kind, flags, self.serial, body.len(), &all)
+            write_header(kind, self.serial, body.len(), &all)
         })?;
         self.send_bytes(&[&header, body.bytes()], &fds)?;
         Ok(self.serial)
@@ -852,6 +852,13 @@ mod tests {
             .call("/t", "org.pocketos.Test", "Echo", &("ab",))
             .unwrap();
         assert_eq!(got, "abab");
+        // Names D-Bus would refuse are refused before anything is sent.
+        for (iface, member) in [("org.pocketos.Test", "Not a member"), ("no-dots", "Echo")] {
+            let err = peer
+                .call::<_, String>("/t", iface, member, &("ab",))
+                .unwrap_err();
+            assert!(matches!(err, zbus::Error::Names(_)), "{err}");
+        }
         match peer.call::<_, String>("/t", "org.pocketos.Test", "Echo", &("fail",)) {
             Err(zbus::Error::MethodError(name, Some(text), _)) => {
                 assert_eq!(name.as_str(), "org.freedesktop.DBus.Error.InvalidArgs");
@@ -889,11 +896,10 @@ mod tests {
         (ours, server)
     }
 
-    #[test]
-    fn the_server_handshake_takes_zbus_and_our_client_and_refuses_another_user() {
-        let me = nix::unistd::geteuid().as_raw();
-        // zbus as the client, then a call answered by hand.
-        let (socket, server) = accepting(me);
+    /// A zbus client connected to our server's side of the handshake
+    /// (for user `uid`), on a runtime of its own.
+    fn zbus_client_of_our_server(uid: u32) -> (tokio::runtime::Runtime, zbus::Connection, Wire) {
+        let (socket, server) = accepting(uid);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -907,7 +913,15 @@ mod tests {
                 .await
                 .unwrap()
         });
-        let mut wire = server.join().unwrap().unwrap();
+        let wire = server.join().unwrap().unwrap();
+        (rt, conn, wire)
+    }
+
+    #[test]
+    fn the_server_handshake_takes_zbus_and_our_client_and_refuses_another_user() {
+        let me = nix::unistd::geteuid().as_raw();
+        // zbus as the client, then a call answered by hand.
+        let (rt, conn, mut wire) = zbus_client_of_our_server(me);
         let answering = std::thread::spawn(move || {
             let call = wire.receive().unwrap();
             assert_eq!(call.kind(), METHOD_CALL);
@@ -953,21 +967,7 @@ mod tests {
     #[test]
     fn zbus_reads_the_messages_we_write_and_we_read_its_own() {
         let me = nix::unistd::geteuid().as_raw();
-        let (socket, server) = accepting(me);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let conn = rt.block_on(async {
-            socket.set_nonblocking(true).unwrap();
-            let stream = tokio::net::UnixStream::from_std(socket).unwrap();
-            zbus::connection::Builder::unix_stream(stream)
-                .p2p()
-                .build()
-                .await
-                .unwrap()
-        });
-        let mut wire = server.join().unwrap().unwrap();
+        let (rt, conn, mut wire) = zbus_client_of_our_server(me);
         let answering = std::thread::spawn(move || {
             // A call with every field zbus sets, and a file descriptor.
             let call = wire.receive().unwrap();
@@ -1038,7 +1038,7 @@ mod tests {
     #[test]
     fn a_bad_header_is_an_error_and_an_unknown_field_is_skipped() {
         let fields = |list: &[(u8, Option<Field<'_>>)]| {
-            let h = write_header(METHOD_CALL, 0, 7, 0, list).unwrap();
+            let h = write_header(METHOD_CALL, 7, 0, list).unwrap();
             let end = 16 + u32::from_le_bytes(h[12..16].try_into().unwrap()) as usize;
             (h, end)
         };

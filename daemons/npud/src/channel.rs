@@ -78,24 +78,31 @@ fn answer(
     };
     if member == "Infer" {
         match call.body::<(String, HashMap<String, Tensor>)>() {
-            Ok((name, inputs)) => reply(wire, call, handle.block_on(iface.infer(&name, inputs))),
+            Ok((name, inputs)) => {
+                let result = handle.block_on(iface.infer(&name, inputs));
+                reply(wire, call, member, result)
+            }
             Err(e) => bad_args(wire, e),
         }
     } else {
         match call.body::<(String, HashMap<String, TensorRef>, zbus::zvariant::OwnedFd)>() {
-            Ok((name, inputs, data)) => reply(
-                wire,
-                call,
-                handle.block_on(iface.infer_fd(&name, inputs, data)),
-            ),
+            Ok((name, inputs, data)) => {
+                let result = handle.block_on(iface.infer_fd(&name, inputs, data));
+                reply(wire, call, member, result)
+            }
             Err(e) => bad_args(wire, e),
         }
     }
 }
 
-/// Writes `result` in reply to `call`: its value, or the error as npud's
-/// object server would send it.
-fn reply<T>(wire: &mut Wire, call: &Received, result: Result<T, Error>) -> zbus::Result<()>
+/// Writes `result` in reply to `call` (of `member`): its value, or the
+/// error as npud's object server would send it.
+fn reply<T>(
+    wire: &mut Wire,
+    call: &Received,
+    member: &str,
+    result: Result<T, Error>,
+) -> zbus::Result<()>
 where
     T: serde::Serialize + zbus::zvariant::Type,
 {
@@ -110,7 +117,7 @@ where
     // the same serial stands in for the one received.
     let serial = std::num::NonZeroU32::new(call.serial())
         .ok_or_else(|| zbus::Error::Failure("a call with serial 0".into()))?;
-    let stand_in = zbus::Message::method_call(PATH, call.member().unwrap_or("Infer"))?
+    let stand_in = zbus::Message::method_call(PATH, member)?
         .serial(serial)
         .build(&())?;
     wire.send(&e.create_reply(&stand_in.header())?)
