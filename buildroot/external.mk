@@ -4,7 +4,7 @@
 # .hash holds the sha256 of that one tarball. buildroot/bump.sh [COMMIT]
 # re-pins both, with Buildroot's own download scripts; a build of the
 # checkout this tree is in runs it for HEAD first (see README.md).
-POCKETOS_VERSION = b30d4bc65c2c97421c52926f113eb93445e66fc7
+POCKETOS_VERSION = 199d48cc808ed9a65d8871193300bbc90ec3575d
 POCKETOS_SITE = https://github.com/pocketos/pocketos.git
 POCKETOS_SITE_METHOD = git
 POCKETOS_SOURCE = pocketos-$(POCKETOS_VERSION)-git4-cargo5.tar.gz
