@@ -202,15 +202,8 @@ impl Publisher {
         expires: &str,
         keys: &[PathBuf],
     ) {
-        pocket_publish::catalog_build(
-            packs_dir,
-            keys,
-            expires,
-            Some(version.into()),
-            out,
-            SystemTime::now(),
-        )
-        .expect("catalog");
+        pocket_publish::catalog_build(packs_dir, keys, expires, version, out, SystemTime::now())
+            .expect("catalog");
     }
 
     pub fn catalog(&self, packs_dir: &Path, out: &Path, version: &str) {

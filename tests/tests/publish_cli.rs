@@ -96,19 +96,56 @@ fn keygen_keyring_pack_catalog_verify() {
         pack.to_str().unwrap(),
     ]);
     let site = tmp.path().join("site");
-    ok(&[
-        "catalog",
-        "build",
-        "--packs",
-        packs.to_str().unwrap(),
-        "--key",
-        &models,
-        "--expires",
-        "7d",
-        "--out",
-        site.to_str().unwrap(),
-    ]);
+    let catalog_build = |packs: &Path, version: Option<&str>, out: &Path| {
+        let mut args = vec![
+            "catalog",
+            "build",
+            "--packs",
+            packs.to_str().unwrap(),
+            "--key",
+            &models,
+            "--expires",
+            "7d",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if let Some(v) = version {
+            args.extend(["--version", v]);
+        }
+        publish(&args)
+    };
+    // A file that is not a pack is left out, and said so.
+    std::fs::write(packs.join("mlp.pack.sha256"), "not a pack").unwrap();
+    let built = catalog_build(&packs, Some("3"), &site);
+    let said = String::from_utf8_lossy(&built.stderr);
+    assert!(built.status.success(), "{said}");
+    assert!(
+        said.contains("left out") && said.contains("mlp.pack.sha256: not a *.pack file"),
+        "{said}"
+    );
+    assert!(said.contains("with 1 model(s)"), "{said}");
     assert!(site.join("packs/mlp-1.2.0.pack").is_file());
+
+    // A directory without a single pack is an error, not an empty catalog.
+    let odd = tmp.path().join("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::fs::copy(&pack, odd.join("mlp.pak")).unwrap();
+    let odd_site = tmp.path().join("odd-site");
+    let refused = catalog_build(&odd, Some("1"), &odd_site);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("holds no model pack (*.pack)"), "{said}");
+    assert!(said.contains("mlp.pak"), "{said}");
+    assert!(!odd_site.join("catalog.json").exists());
+
+    // The version is the publisher's choice, never the build host's clock.
+    let refused = catalog_build(&packs, None, &tmp.path().join("unversioned"));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--version"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 
     let said = ok(&["verify", pack.to_str().unwrap(), "--keyring", r]);
     assert!(said.contains("model pack mlp 1.2.0 (1 files"), "{said}");

@@ -131,16 +131,27 @@ pub fn model_pack(
     Ok(manifest)
 }
 
+/// What `catalog_build` wrote.
+#[derive(Debug)]
+pub struct BuiltCatalog {
+    /// How many models the catalog lists.
+    pub models: usize,
+    /// Entries of the packs directory that are not `*.pack` files, left out.
+    pub skipped: Vec<PathBuf>,
+}
+
 /// Signs `out/catalog.json` over every `*.pack` in `packs`, and places the
-/// packs under `out/packs/`. Returns how many models it lists.
+/// packs under `out/packs/`. Anything else in `packs` is left out and
+/// named in the result; a directory with no pack at all is an error, not an
+/// empty catalog.
 pub fn catalog_build(
     packs: &Path,
     keys: &[PathBuf],
     expires: &str,
-    version: Option<String>,
+    version: &str,
     out: &Path,
     now: SystemTime,
-) -> Result<usize> {
+) -> Result<BuiltCatalog> {
     let packs_out = out.join("packs");
     std::fs::create_dir_all(&packs_out)?;
     let mut entries = Vec::new();
@@ -148,9 +159,11 @@ pub fn catalog_build(
         .with_context(|| format!("reading {}", packs.display()))?
         .collect::<Result<_, _>>()?;
     dir.sort_by_key(|e| e.file_name());
+    let mut skipped = Vec::new();
     for de in dir {
         let path = de.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("pack") {
+        if path.extension().and_then(|e| e.to_str()) != Some("pack") || !path.is_file() {
+            skipped.push(path);
             continue;
         }
         let (header, size) = read_header(&path)?;
@@ -179,11 +192,20 @@ pub fn catalog_build(
             },
         });
     }
-    let version: Version = match version {
-        Some(v) => v.parse()?,
-        None => Version::new(vec![now.duration_since(SystemTime::UNIX_EPOCH)?.as_secs()]),
-    };
-    let n = entries.len();
+    if entries.is_empty() {
+        let names: Vec<String> = skipped.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "{} holds no model pack (*.pack){}: no catalog written",
+            packs.display(),
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!("; left out: {}", names.join(", "))
+            }
+        );
+    }
+    let version: Version = version.parse()?;
+    let models = entries.len();
     let env = Envelope::sign(
         pocket_models::CATALOG_KIND,
         version,
@@ -192,7 +214,7 @@ pub fn catalog_build(
         &load_keys(keys)?,
     )?;
     write_atomic(&out.join(pocket_models::CATALOG_FILE), &env.to_bytes())?;
-    Ok(n)
+    Ok(BuiltCatalog { models, skipped })
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -152,10 +152,12 @@ enum CatalogCmd {
         key: Vec<PathBuf>,
         #[arg(long, default_value = "90d")]
         expires: String,
-        /// Catalog version (default: now, in seconds since 1970, so that
-        /// every new catalog supersedes the last)
+        /// Catalog version, e.g. 42 or 2026.12.1: it must be higher than the
+        /// last published one, since boxes accept only newer catalogs. It is
+        /// never taken from the clock, which a wrong clock would push ahead
+        /// for good.
         #[arg(long)]
-        version: Option<String>,
+        version: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -262,10 +264,14 @@ fn run(cli: Cli) -> Result<()> {
                     out,
                 },
         } => {
-            let n = pocket_publish::catalog_build(&packs, &key, &expires, version, &out, now)?;
+            let built = pocket_publish::catalog_build(&packs, &key, &expires, &version, &out, now)?;
+            for p in &built.skipped {
+                eprintln!("left out {}: not a *.pack file", p.display());
+            }
             eprintln!(
-                "wrote {} with {n} model(s)",
-                out.join("catalog.json").display()
+                "wrote {} with {} model(s)",
+                out.join("catalog.json").display(),
+                built.models
             );
         }
         Cmd::Bundle {

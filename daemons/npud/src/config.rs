@@ -11,10 +11,11 @@ pub struct Config {
     /// Memory all loaded models together may take.
     #[serde(default = "default_budget")]
     pub memory_budget_mb: u64,
-    /// Execution providers in order of preference, by short name: `qnn`,
-    /// `acl`, `armnn`, `rknpu`, `nnapi`, `xnnpack`, `cpu`.
+    /// Execution providers in order of preference, by short name (matched
+    /// without case): `qnn`, `acl`, `rknpu`, `nnapi`, `xnnpack`, `cpu`.
+    /// Any other name is an error at start.
     #[serde(default = "default_providers")]
-    pub providers: Vec<String>,
+    pub providers: Vec<Provider>,
     /// Whether a model may run on the CPU when no preferred accelerator is
     /// available; the provider then reads `cpu (fallback from X)`.
     #[serde(default = "default_true")]
@@ -40,6 +41,71 @@ pub struct Config {
     pub max_request_mb: u64,
 }
 
+/// An execution provider by its short name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Provider {
+    Qnn,
+    Acl,
+    Rknpu,
+    Nnapi,
+    Xnnpack,
+    Cpu,
+}
+
+impl Provider {
+    /// Every provider npud knows, most specialised first.
+    pub const ALL: [Provider; 6] = [
+        Provider::Qnn,
+        Provider::Acl,
+        Provider::Rknpu,
+        Provider::Nnapi,
+        Provider::Xnnpack,
+        Provider::Cpu,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Qnn => "qnn",
+            Provider::Acl => "acl",
+            Provider::Rknpu => "rknpu",
+            Provider::Nnapi => "nnapi",
+            Provider::Xnnpack => "xnnpack",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A provider name npud does not know.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown execution provider {0:?}; known providers: qnn, acl, rknpu, nnapi, xnnpack, cpu")]
+pub struct UnknownProvider(pub String);
+
+impl std::str::FromStr for Provider {
+    type Err = UnknownProvider;
+
+    fn from_str(s: &str) -> Result<Provider, UnknownProvider> {
+        Provider::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownProvider(s.to_string()))
+    }
+}
+
+impl TryFrom<String> for Provider {
+    type Error = UnknownProvider;
+
+    fn try_from(s: String) -> Result<Provider, UnknownProvider> {
+        s.parse()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EpLibrary {
@@ -53,8 +119,8 @@ fn default_library() -> PathBuf {
 fn default_budget() -> u64 {
     4096
 }
-fn default_providers() -> Vec<String> {
-    vec!["xnnpack".into(), "cpu".into()]
+fn default_providers() -> Vec<Provider> {
+    vec![Provider::Xnnpack, Provider::Cpu]
 }
 fn default_true() -> bool {
     true
@@ -67,4 +133,39 @@ fn default_request() -> u64 {
 }
 fn default_hold() -> u64 {
     10
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    #[test]
+    fn provider_names_match_without_case() {
+        let cfg = parse(r#"providers = ["CPU", "XnnPack", " qnn "]"#).unwrap();
+        assert_eq!(
+            cfg.providers,
+            [Provider::Cpu, Provider::Xnnpack, Provider::Qnn]
+        );
+    }
+
+    #[test]
+    fn an_unknown_provider_is_an_error_naming_the_known_ones() {
+        let e = parse(r#"providers = ["npu", "cpu"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown execution provider \"npu\""), "{e}");
+        for p in Provider::ALL {
+            assert!(e.contains(p.name()), "{e} names {p}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let e = parse("provider = [\"cpu\"]").unwrap_err().to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
 }
