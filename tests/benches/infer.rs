@@ -5,7 +5,7 @@
 //!
 //! Runs per measurement: `POCKET_BENCH_RUNS` (default 200).
 
-use pocket_proto::runtime::{open_channel, Channel, Runtime1Proxy, Tensor, TensorFile};
+use pocket_proto::runtime::{Runtime1Proxy, Tensor, TensorFile};
 use pocket_tests::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -141,57 +141,36 @@ fn main() {
         assert_eq!(out.len(), 1);
         inside_ms
     };
-    // The same calls on a private channel (OpenChannel): straight to npud.
-    let channel = rt.block_on(open_channel(&npud)).unwrap();
-    // And on a channel whose calls block this thread (runtime::Channel):
-    // it writes each call and reads the reply itself.
-    let mut blocking = rt.block_on(Channel::open(&npud)).unwrap();
-    let small = inputs();
-    let via_blocking = |c: &mut Channel| {
-        let (out, _, inside_ms) = c.infer("big", &small).unwrap();
-        assert_eq!(out.len(), 1);
-        inside_ms
-    };
     for _ in 0..20 {
         direct(&session);
         via(&npud);
-        via(&channel);
-        via_blocking(&mut blocking);
     }
-    // Latency: each contender in a pass of its own, alternating run by run
-    // with raw ONNX Runtime, so that drift in the machine's speed hits both
-    // alike and no third contender stirs the caches between them.
-    // npud reports the time its session.run took: each pass also keeps
-    // those, for the time a call spends outside the session.
+    // Latency: npud alternating run by run with raw ONNX Runtime, so that
+    // drift in the machine's speed hits both alike. npud reports the time
+    // its session.run took: the pass also keeps those, for the time a call
+    // spends outside the session.
     let raw = || direct(&session);
-    let mut inside = [const { Vec::new() }; 3];
-    let ms = Duration::from_secs_f64;
-    let bus_pass = paired(runs, raw, || inside[0].push(ms(via(&npud) / 1000.0)));
-    let channel_pass = paired(runs, raw, || inside[1].push(ms(via(&channel) / 1000.0)));
-    let blocking_pass = paired(runs, raw, || {
-        inside[2].push(ms(via_blocking(&mut blocking) / 1000.0))
+    let mut inside = Vec::new();
+    let bus_pass = paired(runs, raw, || {
+        inside.push(Duration::from_secs_f64(via(&npud) / 1000.0))
     });
-    let (i50, i99) = (pct(inside[1].clone(), 0.5), pct(inside[1].clone(), 0.99));
-    // The p50 of (call - npud's session.run) in each pass.
-    let outside = |pass: &(Vec<Duration>, Vec<Duration>), inside: &[Duration]| {
-        let d: Vec<Duration> = pass
+    let (i50, i99) = (pct(inside.clone(), 0.5), pct(inside.clone(), 0.99));
+    // The p50 of (call - npud's session.run).
+    let outside = pct(
+        bus_pass
             .1
             .iter()
-            .zip(inside)
+            .zip(&inside)
             .map(|(c, i)| c.saturating_sub(*i))
-            .collect();
-        pct(d, 0.5)
-    };
-    let outside = [
-        outside(&bus_pass, &inside[0]),
-        outside(&channel_pass, &inside[1]),
-        outside(&blocking_pass, &inside[2]),
-    ];
+            .collect(),
+        0.5,
+    );
 
-    // Throughput: CLIENTS concurrent clients. Each npud contender runs
-    // right after a raw round of its own, ROUNDS times; a contender's
-    // ratio is the median over the rounds of its throughput over the raw
-    // round's, so that drift in the machine's speed hits both alike.
+    // Throughput: CLIENTS concurrent clients, each with a bus connection of
+    // its own, as separate apps. npud runs right after a raw round of its
+    // own, ROUNDS times; its ratio is the median over the rounds of its
+    // throughput over the raw round's, so that drift in the machine's speed
+    // hits both alike.
     let per = (runs / 2 / CLIENTS).max(1);
     let rounds: usize = std::env::var("POCKET_BENCH_ROUNDS")
         .ok()
@@ -211,15 +190,20 @@ fn main() {
         });
         inf_per_s(t)
     };
-    // Each concurrent client on its own private channel, as separate apps.
-    let channels: Vec<_> = (0..CLIENTS)
-        .map(|_| rt.block_on(open_channel(&npud)).unwrap())
+    let clients: Vec<Runtime1Proxy<'static>> = (0..CLIENTS)
+        .map(|_| {
+            rt.block_on(async {
+                let conn = w.bus.connect().await;
+                Runtime1Proxy::new(&conn).await.unwrap()
+            })
+        })
         .collect();
-    let npud_clients = |proxies: Vec<Runtime1Proxy<'static>>| {
+    let npud_round = || {
         let t = Instant::now();
         rt.block_on(async {
-            let tasks: Vec<_> = proxies
-                .into_iter()
+            let tasks: Vec<_> = clients
+                .iter()
+                .cloned()
                 .map(|npud| {
                     let inputs = inputs();
                     tokio::spawn(async move {
@@ -235,41 +219,14 @@ fn main() {
         });
         inf_per_s(t)
     };
-    // Blocking channels, each client on a thread of its own.
-    let mut blocking_clients: Vec<Channel> = (0..CLIENTS)
-        .map(|_| rt.block_on(Channel::open(&npud)).unwrap())
-        .collect();
-    let mut blocking_round = || {
-        let t = Instant::now();
-        std::thread::scope(|sc| {
-            for c in &mut blocking_clients {
-                let small = inputs();
-                sc.spawn(move || {
-                    for _ in 0..per {
-                        c.infer("big", &small).unwrap();
-                    }
-                });
-            }
-        });
-        inf_per_s(t)
-    };
-    // Per contender: (raw, contender) throughput of each round.
-    let mut tput: [Vec<(f64, f64)>; 3] = Default::default();
-    for _ in 0..rounds {
-        tput[0].push((raw_round(), npud_clients(vec![npud.clone(); CLIENTS])));
-        tput[1].push((raw_round(), npud_clients(channels.clone())));
-        tput[2].push((raw_round(), blocking_round()));
-    }
+    let tput: Vec<(f64, f64)> = (0..rounds).map(|_| (raw_round(), npud_round())).collect();
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let d_tput = median(tput.iter().flatten().map(|(d, _)| *d).collect());
-    // Each contender's median throughput and median ratio to raw.
-    let [n_tput, c_tput, b_tput] = tput.map(|rounds| {
-        let ratio = median(rounds.iter().map(|(d, c)| c / d).collect());
-        (median(rounds.into_iter().map(|(_, c)| c).collect()), ratio)
-    });
+    let d_tput = median(tput.iter().map(|(d, _)| *d).collect());
+    let n_tput = median(tput.iter().map(|(_, c)| *c).collect());
+    let n_ratio = median(tput.iter().map(|(d, c)| c / d).collect());
     let loaded_rss = rss_mib(npud_pid);
 
     // The onnxruntime Python API.
@@ -293,8 +250,7 @@ fn main() {
 
     // A 1.2 MB input (and output): `wide`, y = 2x over x[1,300000], where
     // moving the tensors is most of the work. Raw ort against npud's Infer
-    // (tensors in the message) over the bus and on a channel, and InferFd
-    // (tensors in memfds) on a channel.
+    // (tensors in the message) and InferFd (tensors in memfds).
     let n = 300_000usize;
     let wx: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
     let wbytes: Vec<u8> = wx.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -349,117 +305,68 @@ fn main() {
         out.read_exact_at(&mut buf, y.offset).unwrap();
         assert_eq!(buf.len(), n * 4);
     };
-    // InferFd with one sealed tensor file reused for every request: npud
-    // reads the input in place, ONNX Runtime writes the output into the same
-    // file, and the client reads it there (as raw ort reads its own output).
+    // InferFd with one tensor file reused for every request (npud copies
+    // the input out of it and answers with a sealed memfd of its own).
     let mut tensor_file = TensorFile::new().unwrap();
     let wide_tensor = Tensor {
         dtype: "f32".into(),
         shape: vec![1, n as i64],
         data: wbytes.clone(),
     };
-    let mut wide_shared = |npud: &Runtime1Proxy<'_>| {
-        let ran = rt
-            .block_on(tensor_file.run(npud, "wide", &[("x", &wide_tensor)]))
+    let mut wide_reused = |npud: &Runtime1Proxy<'_>| {
+        let (outs, _, _) = rt
+            .block_on(tensor_file.infer(npud, "wide", &[("x", &wide_tensor)]))
             .unwrap();
-        let y: &[f32] = bytemuck::cast_slice(&ran.outputs["y"].data);
+        let y: &[f32] = bytemuck::cast_slice(&outs["y"].data);
         assert_eq!(y.len(), n);
         assert_eq!(y[n - 1], 2.0 * wx[n - 1]);
     };
-    let mut blocking_file = TensorFile::new().unwrap();
-    let mut wide_blocking = |c: &mut Channel| {
-        let ran = blocking_file
-            .run_on(c, "wide", &[("x", &wide_tensor)])
-            .unwrap();
-        let y: &[f32] = bytemuck::cast_slice(&ran.outputs["y"].data);
-        assert_eq!(y.len(), n);
-        assert_eq!(y[n - 1], 2.0 * wx[n - 1]);
-    };
-    for _ in 0..20 {
-        wide_blocking(&mut blocking);
-    }
-    let wide_blocking_pass = paired(runs, wide_direct, || wide_blocking(&mut blocking));
     for _ in 0..20 {
         wide_direct();
         wide_msg(&npud);
-        wide_msg(&channel);
-        wide_fd(&channel);
-        wide_shared(&channel);
+        wide_fd(&npud);
+        wide_reused(&npud);
     }
     let wide_passes = [
         paired(runs, wide_direct, || wide_msg(&npud)),
-        paired(runs, wide_direct, || wide_msg(&channel)),
-        paired(runs, wide_direct, || wide_fd(&channel)),
-        paired(runs, wide_direct, || wide_shared(&channel)),
+        paired(runs, wide_direct, || wide_fd(&npud)),
+        paired(runs, wide_direct, || wide_reused(&npud)),
     ];
 
     let mb = std::fs::metadata(&model).unwrap().len() as f64 / (1 << 20) as f64;
     println!("runtime benchmark: {mb:.0} MiB MLP, batch {BATCH}, {runs} runs, {threads} intra-op threads, {CLIENTS} concurrent clients for throughput");
     println!("| contender | p50 (ms) | p99 (ms) | raw p50 in its pass (ms) | p50 - raw (ms) |");
     println!("|---|---|---|---|---|");
-    let raw_all: Vec<Duration> = [&bus_pass.0, &channel_pass.0]
-        .into_iter()
-        .flatten()
-        .copied()
-        .collect();
-    let (d50, d99) = (pct(raw_all.clone(), 0.5), pct(raw_all, 0.99));
-    println!("| raw ONNX Runtime (ort, in process), both passes | {d50:.3} | {d99:.3} | | |");
+    let (d50, d99) = (pct(bus_pass.0.clone(), 0.5), pct(bus_pass.0.clone(), 0.99));
+    println!("| raw ONNX Runtime (ort, in process) | {d50:.3} | {d99:.3} | | |");
     let over_bus = row("npud over D-Bus (through dbus-daemon)", &bus_pass);
-    let over_channel = row(
-        "npud on a private channel (OpenChannel, D-Bus peer to peer)",
-        &channel_pass,
-    );
-    println!("| (npud's session.run alone, channel pass) | {i50:.3} | {i99:.3} | | |");
-    let over_blocking = row(
-        "npud on a private channel, blocking client (runtime::Channel)",
-        &blocking_pass,
-    );
+    println!("| (npud's session.run alone) | {i50:.3} | {i99:.3} | | |");
     println!(
         "| onnxruntime Python API (own run) | {:.3} | {:.3} | | |",
         py["p50_ms"].as_f64().unwrap(),
         py["p99_ms"].as_f64().unwrap(),
     );
-    println!("throughput with {CLIENTS} concurrent clients (inf/s), {rounds} rounds, each contender after a raw round of its own:");
+    println!("throughput with {CLIENTS} concurrent clients (inf/s), {rounds} rounds, npud after a raw round of its own:");
     println!("| contender | throughput (median) | / raw (median of the rounds) |");
     println!("|---|---|---|");
     println!("| raw ONNX Runtime (ort, in process) | {d_tput:.1} | 1 |");
-    for (name, (t, ratio)) in [
-        ("npud over D-Bus", n_tput),
-        ("npud on private channels", c_tput),
-        (
-            "npud on private channels, blocking clients (a thread each)",
-            b_tput,
-        ),
-    ] {
-        println!("| {name} | {t:.1} | {ratio:.3} |");
-    }
+    println!("| npud over D-Bus | {n_tput:.1} | {n_ratio:.3} |");
     println!(
         "| onnxruntime Python API (own run) | {:.1} | {:.3} |",
         py["throughput"].as_f64().unwrap(),
         py["throughput"].as_f64().unwrap() / d_tput
     );
-    println!(
-        "a call's time outside npud's session.run (p50): {:.3} ms over the bus, {:.3} ms on a channel, {:.3} ms on a blocking channel",
-        outside[0], outside[1], outside[2]
-    );
-    println!(
-        "npud p50 - raw p50 = {over_bus:.3} ms over the bus, {over_channel:.3} ms on a channel, {over_blocking:.3} ms on a blocking channel; npud throughput / raw = {:.3} over the bus, {:.3} on channels, {:.3} on blocking channels",
-        n_tput.1, c_tput.1, b_tput.1
-    );
+    println!("a call's time outside npud's session.run (p50): {outside:.3} ms");
+    println!("npud p50 - raw p50 = {over_bus:.3} ms; npud throughput / raw = {n_ratio:.3}");
     println!("1.2 MB input and output (wide, y = 2x over x[1,300000]), {runs} runs per pass:");
     println!("| contender | p50 (ms) | p99 (ms) | raw p50 in its pass (ms) | p50 - raw (ms) |");
     println!("|---|---|---|---|---|");
     for (pass, name) in wide_passes.iter().zip([
-        "npud Infer over D-Bus",
-        "npud Infer on a private channel",
-        "npud InferFd, a new memfd per request, on a private channel",
-        "npud InferFd, one reused tensor file (TensorFile::run, outputs read in place), on a private channel",
+        "npud Infer (tensors in the message)",
+        "npud InferFd, a new memfd per request",
+        "npud InferFd, one reused tensor file (TensorFile::infer)",
     ]) {
         row(name, pass);
     }
-    row(
-        "npud InferFd, one reused tensor file (TensorFile::run_on), blocking channel",
-        &wide_blocking_pass,
-    );
     println!("npud RSS: {idle_rss:.1} MiB idle without a model, {loaded_rss:.1} MiB with the model loaded");
 }

@@ -2,15 +2,21 @@
 //! modeld, and the real pocketctl: outputs match the onnxruntime Python
 //! reference, and every failure is a clear error from a daemon that stays up.
 
+use nix::fcntl::SealFlag;
+use pocket_proto::runtime::{Runtime1Proxy, TensorFile, TensorRef};
 use pocket_tests::*;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
 
-/// A world with mlp, attention, wide and typed installed, and npud running
+/// A world with every fixture model installed, and npud running
 /// with `npud_extra` config.
 fn world(npud_extra: &str) -> World {
     let mut w = World::start();
     let fx = onnx_fixtures();
-    for m in ["wide", "typed", "scaled", "doubled"] {
+    for m in ["wide", "typed", "scaled", "doubled", "gathered"] {
         w.publisher.pack(
             &w.packs,
             m,
@@ -20,7 +26,15 @@ fn world(npud_extra: &str) -> World {
     }
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
-    for m in ["mlp", "attention", "wide", "typed", "scaled", "doubled"] {
+    for m in [
+        "mlp",
+        "attention",
+        "wide",
+        "typed",
+        "scaled",
+        "doubled",
+        "gathered",
+    ] {
         w.ctl(&["model", "install", m]).ok();
     }
     w.start_npud(npud_extra);
@@ -154,7 +168,7 @@ fn providers_are_reported_honestly() {
     assert_eq!(out["provider"], "cpu (fallback from qnn)");
 
     // Without fallback, a required accelerator that is missing is an error.
-    let w = world("providers = [\"qnn\"]\nallow_cpu_fallback = false");
+    let mut w = world("providers = [\"qnn\"]\nallow_cpu_fallback = false");
     let refused = w.ctl(&["runtime", "load", "mlp"]);
     refused.fails_with(
         "execution provider qnn is not available on this device (ONNX Runtime offers: ",
@@ -162,6 +176,34 @@ fn providers_are_reported_honestly() {
     refused.fails_with("cpu); CPU fallback is not allowed (ProviderUnavailable)");
     run_mlp(&w).fails_with("(ProviderUnavailable)");
     w.ctl(&["runtime", "providers"]).ok();
+
+    // Provider names are matched without case: "CPU" is the CPU, not a
+    // missing accelerator to fall back from.
+    w.npud = None;
+    w.start_npud("providers = [\"CPU\"]\nallow_cpu_fallback = false");
+    let p = w.ctl(&["runtime", "providers", "--json"]).ok().json();
+    assert_eq!(p["selected"], "cpu", "{p}");
+    assert_eq!(p["preferred"], json!(["cpu"]), "{p}");
+    assert_eq!(run_mlp(&w).ok().json()["provider"], "cpu");
+    // A provider a caller names that npud does not know is a clear error.
+    let unknown = w.ctl(&["runtime", "load", "mlp", "--provider", "npu"]);
+    unknown.fails_with("unknown execution provider \"npu\"; known providers: qnn, acl, rknpu, nnapi, xnnpack, cpu (InvalidArgument)");
+
+    // One in the config stops npud at start, naming the known ones.
+    let config = w.tmp.path().join("unknown-provider.toml");
+    std::fs::write(&config, "providers = [\"npu\", \"cpu\"]\n").unwrap();
+    let out = std::process::Command::new(bin_path("pocket-npud"))
+        .arg("--config")
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", w.bus.address())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("unknown execution provider \"npu\"; known providers: qnn, acl, rknpu, nnapi, xnnpack, cpu"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -367,7 +409,7 @@ fn infer_fd_checks_sizes_before_reading() {
         let npud = pocket_proto::runtime::Runtime1Proxy::new(&conn)
             .await
             .unwrap();
-        let file = tempfile::tempfile().unwrap();
+        let file = memfd(SealFlag::empty());
         file.set_len(64).unwrap();
         // Claims a terabyte of input in a 64-byte file.
         let refs = std::collections::HashMap::from([(
@@ -401,202 +443,10 @@ fn infer_fd_checks_sizes_before_reading() {
 }
 
 #[test]
-fn a_private_channel_serves_the_same_runtime_until_the_client_closes_it() {
-    use pocket_proto::runtime::{open_channel, Runtime1Proxy, Tensor};
-    let w = world("");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let conn = w.bus.connect().await;
-        let npud = Runtime1Proxy::new(&conn).await.unwrap();
-        let channel = open_channel(&npud).await.expect("OpenChannel");
-        let bytes: Vec<u8> = seeded_data(16, 7)
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        let inputs = std::collections::HashMap::from([(
-            "x".to_string(),
-            Tensor {
-                dtype: "f32".into(),
-                shape: vec![1, 16],
-                data: bytes,
-            },
-        )]);
-        // The same answers as over the bus, for a model the channel loads
-        // itself (asking modeld on the bus where it is).
-        let (on_channel, provider, _) = channel.infer("mlp", inputs.clone()).await.unwrap();
-        let (on_bus, _, _) = npud.infer("mlp", inputs).await.unwrap();
-        assert_eq!(provider, "cpu");
-        assert_eq!(on_channel["y"].data, on_bus["y"].data);
-        assert_eq!(on_channel["y"].shape, on_bus["y"].shape);
-        let loaded: Vec<String> = channel
-            .loaded()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        assert_eq!(loaded, ["mlp"]);
-        assert_eq!(channel.status().await.unwrap(), "ok");
-        let err = channel
-            .infer("no-such-model", Default::default())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no-such-model"), "{err}");
-
-        // At most MAX_CHANNELS at once; closing them gives the room back.
-        let mut open = vec![channel];
-        let refused = loop {
-            match open_channel(&npud).await {
-                Ok(c) => open.push(c),
-                Err(e) => break e.to_string(),
-            }
-            assert!(open.len() <= 64, "more than 64 channels open");
-        };
-        assert_eq!(open.len(), 64);
-        assert!(refused.contains("close one first"), "{refused}");
-        for c in open.drain(..) {
-            c.inner().connection().clone().close().await.unwrap();
-        }
-        let start = std::time::Instant::now();
-        let again = loop {
-            if let Ok(c) = open_channel(&npud).await {
-                break c;
-            }
-            assert!(start.elapsed() < std::time::Duration::from_secs(10));
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        };
-        assert_eq!(again.status().await.unwrap(), "ok");
-    });
-    // And npud still answers on the bus.
-    run_mlp(&w).ok();
-}
-
-#[test]
-fn a_blocking_channel_gives_the_bus_answers_and_errors() {
-    use pocket_proto::runtime::{Channel, Runtime1Proxy, TensorFile};
-    use std::borrow::Cow;
-    let w = world("");
-    let fx = onnx_fixtures();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let npud = rt.block_on(async {
-        let conn = w.bus.connect().await;
-        Runtime1Proxy::new(&conn).await.unwrap()
-    });
-    // Opened through the bus; every call after that is plain blocking I/O
-    // on this thread.
-    let mut channel = rt.block_on(Channel::open(&npud)).expect("OpenChannel");
-    let x = seeded_data(16, 11);
-    let inputs = std::collections::HashMap::from([("x".to_string(), f32_tensor(&x, vec![1, 16]))]);
-    for _ in 0..3 {
-        let (on_channel, provider, latency) = channel.infer("mlp", &inputs).unwrap();
-        let (on_bus, _, _) = rt.block_on(npud.infer("mlp", inputs.clone())).unwrap();
-        assert_eq!(provider, "cpu");
-        assert!(latency > 0.0);
-        assert_eq!(on_channel, on_bus);
-    }
-    let want = reference_outputs(
-        &fx.join("mlp.onnx"),
-        &json!({"x": {"shape": [1, 16], "data": x}}),
-    );
-    let (outs, _, _) = channel.infer("mlp", &inputs).unwrap();
-    let got = json!({"outputs": {"y": {"dtype": outs["y"].dtype, "shape": outs["y"].shape, "data": f32s(&outs["y"].data)}}});
-    assert_close(&got, &want, 1e-5);
-
-    // npud's errors arrive with their names and messages, and the channel
-    // goes on answering.
-    let error = |e: zbus::Error| match e {
-        zbus::Error::MethodError(name, text, _) => (name.to_string(), text.unwrap_or_default()),
-        other => panic!("not an error reply: {other}"),
-    };
-    let (name, text) = error(channel.infer("no-such-model", &inputs).unwrap_err());
-    assert_eq!(name, "org.pocketos.Error.NotFound");
-    assert!(text.contains("no-such-model"), "{text}");
-    let wrong =
-        std::collections::HashMap::from([("nope".to_string(), f32_tensor(&x, vec![1, 16]))]);
-    let (name, text) = error(channel.infer("mlp", &wrong).unwrap_err());
-    assert_eq!(name, "org.pocketos.Error.InvalidArgument");
-    assert!(text.contains("\"nope\""), "{text}");
-
-    // A tensor file on the same channel: the descriptor goes with the call,
-    // ONNX Runtime writes the output into the file, read there.
-    let mut file = TensorFile::new().unwrap();
-    for rows in [5i64, 300, 2] {
-        let x = seeded_data(rows as usize * 4, 60 + rows as u64);
-        let t = f32_tensor(&x, vec![rows, 4]);
-        let ran = file.run_on(&mut channel, "scaled", &[("x", &t)]).unwrap();
-        let y = &ran.outputs["y"];
-        assert!(matches!(y.data, Cow::Borrowed(_)), "read in place");
-        let got =
-            json!({"outputs": {"y": {"dtype": y.dtype, "shape": y.shape, "data": f32s(&y.data)}}});
-        let want = reference_outputs(
-            &fx.join("scaled.onnx"),
-            &json!({"x": {"shape": [rows, 4], "data": x}}),
-        );
-        assert_close(&got, &want, 1e-5);
-    }
-    let (outs, _, _) = channel.infer("mlp", &inputs).unwrap();
-    assert_eq!(outs, channel.infer("mlp", &inputs).unwrap().0);
-    drop(channel);
-
-    // A second channel, called the wrong way by hand: each call gets an
-    // error reply, and the channel goes on. Calls other than Infer and
-    // InferFd are answered by npud's object server behind the channel.
-    use pocket_proto::runtime::{INTERFACE, PATH};
-    let fd: std::os::fd::OwnedFd = rt.block_on(npud.open_channel()).unwrap().into();
-    let mut peer =
-        pocket_proto::peer::PeerClient::handshake(std::os::unix::net::UnixStream::from(fd))
-            .unwrap();
-    let mismatched = peer.call::<_, (String,)>(PATH, INTERFACE, "Infer", &("mlp", 7u32));
-    let (name, text) = error(mismatched.unwrap_err());
-    assert_eq!(name, "org.freedesktop.DBus.Error.InvalidArgs");
-    assert!(text.contains("Infer"), "{text}");
-    let unknown = peer.call::<_, ()>(PATH, INTERFACE, "NoSuchMethod", &());
-    let (name, _) = error(unknown.unwrap_err());
-    assert_eq!(name, "org.freedesktop.DBus.Error.UnknownMethod");
-    // Calls that expect no reply get none, and hold nothing up.
-    for (path, iface, member) in [
-        (PATH, "org.freedesktop.DBus.Peer", "Ping"),
-        (PATH, INTERFACE, "NoSuchMethod"),
-    ] {
-        let quiet = zbus::Message::method_call(path, member)
-            .unwrap()
-            .interface(iface)
-            .unwrap()
-            .with_flags(zbus::message::Flags::NoReplyExpected)
-            .unwrap()
-            .build(&())
-            .unwrap();
-        peer.send(&quiet).unwrap();
-    }
-    let status: zbus::zvariant::OwnedValue = peer
-        .call(
-            PATH,
-            "org.freedesktop.DBus.Properties",
-            "Get",
-            &(INTERFACE, "Status"),
-        )
-        .unwrap();
-    assert_eq!(String::try_from(status).unwrap(), "ok");
-    let (outs, provider, _): pocket_proto::runtime::InferReply = peer
-        .call(PATH, INTERFACE, "Infer", &("mlp", &inputs))
-        .unwrap();
-    assert_eq!(provider, "cpu");
-    assert_eq!(
-        outs,
-        rt.block_on(npud.infer("mlp", inputs.clone())).unwrap().0
-    );
-    drop(peer);
-    run_mlp(&w).ok();
-}
-
-#[test]
-fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
+fn pocketctl_repeats_a_run_as_any_user() {
     let w = world("");
     let inputs = json!({"x": {"shape": [1, 16], "data": seeded_data(16, 9)}});
     let want = reference_outputs(&onnx_fixtures().join("mlp.onnx"), &inputs);
-    // Not npud's user: the channel's handshake checks the caller of
-    // OpenChannel, not the socket pair's creator.
     let got = run_pocketctl(
         &w.bus,
         RunAs::Nobody { extra_gid: None },
@@ -632,92 +482,9 @@ fn pocketctl_repeats_a_run_on_a_private_channel_as_any_user() {
     );
 }
 
-#[test]
-fn a_sealed_tensor_file_is_read_in_place_and_gets_the_outputs_back() {
-    use pocket_proto::runtime::{Runtime1Proxy, TensorRef};
-    use std::collections::HashMap;
-    use std::os::fd::{AsFd, OwnedFd};
-    use std::os::unix::fs::{FileExt, MetadataExt};
-
-    let w = world("");
-    let fx = onnx_fixtures();
-    let inode = |f: &std::fs::File| f.metadata().unwrap().ino();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let conn = w.bus.connect().await;
-        let npud = Runtime1Proxy::new(&conn).await.unwrap();
-        let sealed = sealed_memfd();
-        let unsealed = tempfile::tempfile().unwrap();
-        // Aligned (read in place) and one byte off (copied), sealed and
-        // not: every answer matches the reference.
-        for (seed, file, offset) in [
-            (11, &sealed, 0u64),
-            (12, &sealed, 1),
-            (13, &sealed, 0),
-            (14, &unsealed, 0),
-        ] {
-            let x = seeded_data(16, seed);
-            let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-            file.write_all_at(&bytes, offset).unwrap();
-            let refs = HashMap::from([(
-                "x".to_string(),
-                TensorRef {
-                    dtype: "f32".into(),
-                    shape: vec![1, 16],
-                    offset,
-                    len: 64,
-                },
-            )]);
-            let (outs, fd, _, _) = npud
-                .infer_fd("mlp", refs, zbus::zvariant::Fd::from(file.as_fd()))
-                .await
-                .unwrap();
-            let out = std::fs::File::from(OwnedFd::from(fd));
-            // The sealed file comes back with the outputs in it, past the
-            // inputs; any other file gets a new one.
-            assert_eq!(inode(&out) == inode(file), std::ptr::eq(file, &sealed));
-            let y = &outs["y"];
-            if std::ptr::eq(file, &sealed) {
-                assert!(y.offset >= offset + 64 && y.offset % 64 == 0, "{y:?}");
-            }
-            let mut buf = vec![0u8; y.len as usize];
-            out.read_exact_at(&mut buf, y.offset).unwrap();
-            let got: Vec<f64> = buf
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect();
-            let got = serde_json::json!({"outputs": {"y": {"dtype": "f32", "shape": y.shape, "data": got}}});
-            let want = reference_outputs(
-                &fx.join("mlp.onnx"),
-                &serde_json::json!({"x": {"shape": [1, 16], "data": x}}),
-            );
-            assert_close(&got, &want, 1e-5);
-        }
-        // Bytes outside the sealed file: a clear error, not a crash.
-        let refs = HashMap::from([(
-            "x".to_string(),
-            TensorRef {
-                dtype: "f32".into(),
-                shape: vec![1, 16],
-                offset: 1 << 30,
-                len: 64,
-            },
-        )]);
-        let err = npud
-            .infer_fd("mlp", refs, zbus::zvariant::Fd::from(sealed.as_fd()))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("lie outside the file"), "{err}");
-    });
-    run_mlp(&w).ok();
-}
-
-/// A memfd sealed against shrinking: a tensor file npud maps.
-fn sealed_memfd() -> std::fs::File {
-    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+/// A memfd with `seals` added.
+fn memfd(seals: SealFlag) -> std::fs::File {
     use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-    use std::os::fd::AsRawFd;
     let file = std::fs::File::from(
         memfd_create(
             c"test-tensors",
@@ -725,12 +492,62 @@ fn sealed_memfd() -> std::fs::File {
         )
         .unwrap(),
     );
-    fcntl(
-        file.as_raw_fd(),
-        FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK),
-    )
-    .unwrap();
+    add_seals(&file, seals);
     file
+}
+
+fn add_seals(file: &std::fs::File, seals: SealFlag) {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsRawFd;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).unwrap();
+}
+
+/// The seals on `file`.
+fn seals(file: &std::fs::File) -> SealFlag {
+    use nix::fcntl::{fcntl, FcntlArg};
+    use std::os::fd::AsRawFd;
+    SealFlag::from_bits_truncate(fcntl(file.as_raw_fd(), FcntlArg::F_GET_SEALS).unwrap())
+}
+
+/// One input `name` of `dtype` and `shape`, `len` bytes at `offset`.
+fn one_ref(
+    name: &str,
+    dtype: &str,
+    shape: Vec<i64>,
+    offset: u64,
+    len: u64,
+) -> HashMap<String, TensorRef> {
+    HashMap::from([(
+        name.to_string(),
+        TensorRef {
+            dtype: dtype.into(),
+            shape,
+            offset,
+            len,
+        },
+    )])
+}
+
+/// npud's resident memory in KiB: its own pages and the shared ones it
+/// maps.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("VmRSS:")
+}
+
+/// How many descriptors npud holds open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// `x` as an f32 tensor of `shape`.
@@ -751,27 +568,85 @@ fn f32s(bytes: &[u8]) -> Vec<f32> {
 }
 
 #[test]
-fn a_tensor_file_gets_its_outputs_written_in_place() {
-    use pocket_proto::runtime::{open_channel, Runtime1Proxy, TensorFile};
-    use std::borrow::Cow;
-    let w = world("");
+fn a_tensor_file_is_copied_out_and_answered_with_a_sealed_file_of_npuds() {
+    use std::os::unix::fs::MetadataExt;
+    let w = world("max_request_mb = 1");
     let fx = onnx_fixtures();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let conn = w.bus.connect().await;
-        let bus = Runtime1Proxy::new(&conn).await.unwrap();
-        let channel = open_channel(&bus).await.unwrap();
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        // Aligned and one byte off, sealed and not: every answer matches the
+        // reference, comes in a file of npud's that no one can change, and
+        // leaves the caller's file as it was.
+        for (seed, seal, offset) in [
+            (11, SealFlag::empty(), 0u64),
+            (12, SealFlag::F_SEAL_SHRINK, 1),
+            (13, SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW, 0),
+        ] {
+            let file = memfd(SealFlag::empty());
+            let x = seeded_data(16, seed);
+            let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.write_all_at(&bytes, offset).unwrap();
+            add_seals(&file, seal);
+            let size = file.metadata().unwrap().len();
+            let refs = one_ref("x", "f32", vec![1, 16], offset, 64);
+            let (outs, fd, _, _) = npud
+                .infer_fd("mlp", refs, zbus::zvariant::Fd::from(file.as_fd()))
+                .await
+                .unwrap();
+            let out = std::fs::File::from(OwnedFd::from(fd));
+            assert_ne!(out.metadata().unwrap().ino(), file.metadata().unwrap().ino());
+            let sealed = seals(&out);
+            assert!(
+                sealed.contains(SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW),
+                "{sealed:?}"
+            );
+            assert_eq!(file.metadata().unwrap().len(), size, "the caller's file never grows");
+            let y = &outs["y"];
+            let mut buf = vec![0u8; y.len as usize];
+            out.read_exact_at(&mut buf, y.offset).unwrap();
+            let got = json!({"outputs": {"y": {"dtype": "f32", "shape": y.shape, "data": f32s(&buf)}}});
+            let want = reference_outputs(
+                &fx.join("mlp.onnx"),
+                &json!({"x": {"shape": [1, 16], "data": x}}),
+            );
+            assert_close(&got, &want, 1e-5);
+        }
+        // Bytes outside the file: a clear error, not a crash.
+        let file = memfd(SealFlag::empty());
+        file.set_len(64).unwrap();
+        let err = npud
+            .infer_fd(
+                "mlp",
+                one_ref("x", "f32", vec![1, 16], 1 << 30, 64),
+                zbus::zvariant::Fd::from(file.as_fd()),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lie outside the file"), "{err}");
+        // A file that is not a memfd (its reads could block) is refused.
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(64).unwrap();
+        let err = npud
+            .infer_fd(
+                "mlp",
+                one_ref("x", "f32", vec![1, 16], 0, 64),
+                zbus::zvariant::Fd::from(plain.as_fd()),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be a memfd"), "{err}");
+
+        // TensorFile: rows that change, and every element type.
         let mut file = TensorFile::new().unwrap();
-        // `scaled` (y[rows,4] = 3x): the output's shape follows from the
-        // input's named dimension, so ONNX Runtime writes it into the file
-        // and the client reads it there. The file grows and is mapped again
-        // as the rows change; bus and channel alike.
-        for (rows, npud) in [(5i64, &channel), (2, &bus), (300, &channel), (7, &bus)] {
-            let x = seeded_data(rows as usize * 4, rows as u64);
+        for rows in [5i64, 300, 2] {
+            let x = seeded_data(rows as usize * 4, 60 + rows as u64);
             let t = f32_tensor(&x, vec![rows, 4]);
-            let ran = file.run(npud, "scaled", &[("x", &t)]).await.unwrap();
-            let y = &ran.outputs["y"];
-            assert!(matches!(y.data, Cow::Borrowed(_)), "read in place");
+            let (outs, _, _) = file.infer(&npud, "scaled", &[("x", &t)]).await.unwrap();
+            let y = &outs["y"];
             let got = json!({"outputs": {"y": {"dtype": y.dtype, "shape": y.shape, "data": f32s(&y.data)}}});
             let want = reference_outputs(
                 &fx.join("scaled.onnx"),
@@ -779,7 +654,6 @@ fn a_tensor_file_gets_its_outputs_written_in_place() {
             );
             assert_close(&got, &want, 1e-5);
         }
-        // `typed`: six outputs of six element types, each in its own slot.
         let le = |v: &[&[u8]]| v.concat();
         let typed = |dtype: &str, data: Vec<u8>| pocket_proto::runtime::Tensor {
             dtype: dtype.into(),
@@ -797,7 +671,7 @@ fn a_tensor_file_gets_its_outputs_written_in_place() {
         ];
         let refs: Vec<(&str, &pocket_proto::runtime::Tensor)> =
             ins.iter().map(|(n, t)| (*n, t)).collect();
-        let ran = file.run(&channel, "typed", &refs).await.unwrap();
+        let (outs, _, _) = file.infer(&npud, "typed", &refs).await.unwrap();
         let want = [
             ("a2", "i64", le(&[&2i64.to_le_bytes(), &(-4i64).to_le_bytes(), &18_000_000_000i64.to_le_bytes()])),
             ("b2", "i32", le(&[&2i32.to_le_bytes(), &4i32.to_le_bytes(), &(-6i32).to_le_bytes()])),
@@ -808,77 +682,20 @@ fn a_tensor_file_gets_its_outputs_written_in_place() {
             ("f2", "f64", le(&[&0.2f64.to_le_bytes(), &0.4f64.to_le_bytes(), &0.6f64.to_le_bytes()])),
         ];
         for (name, dtype, bytes) in want {
-            let y = &ran.outputs[name];
-            assert!(matches!(y.data, Cow::Borrowed(_)), "{name} read in place");
+            let y = &outs[name];
             assert_eq!((y.dtype.as_str(), &y.shape[..]), (dtype, &[3i64][..]), "{name}");
             assert_eq!(&y.data[..], &bytes[..], "{name}");
         }
-        // `doubled` says y[n] but returns 2n elements: ONNX Runtime refuses
-        // to write that into an n-element slot, npud runs it again the
-        // usual way (and from then on), and every answer is still right.
+        // An output longer than the model declares is answered whole.
         for n in [3i64, 5, 4] {
             let x = seeded_data(n as usize, 40 + n as u64);
             let t = f32_tensor(&x, vec![n]);
-            let (outs, _, _) = file.infer(&channel, "doubled", &[("x", &t)]).await.unwrap();
-            let y = &outs["y"];
-            assert_eq!(y.shape, vec![2 * n]);
-            assert_eq!(f32s(&y.data), [x.clone(), x].concat());
+            let (outs, _, _) = file.infer(&npud, "doubled", &[("x", &t)]).await.unwrap();
+            assert_eq!(outs["y"].shape, vec![2 * n]);
+            assert_eq!(f32s(&outs["y"].data), [x.clone(), x].concat());
         }
-    });
-    let log = w.npud.as_ref().unwrap().log_text();
-    assert_eq!(
-        log.matches("outputs are copied from now on").count(),
-        1,
-        "{log}"
-    );
-    run_mlp(&w).ok();
-}
-
-#[test]
-fn a_tensor_file_past_the_request_limit_is_refused_before_it_is_read() {
-    use pocket_proto::runtime::{Runtime1Proxy, TensorFile};
-    let w = world("max_request_mb = 1");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let conn = w.bus.connect().await;
-        let npud = Runtime1Proxy::new(&conn).await.unwrap();
-        let mut file = TensorFile::new().unwrap();
-        // 640 KiB in: fits; its 640 KiB out would not, so npud copies it
-        // into the file itself past the inputs (which stay as they were)
-        // instead of mapping more.
-        use std::os::fd::AsFd;
-        use std::os::unix::fs::FileExt;
-        let x = seeded_data(40_960 * 4, 3);
-        let t = f32_tensor(&x, vec![40_960, 4]);
-        let sealed = sealed_memfd();
-        sealed.write_all_at(&t.data, 0).unwrap();
-        let len = t.data.len() as u64;
-        let refs = std::collections::HashMap::from([(
-            "x".to_string(),
-            pocket_proto::runtime::TensorRef {
-                dtype: "f32".into(),
-                shape: t.shape.clone(),
-                offset: 0,
-                len,
-            },
-        )]);
-        let (outs, _, _, _) = npud
-            .infer_fd("scaled", refs, zbus::zvariant::Fd::from(sealed.as_fd()))
-            .await
-            .unwrap();
-        let y = &outs["y"];
-        assert!(y.offset >= len && y.offset % 64 == 0, "{y:?}");
-        let mut got = vec![0u8; y.len as usize];
-        sealed.read_exact_at(&mut got, y.offset).unwrap();
-        let want: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
-        assert_eq!(f32s(&got), want);
-        let mut input = vec![0u8; len as usize];
-        sealed.read_exact_at(&mut input, 0).unwrap();
-        assert_eq!(input, t.data, "the inputs are left as they were");
-        // The same through TensorFile.
-        let (outs, _, _) = file.infer(&npud, "scaled", &[("x", &t)]).await.unwrap();
-        assert_eq!(f32s(&outs["y"].data), want);
-        // 1.25 MiB in: refused with the reason, before a byte is mapped.
+        // Past max_request_mb (1 MiB here): refused with the reason before
+        // a byte is read.
         let x = seeded_data(81_920 * 4, 4);
         let t = f32_tensor(&x, vec![81_920, 4]);
         let err = file
@@ -891,5 +708,238 @@ fn a_tensor_file_past_the_request_limit_is_refused_before_it_is_read() {
             "{err}"
         );
     });
+    run_mlp(&w).ok();
+}
+
+/// Hardening: a caller flips its input (an index) while npud runs the
+/// model on it. npud copies inputs out of the caller's file before ONNX
+/// Runtime reads them, so each answer is right for one value of the input
+/// or a clear error, and npud stays up. A second process does the flipping,
+/// through its own mapping of the file.
+#[test]
+fn inputs_flipped_during_infer_fd_cannot_crash_npud_or_leak_bytes() {
+    let w = world("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const N: usize = 256;
+    let file = memfd(SealFlag::F_SEAL_SHRINK);
+    let good: Vec<u8> = (0..N).flat_map(|_| 5i64.to_le_bytes()).collect();
+    file.write_all_at(&good, 0).unwrap();
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd());
+    let flip_secs = 10;
+    let mut flipper = std::process::Command::new("python3")
+        .args([
+            "-c",
+            FLIPPER,
+            &path,
+            &(N * 8).to_string(),
+            &flip_secs.to_string(),
+        ])
+        .spawn()
+        .expect("python3");
+    let (mut right, mut refused) = (0, 0);
+    let row5: Vec<f32> = (40..48).map(|v| v as f32).collect();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(flip_secs) {
+            let refs = one_ref("idx", "i64", vec![N as i64], 0, (N * 8) as u64);
+            match npud
+                .infer_fd("gathered", refs, zbus::zvariant::Fd::from(file.as_fd()))
+                .await
+            {
+                Ok(reply) => {
+                    let (outs, _, _) = pocket_proto::runtime::read_outputs(reply).unwrap();
+                    let y = f32s(&outs["y"].data);
+                    assert_eq!(y.len(), N * 8);
+                    // Every index was 5 or out of bounds; an answer means
+                    // every one ONNX Runtime read was 5.
+                    for row in y.chunks(8) {
+                        assert_eq!(row, &row5[..], "a row from outside the table");
+                    }
+                    right += 1;
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(e.contains("out of data bounds"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+    });
+    assert!(flipper.wait().unwrap().success());
+    assert!(right + refused > 20, "{right} answers, {refused} refusals");
+    eprintln!("{right} right answers, {refused} clear refusals");
+    // npud is the same process, and answers.
+    let npud = w.npud.as_ref().unwrap();
+    assert!(!npud.log_text().contains("panicked"), "{}", npud.log_text());
+    run_mlp(&w).ok();
+}
+
+/// Flips 8-byte words of a file between 5 and 2^40 for some seconds:
+/// `python3 -c FLIPPER PATH LEN SECS`.
+const FLIPPER: &str = r#"
+import mmap, os, struct, sys, time
+path, n, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fd = os.open(path, os.O_RDWR)
+m = mmap.mmap(fd, n)
+good = struct.pack("<q", 5) * (n // 8)
+bad = struct.pack("<q", 1 << 40) * (n // 8)
+end = time.time() + secs
+while time.time() < end:
+    m[0:n] = bad
+    m[0:n] = good
+"#;
+
+/// Hardening: a caller cannot choose how much npud maps or holds. Inputs at
+/// the end of a huge sparse file, from three callers at once, cost npud
+/// only their own bytes; the file never grows.
+#[test]
+fn a_caller_cannot_make_npud_map_or_hold_its_file() {
+    let w = world("");
+    let pid = w.npud.as_ref().unwrap().pid();
+    run_mlp(&w).ok();
+    let before = rss_kib(pid);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let far = 1000u64 << 20;
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let mut files = Vec::new();
+        for seed in 0..3u64 {
+            let file = memfd(SealFlag::F_SEAL_SHRINK);
+            let x = seeded_data(16, 20 + seed);
+            let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.write_all_at(&bytes, far).unwrap();
+            files.push((file, x));
+        }
+        let mut calls = Vec::new();
+        for (file, _) in &files {
+            let refs = one_ref("x", "f32", vec![1, 16], far, 64);
+            calls.push(npud.infer_fd("mlp", refs, zbus::zvariant::Fd::from(file.as_fd())));
+        }
+        let fx = onnx_fixtures();
+        for ((file, x), reply) in files.iter().zip(futures_util::future::join_all(calls).await) {
+            let (outs, _, _) = pocket_proto::runtime::read_outputs(reply.unwrap()).unwrap();
+            let got = json!({"outputs": {"y": {"dtype": "f32", "shape": outs["y"].shape, "data": f32s(&outs["y"].data)}}});
+            let want = reference_outputs(
+                &fx.join("mlp.onnx"),
+                &json!({"x": {"shape": [1, 16], "data": x}}),
+            );
+            assert_close(&got, &want, 1e-5);
+            assert_eq!(file.metadata().unwrap().len(), far + 64, "the file never grows");
+        }
+        // An input past the end of the file: an error, and still no growth.
+        let short = memfd(SealFlag::F_SEAL_SHRINK);
+        short.set_len(64).unwrap();
+        let err = npud
+            .infer_fd(
+                "mlp",
+                one_ref("x", "f32", vec![1, 16], far, 64),
+                zbus::zvariant::Fd::from(short.as_fd()),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lie outside the file"), "{err}");
+        assert_eq!(short.metadata().unwrap().len(), 64);
+    });
+    let after = rss_kib(pid);
+    assert!(
+        after < before + 64 * 1024,
+        "npud grew from {before} KiB to {after} KiB"
+    );
+}
+
+/// Hardening: one memfd used by two callers for two models at once. Each
+/// answer comes in a file of its own, so neither can read the other's
+/// outputs being written, and both are right.
+#[test]
+fn one_tensor_file_for_two_models_at_once_gives_two_right_answers() {
+    use std::os::unix::fs::MetadataExt;
+    let w = world("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        let file = memfd(SealFlag::F_SEAL_SHRINK);
+        let x = seeded_data(16, 31);
+        let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+        file.write_all_at(&bytes, 0).unwrap();
+        for _ in 0..20 {
+            let mlp = npud.infer_fd(
+                "mlp",
+                one_ref("x", "f32", vec![1, 16], 0, 64),
+                zbus::zvariant::Fd::from(file.as_fd()),
+            );
+            let scaled = npud.infer_fd(
+                "scaled",
+                one_ref("x", "f32", vec![4, 4], 0, 64),
+                zbus::zvariant::Fd::from(file.as_fd()),
+            );
+            let (a, b) = futures_util::future::join(mlp, scaled).await;
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let ino = |fd: &zbus::zvariant::OwnedFd| {
+                let f = std::fs::File::from(fd.as_fd().try_clone_to_owned().unwrap());
+                f.metadata().unwrap().ino()
+            };
+            let caller = file.metadata().unwrap().ino();
+            assert!(ino(&a.1) != caller && ino(&b.1) != caller && ino(&a.1) != ino(&b.1));
+            let (a, _, _) = pocket_proto::runtime::read_outputs(a).unwrap();
+            let (b, _, _) = pocket_proto::runtime::read_outputs(b).unwrap();
+            let want: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+            assert_eq!(f32s(&b["y"].data), want);
+            let want = reference_outputs(
+                &onnx_fixtures().join("mlp.onnx"),
+                &json!({"x": {"shape": [1, 16], "data": x}}),
+            );
+            let got = json!({"outputs": {"y": {"dtype": "f32", "shape": a["y"].shape, "data": f32s(&a["y"].data)}}});
+            assert_close(&got, &want, 1e-5);
+        }
+    });
+}
+
+/// Hardening: npud has no second D-Bus implementation to attack: there is
+/// no private channel, every call comes through dbus-daemon and its limits
+/// (message size, unfinished messages, descriptors per message,
+/// connections per user). Descriptors sent with calls npud refuses are
+/// closed, and Load keeps working for everyone.
+#[test]
+fn npud_serves_only_the_bus_and_closes_what_callers_send() {
+    let w = world("");
+    let pid = w.npud.as_ref().unwrap().pid();
+    run_mlp(&w).ok();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let before = open_fds(pid);
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        use pocket_proto::runtime::{BUS_NAME, INTERFACE, PATH};
+        let reply = conn
+            .call_method(Some(BUS_NAME), PATH, Some(INTERFACE), "OpenChannel", &())
+            .await;
+        let err = reply.unwrap_err().to_string();
+        assert!(err.contains("UnknownMethod"), "OpenChannel is gone: {err}");
+        // 64 calls with 16 descriptors each, in bodies npud refuses.
+        let memfds: Vec<std::fs::File> = (0..16).map(|_| memfd(SealFlag::empty())).collect();
+        for _ in 0..64 {
+            let fds: Vec<zbus::zvariant::Fd<'_>> = memfds
+                .iter()
+                .map(|f| zbus::zvariant::Fd::from(f.as_fd()))
+                .collect();
+            let reply = conn
+                .call_method(Some(BUS_NAME), PATH, Some(INTERFACE), "InferFd", &(fds,))
+                .await;
+            let err = reply.unwrap_err().to_string();
+            assert!(err.contains("Signature mismatch"), "{err}");
+        }
+    });
+    let after = open_fds(pid);
+    assert!(
+        after <= before + 2,
+        "npud holds {after} descriptors, {before} before"
+    );
+    w.ctl(&["runtime", "unload", "mlp"]).ok();
+    w.ctl(&["runtime", "load", "mlp"]).ok();
     run_mlp(&w).ok();
 }

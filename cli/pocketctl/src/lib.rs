@@ -61,7 +61,7 @@ pub enum Cmd {
         /// The same JSON, from a file
         #[arg(long)]
         input_file: Option<PathBuf>,
-        /// Run it this many times on a private channel to npud and report
+        /// Run it this many times and report
         /// the round trip's p50 and p99 (the outputs are the last run's)
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
@@ -567,17 +567,6 @@ async fn run_model(
     let rt = Runtime1Proxy::new(conn)
         .await
         .context("npud is not reachable")?;
-    // Repeated runs go on a private channel, each call written and its
-    // reply read by this thread.
-    let mut channel = if repeat > 1 {
-        Some(
-            pocket_proto::runtime::Channel::open(&rt)
-                .await
-                .context("npud gave no private channel")?,
-        )
-    } else {
-        None
-    };
     let total: usize = inputs.values().map(|t| t.data.len()).sum();
     // Large inputs go through one tensor file, reused by every run.
     let mut file = if total > INLINE_LIMIT {
@@ -587,19 +576,16 @@ async fn run_model(
     };
     let mut round_trips = Vec::with_capacity(repeat as usize);
     let mut last = None;
-    for _ in 0..repeat {
+    for run in 0..repeat {
         let start = std::time::Instant::now();
-        last = Some(match (&mut file, &mut channel) {
-            (Some(file), channel) => {
+        last = Some(match &mut file {
+            Some(file) => {
                 let refs: Vec<(&str, &pocket_proto::runtime::Tensor)> =
                     inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-                match channel {
-                    Some(c) => file.infer_on(c, name, &refs)?,
-                    None => file.infer(&rt, name, &refs).await?,
-                }
+                file.infer(&rt, name, &refs).await?
             }
-            (None, Some(c)) => c.infer(name, &inputs)?,
-            (None, None) => rt.infer(name, std::mem::take(&mut inputs)).await?,
+            None if run + 1 == repeat => rt.infer(name, std::mem::take(&mut inputs)).await?,
+            None => rt.infer(name, inputs.clone()).await?,
         });
         round_trips.push(start.elapsed().as_secs_f64() * 1000.0);
     }
@@ -632,7 +618,7 @@ async fn run_model(
     println!("ran on {provider} in {latency_ms:.2} ms");
     if repeat > 1 {
         println!(
-            "{repeat} runs on a private channel: round trip p50 {:.2} ms, p99 {:.2} ms",
+            "{repeat} runs: round trip p50 {:.2} ms, p99 {:.2} ms",
             pct(0.5),
             pct(0.99)
         );

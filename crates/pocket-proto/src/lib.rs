@@ -3,10 +3,8 @@
 //! daemon.
 
 pub mod models;
-pub mod peer;
 pub mod power;
 pub mod runtime;
-pub mod shm;
 pub mod update;
 
 /// Prefix of every typed PocketOS D-Bus error.

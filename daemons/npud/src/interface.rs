@@ -3,16 +3,13 @@
 use crate::error::RuntimeError;
 use crate::peers::{self, PerformanceHold};
 use crate::runtime::{Loaded, Runtime};
-use crate::tensor::Slot;
-use pocket_proto::runtime::{tensor_offset, LoadedModel, Providers, Tensor, TensorRef};
+use pocket_proto::runtime::{LoadedModel, Providers, Tensor, TensorRef};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Private channels (`OpenChannel`) open at once, at most.
-pub const MAX_CHANNELS: usize = 64;
+const MIB: u64 = 1 << 20;
 
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.pocketos.Error")]
@@ -27,8 +24,6 @@ pub enum Error {
     InvalidArgument(String),
     Inference(String),
     PeerUnavailable(String),
-    /// Too many private channels are open.
-    Busy(String),
 }
 
 impl From<RuntimeError> for Error {
@@ -47,51 +42,37 @@ impl From<RuntimeError> for Error {
     }
 }
 
-/// The runtime's bus surface. The same object serves the system bus and
-/// every private channel; peers (modeld, powerd) are always reached on the
-/// system bus.
-#[derive(Clone)]
+/// The runtime's bus surface. Peers (modeld, powerd) are reached on the
+/// same bus.
 pub struct RuntimeIface {
     rt: Arc<Runtime>,
     hold: Arc<PerformanceHold>,
     bus: Arc<OnceLock<zbus::Connection>>,
-    channels: Arc<AtomicUsize>,
-    /// On a private channel: the user at its other end.
-    peer_uid: Option<u32>,
     /// Sessions that may run on a runtime worker at once (workers - 1).
-    inline: Arc<tokio::sync::Semaphore>,
-    /// The last tensor file used through this object (or this channel).
-    tensor_file: Arc<crate::shared::MapCache>,
-    /// Serving a channel on the channel's own thread, which runs the
-    /// model itself.
-    dedicated: bool,
+    inline: tokio::sync::Semaphore,
+    /// MiB of `InferFd` inputs copied out of callers' files and held at
+    /// once, for all callers together: `max_request_mb`. A request waits
+    /// for its share, in order of arrival, so no caller makes npud hold
+    /// more than that however many requests it sends.
+    input_mib: tokio::sync::Semaphore,
+    input_mib_total: usize,
 }
 
 impl RuntimeIface {
     pub fn new(rt: Arc<Runtime>, hold: Arc<PerformanceHold>) -> Self {
+        let input_mib = rt.request_limit().div_ceil(MIB).clamp(1, u32::MAX as u64) as usize;
         RuntimeIface {
             rt,
             hold,
             bus: Arc::default(),
-            channels: Arc::default(),
-            peer_uid: None,
-            tensor_file: Arc::default(),
-            dedicated: false,
-            inline: Arc::new(tokio::sync::Semaphore::new(
+            inline: tokio::sync::Semaphore::new(
                 tokio::runtime::Handle::try_current()
                     .map(|h| h.metrics().num_workers())
                     .unwrap_or(1)
                     .saturating_sub(1),
-            )),
-        }
-    }
-
-    /// The same object for serving on npud's runtime (a channel's other
-    /// calls).
-    pub fn shared(&self) -> RuntimeIface {
-        RuntimeIface {
-            dedicated: false,
-            ..self.clone()
+            ),
+            input_mib: tokio::sync::Semaphore::new(input_mib),
+            input_mib_total: input_mib,
         }
     }
 
@@ -104,21 +85,6 @@ impl RuntimeIface {
         self.bus
             .get()
             .ok_or_else(|| Error::PeerUnavailable("npud is still joining the bus".into()))
-    }
-
-    /// The user who called, on the bus or on a channel.
-    async fn caller_uid(&self, header: &zbus::message::Header<'_>) -> Result<u32, Error> {
-        if let Some(uid) = self.peer_uid {
-            return Ok(uid);
-        }
-        let sender = header
-            .sender()
-            .ok_or_else(|| Error::InvalidArgument("a call without a sender".into()))?;
-        zbus::fdo::DBusProxy::new(self.bus()?)
-            .await?
-            .get_connection_unix_user(sender.clone().into())
-            .await
-            .map_err(|e| Error::PeerUnavailable(format!("the bus does not know the caller: {e}")))
     }
 
     async fn ensure_loaded(&self, name: &str, provider: &str) -> Result<Arc<Loaded>, Error> {
@@ -164,86 +130,11 @@ impl RuntimeIface {
         // (spawn_blocking, or block_in_place's hand-off of the worker) and
         // back costs more than the bus itself. One worker at a time may do
         // so, so another always reads the bus; beyond that, block_in_place.
-        // A channel's own thread serves nothing else: it runs the model
-        // itself.
-        let result = if self.dedicated {
-            f(&model)?
-        } else {
-            match self.inline.try_acquire() {
-                Ok(_permit) => f(&model)?,
-                Err(_) => tokio::task::block_in_place(|| f(&model))?,
-            }
+        let result = match self.inline.try_acquire() {
+            Ok(_permit) => f(&model)?,
+            Err(_) => tokio::task::block_in_place(|| f(&model))?,
         };
         Ok((result, model.provider.clone()))
-    }
-
-    /// `InferFd` on a file npud can map: inputs read in place, outputs
-    /// written into the same file past the inputs' `end`: by ONNX Runtime
-    /// itself into their `slots`, the rest copied after those.
-    async fn infer_in_place(
-        &self,
-        model: Arc<Loaded>,
-        inputs: &HashMap<String, TensorRef>,
-        end: u64,
-        slots: Vec<Slot>,
-        file: &std::fs::File,
-        map: &pocket_proto::shm::Mapping,
-    ) -> Result<(HashMap<String, TensorRef>, String, f64), Error> {
-        let mut views = Vec::with_capacity(inputs.len());
-        for (n, r) in inputs {
-            let bytes = map.bytes(r.offset, r.len).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "input {n:?}: bytes {}..+{} lie outside the file",
-                    r.offset, r.len
-                ))
-            })?;
-            views.push((n.as_str(), r.dtype.as_str(), r.shape.as_slice(), bytes));
-        }
-        let ((refs, latency), provider) = self
-            .run_model(model, |m| {
-                let mut refs = HashMap::new();
-                let mut offset = tensor_offset(slots.last().map_or(end, |s| s.offset + s.len));
-                let latency =
-                    m.run_with(&views, Some((map, &slots)), |n, dtype, shape, bytes| {
-                        let (at, len) = match bytes {
-                            // Written there by ONNX Runtime.
-                            None => (slots.iter().find(|s| s.name == n))
-                                .map(|s| (s.offset, s.len))
-                                .ok_or_else(|| {
-                                    crate::error::RuntimeError::Inference(format!(
-                                        "output {n:?} has no slot"
-                                    ))
-                                })?,
-                            Some(bytes) => {
-                                if !map.write(offset, bytes) {
-                                    file.write_all_at(bytes, offset).map_err(|e| {
-                                        crate::error::RuntimeError::Inference(format!(
-                                            "writing output {n:?} to the tensor file: {e}"
-                                        ))
-                                    })?;
-                                }
-                                let at = offset;
-                                offset = tensor_offset(offset + bytes.len() as u64);
-                                (at, bytes.len() as u64)
-                            }
-                        };
-                        let dtype = dtype.to_string();
-                        let offset = at;
-                        refs.insert(
-                            n.to_string(),
-                            TensorRef {
-                                dtype,
-                                shape,
-                                offset,
-                                len,
-                            },
-                        );
-                        Ok(())
-                    })?;
-                Ok((refs, latency))
-            })
-            .await?;
-        Ok((refs, provider, latency))
     }
 }
 
@@ -297,10 +188,23 @@ impl RuntimeIface {
         Error,
     > {
         let file = std::fs::File::from(std::os::fd::OwnedFd::from(data));
-        let meta = file
+        // A memfd (or another shared-memory file) only: reading it cannot
+        // block, as a pipe, a socket or a file on a FUSE mount the caller
+        // serves could, while the model's turn is held.
+        if nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            nix::fcntl::FcntlArg::F_GET_SEALS,
+        )
+        .is_err()
+        {
+            return Err(Error::InvalidArgument(
+                "the tensor file must be a memfd (memfd_create)".into(),
+            ));
+        }
+        let size = file
             .metadata()
-            .map_err(|e| Error::InvalidArgument(format!("input file: {e}")))?;
-        let size = meta.len();
+            .map_err(|e| Error::InvalidArgument(format!("input file: {e}")))?
+            .len();
         // Check every input against the model before a byte is read, so a
         // request cannot make npud allocate more than the model takes.
         let model = self.ensure_loaded(name, "").await?;
@@ -325,103 +229,36 @@ impl RuntimeIface {
             )));
         }
         let limit = self.rt.request_limit();
-        if needed > limit {
+        let total: u64 = inputs.values().map(|r| r.len).sum();
+        if total > limit {
             return Err(Error::InvalidArgument(format!(
-                "the inputs span {needed} bytes of the file, over npud's limit of {limit} (max_request_mb)"
+                "the inputs take {total} bytes, over npud's limit of {limit} (max_request_mb)"
             )));
         }
-        // Outputs whose shapes are known before the run go into the file
-        // right after the inputs, written there by ONNX Runtime.
-        let shapes: Vec<(&str, &[i64])> = (inputs.iter())
-            .map(|(n, r)| (n.as_str(), r.shape.as_slice()))
-            .collect();
-        let mut slots = model.plan(&shapes, tensor_offset(needed), limit);
-        let mut map = None;
-        if let Some(end) = slots.last().map(|s| s.offset + s.len) {
-            map = self.tensor_file.map(&file, &meta, end);
-        }
-        if map.is_none() {
-            slots.clear();
-            map = self.tensor_file.map(&file, &meta, needed);
-        }
-        if let Some(map) = map {
-            let (refs, provider, latency) = self
-                .infer_in_place(model, &inputs, needed, slots, &file, &map)
-                .await?;
-            let fd = std::os::fd::OwnedFd::from(
-                file.try_clone()
-                    .map_err(|e| Error::Inference(format!("tensor file: {e}")))?,
-            );
-            return Ok((refs, fd.into(), provider, latency));
-        }
-        // Any other file: its inputs are read out, the outputs go into a
-        // new memfd.
-        let mut read = Vec::new();
-        for (n, r) in inputs {
-            let mut buf = vec![0u8; r.len as usize];
-            file.read_exact_at(&mut buf, r.offset)
-                .map_err(|e| Error::InvalidArgument(format!("input {n:?}: {e}")))?;
-            read.push((n, r.dtype, r.shape, buf));
-        }
-        let ((outputs, latency), provider) = self.run_model(model, |m| m.run(read)).await?;
-        let out = nix::sys::memfd::memfd_create(
-            c"npud-outputs",
-            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-        )
-        .map_err(|e| Error::Inference(format!("memfd: {e}")))?;
-        let mut file = std::fs::File::from(out);
-        let mut refs = HashMap::new();
-        let mut offset = 0u64;
-        for (n, dtype, shape, bytes) in outputs {
-            file.write_all(&bytes)
-                .map_err(|e| Error::Inference(format!("memfd: {e}")))?;
-            refs.insert(
-                n,
-                TensorRef {
-                    dtype,
-                    shape,
-                    offset,
-                    len: bytes.len() as u64,
-                },
-            );
-            offset += bytes.len() as u64;
-        }
-        let fd: std::os::fd::OwnedFd = file.into();
-        Ok((refs, fd.into(), provider, latency))
-    }
-
-    /// A private channel to this object for a client that runs many
-    /// inferences: the returned socket speaks D-Bus peer to peer (npud is
-    /// the server side) and carries the same interface at the same path,
-    /// without the bus daemon's hop in each direction. It lasts until the
-    /// client closes it.
-    async fn open_channel(
-        &self,
-        #[zbus(header)] header: zbus::message::Header<'_>,
-    ) -> Result<zbus::zvariant::OwnedFd, Error> {
-        let uid = self.caller_uid(&header).await?;
-        let slot = ChannelSlot::take(&self.channels).ok_or_else(|| {
-            Error::Busy(format!(
-                "{MAX_CHANNELS} private channels are open already; close one first"
-            ))
-        })?;
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| Error::Inference(format!("channel socket: {e}")))?;
-        let mut iface = self.clone();
-        iface.peer_uid = Some(uid);
-        iface.tensor_file = Arc::default();
-        iface.dedicated = true;
-        let handle = tokio::runtime::Handle::current();
-        std::thread::Builder::new()
-            .name("npud-channel".into())
-            .spawn(move || {
-                let _slot = slot;
-                if let Err(e) = crate::channel::serve(iface, handle, ours, uid) {
-                    tracing::debug!("private channel: {e}");
+        // The caller can write its file at any time: its inputs are copied
+        // out, once the model's turn has come, and ONNX Runtime reads only
+        // the copies. Nothing of the file is mapped, and it never grows.
+        let share = total.div_ceil(MIB).max(1) as usize;
+        let _share = self
+            .input_mib
+            .acquire_many(share.min(self.input_mib_total) as u32)
+            .await
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        let ((outputs, latency), provider) = self
+            .run_model(model, |m| {
+                let mut read = Vec::with_capacity(inputs.len());
+                for (n, r) in inputs {
+                    let mut buf = vec![0u8; r.len as usize];
+                    file.read_exact_at(&mut buf, r.offset).map_err(|e| {
+                        crate::error::RuntimeError::InvalidInput(format!("input {n:?}: {e}"))
+                    })?;
+                    read.push((n, r.dtype, r.shape, buf));
                 }
+                m.run(read)
             })
-            .map_err(|e| Error::Inference(format!("channel thread: {e}")))?;
-        Ok(std::os::fd::OwnedFd::from(theirs).into())
+            .await?;
+        let (refs, out) = outputs_file(outputs)?;
+        Ok((refs, out.into(), provider, latency))
     }
 
     #[zbus(property)]
@@ -451,21 +288,42 @@ impl RuntimeIface {
     }
 }
 
-/// One of the [`MAX_CHANNELS`] private channels, given back when dropped.
-struct ChannelSlot(Arc<AtomicUsize>);
-
-impl ChannelSlot {
-    fn take(open: &Arc<AtomicUsize>) -> Option<ChannelSlot> {
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CHANNELS {
-            open.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(ChannelSlot(open.clone()))
+/// A new memfd holding `outputs` one after another, sealed against any
+/// change before the caller gets it; returns where each lies.
+#[allow(clippy::type_complexity)]
+fn outputs_file(
+    outputs: Vec<(String, String, Vec<i64>, Vec<u8>)>,
+) -> Result<(HashMap<String, TensorRef>, std::os::fd::OwnedFd), Error> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    use std::os::fd::AsRawFd;
+    let failed = |e: &dyn std::fmt::Display| Error::Inference(format!("outputs file: {e}"));
+    let fd = memfd_create(
+        c"npud-outputs",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| failed(&e))?;
+    let mut file = std::fs::File::from(fd);
+    let mut refs = HashMap::new();
+    let mut offset = 0u64;
+    for (n, dtype, shape, bytes) in outputs {
+        file.write_all(&bytes).map_err(|e| failed(&e))?;
+        let len = bytes.len() as u64;
+        refs.insert(
+            n,
+            TensorRef {
+                dtype,
+                shape,
+                offset,
+                len,
+            },
+        );
+        offset += len;
     }
-}
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+    let seals = SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE
+        | SealFlag::F_SEAL_SEAL;
+    fcntl(file.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| failed(&e))?;
+    Ok((refs, file.into()))
 }

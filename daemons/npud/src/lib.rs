@@ -4,16 +4,13 @@
 //!   memory budget (the core room);
 //! - [`tensor`]: tensors between the bus and ONNX Runtime;
 //! - [`peers`]: modeld and powerd, which may be absent;
-//! - [`interface`]: the bus surface;
-//! - [`channel`]: private channels, each served on a thread of its own.
+//! - [`interface`]: the bus surface.
 
-pub mod channel;
 pub mod config;
 pub mod error;
 pub mod interface;
 pub mod peers;
 pub mod runtime;
-pub mod shared;
 pub mod tensor;
 
 pub use config::Config;

@@ -1,14 +1,14 @@
 //! The core room: ONNX Runtime, execution-provider choice, the loaded
 //! models within the memory budget, and running them.
 
-use crate::config::Config;
+use crate::config::{Config, Provider};
 use crate::error::RuntimeError;
-use crate::tensor::{self, Slot};
+use crate::tensor;
 use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
-use pocket_proto::runtime::{dtype_size, tensor_offset, LoadedModel, Providers, TensorSpec};
+use pocket_proto::runtime::{LoadedModel, Providers, TensorSpec};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,29 +16,26 @@ const MIB: u64 = 1 << 20;
 
 /// Execution providers by our short name: whether the library has them and
 /// how to register them on a session.
-fn provider_available(short: &str) -> bool {
-    let r = match short {
-        "cpu" => return true,
-        "xnnpack" => ep::XNNPACK::is_available(),
-        "qnn" => ep::QNN::is_available(),
-        "acl" => ep::ACL::is_available(),
-        "rknpu" => ep::RKNPU::is_available(),
-        "nnapi" => ep::NNAPI::is_available(),
-        _ => Ok(false),
+fn provider_available(p: Provider) -> bool {
+    let r = match p {
+        Provider::Cpu => return true,
+        Provider::Xnnpack => ep::XNNPACK::is_available(),
+        Provider::Qnn => ep::QNN::is_available(),
+        Provider::Acl => ep::ACL::is_available(),
+        Provider::Rknpu => ep::RKNPU::is_available(),
+        Provider::Nnapi => ep::NNAPI::is_available(),
     };
     r.unwrap_or(false)
 }
 
-const KNOWN: [&str; 6] = ["qnn", "acl", "rknpu", "nnapi", "xnnpack", "cpu"];
-
-fn dispatch(short: &str) -> Option<ep::ExecutionProviderDispatch> {
-    Some(match short {
-        "xnnpack" => ep::XNNPACK::default().build(),
-        "qnn" => ep::QNN::default().build(),
-        "acl" => ep::ACL::default().build(),
-        "rknpu" => ep::RKNPU::default().build(),
-        "nnapi" => ep::NNAPI::default().build(),
-        _ => return None,
+fn dispatch(p: Provider) -> Option<ep::ExecutionProviderDispatch> {
+    Some(match p {
+        Provider::Cpu => return None,
+        Provider::Xnnpack => ep::XNNPACK::default().build(),
+        Provider::Qnn => ep::QNN::default().build(),
+        Provider::Acl => ep::ACL::default().build(),
+        Provider::Rknpu => ep::RKNPU::default().build(),
+        Provider::Nnapi => ep::NNAPI::default().build(),
     })
 }
 
@@ -64,12 +61,6 @@ pub struct Loaded {
     busy: AtomicUsize,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
-    /// The names of the inputs' and outputs' dynamic dimensions.
-    input_symbols: Vec<Vec<String>>,
-    output_symbols: Vec<Vec<String>>,
-    /// Whether ONNX Runtime writes this model's outputs into a tensor file
-    /// itself; cleared when it refused the shapes worked out for it.
-    in_place: AtomicBool,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -127,78 +118,23 @@ impl Loaded {
             .map(|(n, d, s, b)| (n.as_str(), d.as_str(), s.as_slice(), b.as_slice()))
             .collect();
         let mut out = Vec::new();
-        let latency = self.run_with(&views, None, |name, dtype, shape, bytes| {
-            let bytes = bytes.unwrap_or_default().to_vec();
-            out.push((name.to_string(), dtype.to_string(), shape, bytes));
+        let latency = self.run_with(&views, |name, dtype, shape, bytes| {
+            out.push((name.to_string(), dtype.to_string(), shape, bytes.to_vec()));
             Ok(())
         })?;
         Ok((out, latency))
     }
 
-    /// Slots from `start` on, one for each output whose shape follows from
-    /// the inputs' shapes (its dimensions fixed, or named like a dimension
-    /// of an input) and that ends within `limit`, for ONNX Runtime to write
-    /// into; none when it refused that for this model before.
-    pub fn plan(&self, inputs: &[(&str, &[i64])], start: u64, limit: u64) -> Vec<Slot> {
-        if !self.in_place.load(Ordering::Relaxed) {
-            return Vec::new();
-        }
-        let named = |symbol: &str| {
-            self.inputs
-                .iter()
-                .zip(&self.input_symbols)
-                .find_map(|(spec, symbols)| {
-                    let k = symbols.iter().position(|s| s == symbol)?;
-                    let (_, shape) = inputs.iter().find(|(n, _)| *n == spec.name)?;
-                    shape.get(k).copied()
-                })
-        };
-        let mut slots = Vec::new();
-        let mut offset = start;
-        for (spec, symbols) in self.outputs.iter().zip(&self.output_symbols) {
-            let shape: Option<Vec<i64>> = (spec.shape.iter().enumerate())
-                .map(|(d, &dim)| match dim {
-                    0.. => Some(dim),
-                    _ => named(symbols.get(d).filter(|s| !s.is_empty())?),
-                })
-                .collect();
-            let len = shape
-                .as_ref()
-                .zip(dtype_size(&spec.dtype))
-                .and_then(|(s, size)| {
-                    s.iter()
-                        .try_fold(size as u64, |n, &d| n.checked_mul(u64::try_from(d).ok()?))
-                });
-            let end = len
-                .filter(|len| *len > 0)
-                .and_then(|len| offset.checked_add(len))
-                .filter(|end| *end <= limit);
-            if let (Some(shape), Some(end)) = (shape, end) {
-                slots.push(Slot {
-                    name: spec.name.clone(),
-                    dtype: spec.dtype.clone(),
-                    shape,
-                    offset,
-                    len: end - offset,
-                });
-                offset = tensor_offset(end);
-            }
-        }
-        slots
-    }
-
     /// Runs the model on inputs that borrow their bytes (ONNX Runtime reads
-    /// them in place where they are aligned). With `placed`, ONNX Runtime
-    /// writes the slots' outputs into the mapping itself. Hands each
-    /// output's `(name, dtype, shape, bytes)` to `output` while ONNX
-    /// Runtime still holds it, so the caller copies it once, to where it
-    /// goes; the bytes are `None` for an output already in its slot.
-    /// Returns the run's latency in ms.
+    /// them in place where they are aligned): bytes npud owns, never a
+    /// caller's memory, which could change while ONNX Runtime reads it.
+    /// Hands each output's `(name, dtype, shape, bytes)` to `output` while
+    /// ONNX Runtime still holds it, so the caller copies it once, to where
+    /// it goes. Returns the run's latency in ms.
     pub fn run_with(
         &self,
         inputs: &[Input<'_>],
-        placed: Option<(&pocket_proto::shm::Mapping, &[Slot])>,
-        mut output: impl FnMut(&str, &str, Vec<i64>, Option<&[u8]>) -> Result<(), RuntimeError>,
+        mut output: impl FnMut(&str, &str, Vec<i64>, &[u8]) -> Result<(), RuntimeError>,
     ) -> Result<f64, RuntimeError> {
         let values =
             || -> Result<Vec<(String, ort::session::SessionInputValue<'_>)>, RuntimeError> {
@@ -232,25 +168,8 @@ impl Loaded {
         let result = (|| {
             let mut session = self.session.lock().expect("not poisoned");
             let start = Instant::now();
-            let placed = placed.filter(|(_, slots)| !slots.is_empty());
-            let options = placed
-                .map(|(map, slots)| tensor::in_place(map, slots))
-                .transpose()?;
-            if let (Some(options), Some((_, slots))) = (&options, placed) {
-                let refused = match session.run_with_options(first, options) {
-                    Ok(outputs) => return emit(outputs, slots, start, &mut output),
-                    Err(e) => e,
-                };
-                // ONNX Runtime would not write these outputs in place (their
-                // shapes were worked out wrongly): run again the usual way,
-                // and for good if that works.
-                let outputs = session.run(values()?).map_err(failed)?;
-                self.in_place.store(false, Ordering::Relaxed);
-                tracing::info!(model = %self.record.name, "outputs are copied from now on: {refused}");
-                return emit(outputs, &[], start, &mut output);
-            }
             let outputs = session.run(first).map_err(failed)?;
-            emit(outputs, &[], start, &mut output)
+            emit(outputs, start, &mut output)
         })();
         *self.last_used.lock().expect("not poisoned") = Instant::now();
         self.busy.fetch_sub(1, Ordering::SeqCst);
@@ -262,18 +181,13 @@ impl Loaded {
 /// returns the run's latency in ms, counted from `start` to here.
 fn emit(
     outputs: ort::session::SessionOutputs<'_>,
-    slots: &[Slot],
     start: Instant,
-    output: &mut impl FnMut(&str, &str, Vec<i64>, Option<&[u8]>) -> Result<(), RuntimeError>,
+    output: &mut impl FnMut(&str, &str, Vec<i64>, &[u8]) -> Result<(), RuntimeError>,
 ) -> Result<f64, RuntimeError> {
     let latency = start.elapsed().as_secs_f64() * 1000.0;
     for (name, value) in outputs.iter() {
-        if let Some(slot) = slots.iter().find(|s| s.name == name) {
-            output(name, &slot.dtype, slot.shape.clone(), None)?;
-            continue;
-        }
         let (dtype, shape, bytes) = tensor::output_bytes(&value)?;
-        output(name, &dtype, shape, Some(&bytes))?;
+        output(name, &dtype, shape, &bytes)?;
     }
     Ok(latency)
 }
@@ -290,7 +204,7 @@ enum SessionError {
 fn build_session(
     env: &ort::environment::Environment,
     threads: usize,
-    provider: &str,
+    provider: Provider,
     path: &str,
 ) -> Result<Session, SessionError> {
     let opt =
@@ -321,7 +235,7 @@ pub struct Runtime {
     /// Why ONNX Runtime cannot be used, if it cannot.
     problem: Option<String>,
     env: Option<ort::environment::Environment>,
-    library: Vec<String>,
+    library: Vec<Provider>,
     plugins: Vec<(String, String)>,
     /// Plugin EP libraries that could not be registered, and why.
     plugin_problems: Vec<String>,
@@ -399,10 +313,9 @@ impl Runtime {
                         )
                     })
                     .collect();
-                rt.library = KNOWN
-                    .iter()
-                    .filter(|p| provider_available(p))
-                    .map(|p| p.to_string())
+                rt.library = Provider::ALL
+                    .into_iter()
+                    .filter(|&p| provider_available(p))
                     .collect();
                 tracing::info!(library = %path.display(), providers = ?rt.library, "ONNX Runtime loaded");
                 rt.env = Some(env);
@@ -461,34 +374,43 @@ impl Runtime {
 
     /// The provider a load gets: the first of `candidates` the library has,
     /// else CPU when fallback is allowed, said as such.
-    fn select(&self, requested: &str) -> Result<String, RuntimeError> {
-        let candidates: Vec<String> = if requested.is_empty() {
+    /// Returns the provider and how it is reported.
+    fn select(&self, requested: &str) -> Result<(Provider, String), RuntimeError> {
+        let candidates: Vec<Provider> = if requested.is_empty() {
             self.cfg.providers.clone()
         } else {
-            vec![requested.to_string()]
+            vec![requested
+                .parse()
+                .map_err(|e: crate::config::UnknownProvider| {
+                    RuntimeError::InvalidInput(e.to_string())
+                })?]
         };
-        if let Some(c) = candidates.iter().find(|c| self.library.contains(c)) {
-            return Ok(c.clone());
+        if let Some(&c) = candidates.iter().find(|c| self.library.contains(c)) {
+            return Ok((c, c.to_string()));
         }
-        let wanted = candidates.first().cloned().unwrap_or_else(|| "cpu".into());
+        let wanted = candidates.first().copied().unwrap_or(Provider::Cpu);
         if self.cfg.allow_cpu_fallback {
-            return Ok(format!("cpu (fallback from {wanted})"));
+            return Ok((Provider::Cpu, format!("cpu (fallback from {wanted})")));
         }
         Err(RuntimeError::ProviderUnavailable(format!(
             "execution provider {wanted} is not available on this device (ONNX Runtime offers: {}); CPU fallback is not allowed",
-            self.library.join(", ")
+            self.library_names().join(", ")
         )))
+    }
+
+    fn library_names(&self) -> Vec<String> {
+        self.library.iter().map(|p| p.to_string()).collect()
     }
 
     pub fn providers(&self) -> Providers {
         Providers {
-            library: self.library.clone(),
-            preferred: self.cfg.providers.clone(),
+            library: self.library_names(),
+            preferred: self.cfg.providers.iter().map(|p| p.to_string()).collect(),
             plugins: self.plugins.clone(),
             devices: self.devices.clone(),
             selected: match (&self.problem, self.select("")) {
                 (Some(_), _) => "none (ONNX Runtime not loaded)".into(),
-                (None, Ok(s)) => s,
+                (None, Ok((_, s))) => s,
                 (None, Err(e)) => format!("none ({e})"),
             },
             allow_cpu_fallback: self.cfg.allow_cpu_fallback,
@@ -515,7 +437,7 @@ impl Runtime {
     /// loaded on the same provider is returned as it is.
     pub fn load(&self, record: ModelRecord, requested: &str) -> Result<Arc<Loaded>, RuntimeError> {
         self.ready()?;
-        let provider = self.select(requested)?;
+        let (short, provider) = self.select(requested)?;
         if let Some(m) = self.get(&record.name) {
             if m.record.version == record.version
                 && (requested.is_empty() || m.provider == provider)
@@ -525,7 +447,6 @@ impl Runtime {
             self.unload(&record.name)?;
         }
         self.make_room(&record)?;
-        let short = provider.split(' ').next().unwrap_or("cpu");
         let corrupt = |detail: String| RuntimeError::Corrupt {
             name: record.name.clone(),
             detail,
@@ -549,12 +470,6 @@ impl Runtime {
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
-        let input_symbols = (session.inputs().iter())
-            .map(|o| tensor::symbols(o.dtype()))
-            .collect();
-        let output_symbols = (session.outputs().iter())
-            .map(|o| tensor::symbols(o.dtype()))
-            .collect();
         let loaded = Arc::new(Loaded {
             record,
             provider,
@@ -564,9 +479,6 @@ impl Runtime {
             busy: AtomicUsize::new(0),
             inputs,
             outputs,
-            input_symbols,
-            output_symbols,
-            in_place: AtomicBool::new(true),
         });
         tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
         self.models

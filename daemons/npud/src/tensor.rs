@@ -8,10 +8,8 @@ use crate::error::RuntimeError;
 #[cfg(not(target_endian = "little"))]
 compile_error!("npud reads and writes tensors in place as little-endian numbers");
 
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, SessionInputValue};
+use ort::session::SessionInputValue;
 use ort::value::{DynValue, Tensor, TensorElementType, TensorRef, ValueType};
-use ort::AsPointer;
 use pocket_proto::runtime::{dtype_size, TensorSpec};
 use std::borrow::Cow;
 
@@ -37,11 +35,6 @@ pub fn dtype_name(t: TensorElementType) -> &'static str {
         .map_or("unsupported", |(_, name)| name)
 }
 
-/// The ONNX element type of one of our short names.
-fn element_type(dtype: &str) -> Option<TensorElementType> {
-    TYPES.iter().find(|(_, n)| *n == dtype).map(|(ty, _)| *ty)
-}
-
 /// An input or output of a session as our wire spec.
 pub fn spec(name: &str, t: &ValueType) -> TensorSpec {
     match t {
@@ -56,79 +49,6 @@ pub fn spec(name: &str, t: &ValueType) -> TensorSpec {
             shape: Vec::new(),
         },
     }
-}
-
-/// The names of an input's or output's dynamic dimensions (`batch`,
-/// `seq`), empty for fixed or unnamed ones.
-pub fn symbols(t: &ValueType) -> Vec<String> {
-    match t {
-        ValueType::Tensor {
-            dimension_symbols, ..
-        } => dimension_symbols.to_vec(),
-        _ => Vec::new(),
-    }
-}
-
-/// Where an output goes in a mapped tensor file: ONNX Runtime writes it
-/// there itself.
-#[derive(Debug, Clone)]
-pub struct Slot {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Vec<i64>,
-    pub offset: u64,
-    pub len: u64,
-}
-
-/// Run options that have ONNX Runtime write each slot's output straight
-/// into `map` (its preallocated outputs).
-pub fn in_place(
-    map: &pocket_proto::shm::Mapping,
-    slots: &[Slot],
-) -> Result<RunOptions<HasSelectedOutputs>, RuntimeError> {
-    let failed = |e: ort::Error| RuntimeError::Inference(format!("output in place: {e}"));
-    let info = MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Device,
-        MemoryType::Default,
-    )
-    .map_err(failed)?;
-    let allocator = Allocator::default();
-    let mut selector = OutputSelector::default();
-    for slot in slots {
-        let ty = element_type(&slot.dtype).ok_or_else(|| {
-            RuntimeError::Inference(format!("output type {} is not supported", slot.dtype))
-        })?;
-        let ptr = map.ptr_at(slot.offset, slot.len).ok_or_else(|| {
-            RuntimeError::Inference(format!("output {:?} lies outside the file", slot.name))
-        })?;
-        let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
-        #[allow(unsafe_code)]
-        // SAFETY: ptr..ptr+len lies inside `map` (ptr_at checks) and is
-        // 64-byte aligned (slots are placed at tensor offsets in a
-        // page-aligned mapping); len is the slot's shape times its element
-        // size. The value only wraps the memory (ONNX Runtime frees none of
-        // it) and lives in the returned options and the run's outputs,
-        // which the caller drops before `map`.
-        let value = unsafe {
-            let status = (ort::api().CreateTensorWithDataAsOrtValue)(
-                info.ptr(),
-                ptr.cast(),
-                slot.len as usize,
-                slot.shape.as_ptr(),
-                slot.shape.len(),
-                ty.into(),
-                &mut value,
-            );
-            ort::Error::result_from_status(status).map_err(failed)?;
-            let value = std::ptr::NonNull::new(value)
-                .ok_or_else(|| RuntimeError::Inference("output in place: no value".into()))?;
-            DynValue::from_ptr(value, Some(&allocator))
-        };
-        selector = selector.preallocate(&slot.name, value);
-    }
-    Ok(RunOptions::new().map_err(failed)?.with_outputs(selector))
 }
 
 /// Checks one request tensor against the model's input and returns its
