@@ -132,3 +132,74 @@ fn concurrent_file_installs_keep_apart() {
     }
     assert_eq!(w.count("partial"), 0);
 }
+
+/// Hardening: a USB stick's catalog directory is anyone's to write. A
+/// `keyring.json` that links to `/dev/zero`, a `catalog.json` that is a
+/// FIFO or a link to a good catalog elsewhere, a `packs` directory that
+/// links elsewhere: each is refused with the reason, at once, for any
+/// caller (here `nobody`), and modeld keeps serving the good source.
+#[test]
+fn a_usb_stick_of_links_and_fifos_is_refused_without_hanging_modeld() {
+    let mut w = World::start();
+    let good = w.tmp.path().join("good");
+    w.publisher.catalog(&w.packs, &good, "1");
+    let zero = w.tmp.path().join("zero");
+    std::fs::create_dir_all(&zero).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", zero.join("keyring.json")).unwrap();
+    std::os::unix::fs::symlink(good.join("catalog.json"), zero.join("catalog.json")).unwrap();
+    let fifo = w.tmp.path().join("fifo");
+    std::fs::create_dir_all(&fifo).unwrap();
+    nix::unistd::mkfifo(
+        &fifo.join("catalog.json"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
+    let linked = w.tmp.path().join("linked");
+    std::fs::create_dir_all(&linked).unwrap();
+    std::fs::copy(good.join("catalog.json"), linked.join("catalog.json")).unwrap();
+    std::os::unix::fs::symlink(good.join("packs"), linked.join("packs")).unwrap();
+    w.write_config(&format!(
+        "catalogs = [\"{}\", \"{}\", \"{}\"]",
+        zero.display(),
+        fifo.display(),
+        linked.display()
+    ));
+    w.start_modeld();
+    let pid = w.modeld.as_ref().unwrap().pid();
+    let start = std::time::Instant::now();
+    let out = run_pocketctl(
+        &w.bus,
+        RunAs::Nobody { extra_gid: None },
+        &["model", "catalog", "--json"],
+    )
+    .ok()
+    .json();
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    // Only the directory whose catalog is a plain file is listed.
+    let sources: Vec<&str> = out
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["source"].as_str().unwrap())
+        .collect();
+    assert!(!sources.is_empty());
+    assert!(
+        sources.iter().all(|s| *s == linked.to_str().unwrap()),
+        "{sources:?}"
+    );
+    let log = w.modeld.as_ref().unwrap().log_text();
+    assert!(log.contains("keyring.json is a symbolic link"), "{log}");
+    assert!(log.contains("catalog.json is not a regular file"), "{log}");
+    // A pack behind a linked directory is refused, and nothing is installed.
+    w.ctl(&["model", "install", "mlp"])
+        .fails_with("packs is not a directory");
+    assert!(w.installed().is_empty());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(rss_kib < 200 * 1024, "modeld holds {rss_kib} KiB");
+}

@@ -181,6 +181,19 @@ fn changes_without_the_credential_or_csrf_token_are_refused() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 403);
     assert!(r.headers().contains_key("content-security-policy"));
+    // A loopback address with a name glued after it is not the box.
+    for host in [
+        "[::1]evil.example",
+        "[::1]:80evil.example",
+        "localhost:80:80",
+    ] {
+        let r = reqwest::blocking::Client::new()
+            .get(format!("{}/api/session", d.base))
+            .header("host", host)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{host}");
+    }
 
     // Nothing changed.
     assert_eq!(profile(&w), "balanced");

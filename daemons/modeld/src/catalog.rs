@@ -40,13 +40,14 @@ impl Source {
             .map_err(|e| ModelError::InvalidArgument(format!("{rel:?}: {e}")))
     }
 
-    /// Reads a small file; `None` when the source does not have it.
+    /// Reads a small file (at most [`SMALL_LIMIT`] bytes); `None` when the
+    /// source does not have it.
     pub async fn read_small(
         &self,
         http: &reqwest::Client,
         rel: &str,
     ) -> Result<Option<Vec<u8>>, ModelError> {
-        const LIMIT: u64 = 16 << 20;
+        const LIMIT: u64 = SMALL_LIMIT;
         match self {
             Source::Http(base) => {
                 let url = self.url(base, rel)?;
@@ -73,15 +74,37 @@ impl Source {
             }
             Source::Dir(dir) => {
                 let path = dir.join(rel);
-                match tokio::fs::read(&path).await {
-                    Ok(b) => Ok(Some(b)),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(ModelError::io(
-                        format!("reading {}", path.display()),
-                        &path,
-                        e,
-                    )),
+                let file = match open_regular(dir, rel) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(ModelError::io(
+                            format!("reading {}", path.display()),
+                            &path,
+                            e,
+                        ))
+                    }
+                };
+                let len = file
+                    .metadata()
+                    .map_err(|e| ModelError::io("reading", &path, e))?
+                    .len();
+                if len > LIMIT {
+                    return Err(ModelError::Corrupt(format!(
+                        "{} is larger than {LIMIT} bytes",
+                        path.display()
+                    )));
                 }
+                // Never more than the limit, should the file grow meanwhile.
+                let mut body = Vec::with_capacity(len as usize);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::io::Read;
+                    file.take(LIMIT).read_to_end(&mut body).map(|_| body)
+                })
+                .await
+                .map_err(|e| ModelError::io("reading", &path, std::io::Error::other(e)))?;
+                read.map(Some)
+                    .map_err(|e| ModelError::io("reading", &path, e))
             }
         }
     }
@@ -137,9 +160,9 @@ impl Source {
             Source::Dir(dir) => {
                 use tokio::io::AsyncSeekExt;
                 let path = dir.join(rel);
-                let mut f = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|e| ModelError::io(format!("opening {}", path.display()), &path, e))?;
+                let mut f = tokio::fs::File::from_std(open_regular(dir, rel).map_err(|e| {
+                    ModelError::io(format!("opening {}", path.display()), &path, e)
+                })?);
                 let total = f
                     .metadata()
                     .await
@@ -162,6 +185,53 @@ impl Source {
             Source::Dir(d) => d.display().to_string(),
         }
     }
+}
+
+/// The most bytes of a catalog's or keyring's file that modeld reads, from
+/// a server or a directory alike.
+pub const SMALL_LIMIT: u64 = 16 << 20;
+
+/// Opens `rel` under `dir` (a USB stick, say, whose contents anyone may have
+/// written) for reading, without following a symbolic link anywhere below
+/// `dir` and only when it is a regular file: a link to `/dev/zero` or a
+/// FIFO is an error, never something modeld reads forever or waits on.
+pub fn open_regular(dir: &std::path::Path, rel: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refused = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let mut path = dir.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((last, dirs)) = parts.split_last() else {
+        return Err(refused(format!("{rel:?} names no file")));
+    };
+    for part in dirs.iter().chain(std::iter::once(last)) {
+        if *part == "." || *part == ".." {
+            return Err(refused(format!("{rel:?} leaves its directory")));
+        }
+    }
+    for part in dirs {
+        path.push(part);
+        let meta = std::fs::symlink_metadata(&path)?;
+        if !meta.is_dir() {
+            return Err(refused(format!("{} is not a directory", path.display())));
+        }
+    }
+    path.push(last);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                refused(format!("{} is a symbolic link", path.display()))
+            } else {
+                e
+            }
+        })?;
+    if !file.metadata()?.is_file() {
+        return Err(refused(format!("{} is not a regular file", path.display())));
+    }
+    Ok(file)
 }
 
 /// Streams a file in large chunks.

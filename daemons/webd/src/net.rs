@@ -23,15 +23,21 @@ pub fn is_local_peer(ip: IpAddr) -> bool {
 /// `localhost`, or one of `names` (the box's host name and the names
 /// configured), with or without a port.
 pub fn is_own_host(host: &str, names: &[String]) -> bool {
+    // A port, when there is one, is 1 to 5 digits and nothing else.
+    let port_ok =
+        |port: &str| (1..=5).contains(&port.len()) && port.bytes().all(|b| b.is_ascii_digit());
     let name = if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest
-            .split_once(']')
-            .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok());
+        // [v6] or [v6]:port, and nothing after
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let after_ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return after_ok && ip.parse::<std::net::Ipv6Addr>().is_ok();
     } else {
         match host.rsplit_once(':') {
-            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-            _ => host,
+            Some((name, port)) if port_ok(port) => name,
+            Some(_) => return false,
+            None => host,
         }
     };
     let name = name.trim_end_matches('.');
@@ -113,6 +119,13 @@ mod tests {
             "pocketos.local.attacker.example",
             "[not-an-ip]:80",
             "192.168.1.5.nip.io",
+            "[::1]evil.example",
+            "[::1]:80evil.example",
+            "[::1]:",
+            "localhost:",
+            "localhost:123456",
+            "localhost:80:80",
+            "[::1]]",
         ] {
             assert!(!is_own_host(bad, &names), "{bad}");
         }
