@@ -82,6 +82,37 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     assert_eq!(status["daemons"]["otad"]["health"], "good", "{status:#}");
     let text = app.ok("pocketctl status");
     assert!(text.contains("on slot A"), "{text}");
+    // npud, modeld and the dashboard run as their own system users; otad
+    // and powerd, which drive devices, as root (docs/security.md).
+    let users = app.ok(
+        "for n in modeld npud webd otad powerd; do \
+         printf '%s %s\\n' $n \"$(awk '/^Uid:/ { print $2 }' /proc/$(pidof pocket-$n)/status)\"; done",
+    );
+    let ps = app.ok("ps -o user,args | grep '[/]usr/bin/pocket-'");
+    let uids: BTreeMap<&str, &str> = users
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .collect();
+    for (daemon, uid) in [
+        ("modeld", "110"),
+        ("npud", "111"),
+        ("webd", "112"),
+        ("otad", "0"),
+        ("powerd", "0"),
+    ] {
+        assert_eq!(
+            uids.get(daemon),
+            Some(&uid),
+            "{daemon} runs as uid {uid}: {users}\n{ps}"
+        );
+    }
+    assert_eq!(
+        cat(&mut app, "/etc/passwd")
+            .lines()
+            .filter(|l| l.starts_with("pocket-"))
+            .count(),
+        3
+    );
 
     // 2. One-command install from the host's signed catalog, then a run
     // that matches the reference.

@@ -30,7 +30,7 @@ pub struct Config {
 }
 
 fn default_data_dir() -> PathBuf {
-    "/data".into()
+    "/data/modeld".into()
 }
 fn default_keyring_dir() -> PathBuf {
     "/etc/pocketos/keyring".into()
