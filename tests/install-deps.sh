@@ -98,7 +98,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     "${sudo_cmd[@]}" apt-get update -qq
-    "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # One package this release lacks must not stop the others: on failure
+    # each is tried alone, and the probes below name what is still missing.
+    if ! "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+        for pkg in "${missing[@]}"; do
+            "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null \
+                || echo "install-deps: apt could not install $pkg" >&2
+        done
+    fi
 fi
 
 # qemu-system-aarch64 must come from the same release as the machine's
@@ -137,8 +144,8 @@ if ! python3 -c "$python_probe" 2>/dev/null; then
 fi
 
 # The admin group of the bus policy; the access tests run callers in it.
-if [ "$(id -u)" -eq 0 ] && ! getent group pocket >/dev/null; then
-    groupadd -r pocket
+if ! getent group pocket >/dev/null; then
+    "${sudo_cmd[@]}" groupadd -r pocket
 fi
 
 # playwright-core at the version tests/browser/package-lock.json pins.
@@ -166,7 +173,7 @@ python3 -c "$python_probe" 2>/dev/null || failed+=("python ${python_pins[*]} (pr
 python3 -c 'import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); assert lib.OrtGetApiBase()' "$ort_lib" 2>/dev/null \
     || failed+=("libonnxruntime.so from onnxruntime==1.31.1 (probe: load $ort_lib)")
 [ -d "$browser_dir/node_modules/playwright-core" ] || failed+=("playwright-core (npm ci in tests/browser)")
-getent group pocket >/dev/null || failed+=("the group 'pocket' (groupadd -r pocket, as root)")
+getent group pocket >/dev/null || failed+=("the group 'pocket' (groupadd -r pocket)")
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "install-deps: these are still missing or do not work:" >&2

@@ -120,7 +120,7 @@ impl UpdateBox {
             }
         };
         let mut system = format!(
-            "compatible = \"{COMPATIBLE}\"\nversion_file = \"{}\"\n{bootloader}\n",
+            "compatible = \"{COMPATIBLE}\"\nversion_file = \"{}\"\nsecurity_version = 1\n{bootloader}\n",
             dir.join("version").display()
         );
         for slot in ["A", "B"] {

@@ -154,14 +154,23 @@ fn a_usb_stick_of_links_and_fifos_is_refused_without_hanging_modeld() {
         nix::sys::stat::Mode::from_bits_truncate(0o644),
     )
     .unwrap();
+    // A catalog that links to a good one, on its own.
+    let alias = w.tmp.path().join("alias");
+    std::fs::create_dir_all(&alias).unwrap();
+    std::os::unix::fs::symlink(good.join("catalog.json"), alias.join("catalog.json")).unwrap();
+    // A catalog directory that is itself a link.
+    let whole = w.tmp.path().join("whole");
+    std::os::unix::fs::symlink(&good, &whole).unwrap();
     let linked = w.tmp.path().join("linked");
     std::fs::create_dir_all(&linked).unwrap();
     std::fs::copy(good.join("catalog.json"), linked.join("catalog.json")).unwrap();
     std::os::unix::fs::symlink(good.join("packs"), linked.join("packs")).unwrap();
     w.write_config(&format!(
-        "catalogs = [\"{}\", \"{}\", \"{}\"]",
+        "catalogs = [\"{}\", \"{}\", \"{}\", \"{}\", \"{}\"]",
         zero.display(),
         fifo.display(),
+        alias.display(),
+        whole.display(),
         linked.display()
     ));
     w.start_modeld();
@@ -190,6 +199,11 @@ fn a_usb_stick_of_links_and_fifos_is_refused_without_hanging_modeld() {
     let log = w.modeld.as_ref().unwrap().log_text();
     assert!(log.contains("keyring.json is a symbolic link"), "{log}");
     assert!(log.contains("catalog.json is not a regular file"), "{log}");
+    assert!(
+        log.contains("alias/catalog.json is a symbolic link"),
+        "{log}"
+    );
+    assert!(log.contains("whole is not a directory"), "{log}");
     // A pack behind a linked directory is refused, and nothing is installed.
     w.ctl(&["model", "install", "mlp"])
         .fails_with("packs is not a directory");

@@ -136,6 +136,15 @@ fn two_requests_share_one_download_and_cancel_gives_space_back() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             let mut finished = m.receive_install_finished().await.unwrap();
+            let props = zbus::fdo::PropertiesProxy::builder(&conn)
+                .destination("org.pocketos.Models1")
+                .unwrap()
+                .path(job.inner().path().clone())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+            let mut changes = props.receive_properties_changed().await.unwrap();
             job.cancel().await.unwrap();
             use futures_util::StreamExt;
             let sig = finished.next().await.unwrap();
@@ -143,6 +152,34 @@ fn two_requests_share_one_download_and_cancel_gives_space_back() {
             assert!(!args.success);
             assert_eq!(args.error_name, "org.pocketos.Error.Cancelled");
             assert_eq!(job.phase().await.unwrap(), "failed");
+            // A client that sees the job fail can read why at once: the
+            // error's name changes before (or with) the phase.
+            let mut seen = Vec::new();
+            while let Ok(Some(change)) =
+                tokio::time::timeout(Duration::from_secs(5), changes.next()).await
+            {
+                let args = change.args().unwrap();
+                let mut names: Vec<String> = args
+                    .changed_properties()
+                    .keys()
+                    .map(|k| k.to_string())
+                    .collect();
+                names.sort();
+                let failed = args
+                    .changed_properties()
+                    .get("Phase")
+                    .is_some_and(|v| v.downcast_ref::<&str>().ok() == Some("failed"));
+                seen.extend(names);
+                if failed {
+                    break;
+                }
+            }
+            let error_at = seen.iter().position(|n| n == "ErrorName");
+            let failed_at = seen.iter().rposition(|n| n == "Phase");
+            assert!(
+                error_at.is_some() && failed_at.is_some() && error_at < failed_at,
+                "ErrorName must change before Phase: {seen:?}"
+            );
         })
         .await
         .expect("cancel finished in time");

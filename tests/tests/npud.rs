@@ -433,11 +433,23 @@ fn infer_fd_checks_sizes_before_reading() {
             "x".to_string(),
             pocket_proto::runtime::Tensor {
                 dtype: "f32".into(),
-                shape: vec![1, i64::MAX],
+                shape: vec![i64::MAX / 2, 4],
                 data: vec![],
             },
         )]);
-        assert!(npud.infer("wide", huge).await.is_err());
+        let err = npud.infer("scaled", huge).await.unwrap_err().to_string();
+        assert!(err.contains("is too large"), "{err}");
+        // The same through a tensor file: refused before anything is read.
+        let err = npud
+            .infer_fd(
+                "scaled",
+                one_ref("x", "f32", vec![i64::MAX / 2, 4], 0, u64::MAX),
+                zbus::zvariant::Fd::from(file.as_fd()),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is too large"), "{err}");
     });
     run_mlp(&w).ok();
 }
@@ -850,6 +862,9 @@ fn a_caller_cannot_make_npud_map_or_hold_its_file() {
         after < before + 64 * 1024,
         "npud grew from {before} KiB to {after} KiB"
     );
+    // And it maps none of the callers' files, not even untouched.
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(!maps.contains("memfd:test-tensors"), "{maps}");
 }
 
 /// Hardening: one memfd used by two callers for two models at once. Each

@@ -153,3 +153,80 @@ fn only_admins_install_mark_or_roll_back() {
     assert_eq!(b.primary().as_deref(), Some("A"));
     assert_eq!(b.status(&bus)["slots"][1]["version"], "");
 }
+
+/// Hardening: a slot whose system is below the device's security floor is
+/// never booted again, not even by a rollback.
+#[test]
+fn rollback_below_the_security_floor_is_refused() {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::Grub, &publisher, "");
+    assert_eq!(b.boot(&bus), "A");
+    assert_eq!(b.wait_health(&bus), "good");
+    // v2 fixes a hole: security version 2, above the factory system's 1.
+    let v2 = publisher.bundle_with(
+        &tmp.path().join("v2"),
+        "2.0",
+        1 << 20,
+        COMPATIBLE,
+        2,
+        64 << 10,
+        std::slice::from_ref(&publisher.updates_key),
+        Some("30d"),
+    );
+    b.ctl(&bus, &["update", "install", v2.bundle.to_str().unwrap()])
+        .ok();
+    assert_eq!(b.boot(&bus), "B");
+    assert_eq!(b.wait_health(&bus), "good");
+    assert_eq!(b.status(&bus)["security_version"], 2);
+    let refused = b.ctl(&bus, &["update", "rollback"]);
+    refused.fails_with("slot A holds security version 1, below this device's 2");
+    refused.fails_with("(Downgrade)");
+    assert_eq!(b.primary().as_deref(), Some("B"));
+    assert_eq!(b.boot(&bus), "B");
+}
+
+/// Hardening: a mark-good and a mark-bad at the same moment each land; the
+/// environment is read, changed and written under one lock, so neither
+/// writes over the other, and both copies stay readable.
+#[test]
+fn concurrent_environment_changes_lose_nothing() {
+    use pocket_proto::update::Update1Proxy;
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::UBoot, &publisher, "");
+    assert_eq!(b.boot(&bus), "A");
+    assert_eq!(b.wait_health(&bus), "good");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (good, bad) = rt.block_on(async {
+        let proxy = |conn| async move {
+            Update1Proxy::builder(&conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .unwrap()
+        };
+        (
+            proxy(bus.connect().await).await,
+            proxy(bus.connect().await).await,
+        )
+    });
+    for round in 0..30 {
+        // As the bootloader leaves it: A's boot used two of its tries, B
+        // good with all three.
+        b.set_env(&[("BOOT_A_LEFT", "1"), ("BOOT_B_LEFT", "3")]);
+        let (g, m) = rt.block_on(async {
+            futures_util::future::join(good.mark_good(), bad.mark_bad("B")).await
+        });
+        g.unwrap();
+        m.unwrap();
+        let env = b.env();
+        assert_eq!(
+            (env["BOOT_A_LEFT"].as_str(), env["BOOT_B_LEFT"].as_str()),
+            ("3", "0"),
+            "round {round}: {env:?}"
+        );
+    }
+}

@@ -3,6 +3,9 @@
 //! SIGTERM or Ctrl-C.
 
 pub mod access;
+mod user;
+
+pub use user::{run_as, RunAsError};
 
 use serde::de::DeserializeOwned;
 use std::path::Path;

@@ -305,6 +305,12 @@ async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> 
         let finished = outcome.borrow().clone();
         let emitter = iface.signal_emitter();
         let obj = iface.get().await;
+        // The error first: a client that sees the final phase can read why
+        // at once (otad keeps the same order).
+        if finished.is_some() {
+            obj.error_name_changed(emitter).await?;
+            obj.error_message_changed(emitter).await?;
+        }
         let done = job.done.load(Ordering::Relaxed);
         if done != last_done {
             obj.bytes_done_changed(emitter).await?;
@@ -318,10 +324,6 @@ async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> 
         }
         drop(obj);
         if let Some(result) = finished {
-            let obj = iface.get().await;
-            obj.error_name_changed(emitter).await?;
-            obj.error_message_changed(emitter).await?;
-            drop(obj);
             let (ok, en, em) = match result {
                 Ok(()) => (true, String::new(), String::new()),
                 Err((n, m)) => (false, format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),

@@ -121,11 +121,33 @@ impl RuntimeIface {
         model: Arc<Loaded>,
         f: impl FnOnce(&Loaded) -> Result<T, crate::error::RuntimeError>,
     ) -> Result<(T, String), Error> {
+        self.run_model_holding(model, 0, f).await
+    }
+
+    /// [`Self::run_model`] for a request that copies `input_mib` MiB of
+    /// inputs: its share of `max_request_mb` is taken once its turn on the
+    /// model has come, so a queue of large requests for one model never
+    /// holds up the requests for another.
+    async fn run_model_holding<T>(
+        &self,
+        model: Arc<Loaded>,
+        input_mib: u64,
+        f: impl FnOnce(&Loaded) -> Result<T, crate::error::RuntimeError>,
+    ) -> Result<(T, String), Error> {
         self.hold.touch(self.bus()?).await;
         // Counted as in use while it waits, so it is not evicted between
         // the turns of the requests before it.
         let _in_use = model.in_use();
         let _turn = model.turn.lock().await;
+        let _share = match input_mib {
+            0 => None,
+            n => Some(
+                self.input_mib
+                    .acquire_many(n.min(self.input_mib_total as u64) as u32)
+                    .await
+                    .map_err(|e| Error::Inference(e.to_string()))?,
+            ),
+        };
         // Run on this worker thread: handing the session to another thread
         // (spawn_blocking, or block_in_place's hand-off of the worker) and
         // back costs more than the bus itself. One worker at a time may do
@@ -229,7 +251,9 @@ impl RuntimeIface {
             )));
         }
         let limit = self.rt.request_limit();
-        let total: u64 = inputs.values().map(|r| r.len).sum();
+        // Saturating: lengths near 2^64 (a sparse file can be that large)
+        // must not wrap around to a small total.
+        let total = inputs.values().fold(0u64, |t, r| t.saturating_add(r.len));
         if total > limit {
             return Err(Error::InvalidArgument(format!(
                 "the inputs take {total} bytes, over npud's limit of {limit} (max_request_mb)"
@@ -238,16 +262,12 @@ impl RuntimeIface {
         // The caller can write its file at any time: its inputs are copied
         // out, once the model's turn has come, and ONNX Runtime reads only
         // the copies. Nothing of the file is mapped, and it never grows.
-        let share = total.div_ceil(MIB).max(1) as usize;
-        let _share = self
-            .input_mib
-            .acquire_many(share.min(self.input_mib_total) as u32)
-            .await
-            .map_err(|e| Error::Inference(e.to_string()))?;
+        let share = total.div_ceil(MIB).max(1);
         let ((outputs, latency), provider) = self
-            .run_model(model, |m| {
+            .run_model_holding(model, share, |m| {
                 let mut read = Vec::with_capacity(inputs.len());
                 for (n, r) in inputs {
+                    // At most max_request_mb in all (checked above).
                     let mut buf = vec![0u8; r.len as usize];
                     file.read_exact_at(&mut buf, r.offset).map_err(|e| {
                         crate::error::RuntimeError::InvalidInput(format!("input {n:?}: {e}"))

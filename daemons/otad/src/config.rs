@@ -81,6 +81,11 @@ pub struct System {
     /// otad (the factory image).
     #[serde(default = "default_version_file")]
     pub version_file: PathBuf,
+    /// The security version of the system in this rootfs, for a slot that
+    /// otad did not install (the factory image): a rollback to it is
+    /// refused once the device's security floor is above it.
+    #[serde(default)]
+    pub security_version: u64,
     /// Where `partlabel:` devices are looked up.
     #[serde(default = "default_sysfs")]
     pub sysfs_root: PathBuf,

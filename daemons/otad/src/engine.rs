@@ -26,6 +26,9 @@ pub struct Engine {
     cfg: Config,
     system: System,
     env: BootEnv,
+    /// Held from reading the environment to writing its change: a mark-bad,
+    /// a mark-good, a rollback and an install never write over each other.
+    env_lock: Mutex<()>,
     state: State,
     base_keyring: Result<Keyring, String>,
     booted: Result<String, String>,
@@ -68,6 +71,7 @@ impl Engine {
             cfg,
             system,
             env,
+            env_lock: Mutex::new(()),
             state,
             base_keyring,
             booted,
@@ -103,6 +107,16 @@ impl Engine {
             .ok()
             .and_then(|v| self.env.primary(&v, &self.system.slot_names()))
             .unwrap_or_default()
+    }
+
+    /// Reads the bootloader environment, decides its change and writes it,
+    /// under one lock.
+    fn change_env(
+        &self,
+        change: impl FnOnce(&Vars) -> Result<Vars, UpdateError>,
+    ) -> Result<(), UpdateError> {
+        let _one_at_a_time = self.env_lock.lock().expect("env lock");
+        self.env.update(change)
     }
 
     pub fn security_version(&self) -> u64 {
@@ -342,7 +356,7 @@ impl Engine {
                     .floors()
                     .check(BUNDLE_SUBJECT, vh.version(), &digest)?;
                 // Never leave a half-written slot bootable.
-                self.env.update(|v| self.env.with_bad(v, &target))?;
+                self.change_env(|v| Ok(self.env.with_bad(v, &target)))?;
                 self.state.begin_install(&InstallRecord {
                     source: job.source.clone(),
                     slot: target.clone(),
@@ -383,8 +397,7 @@ impl Engine {
             },
         )?;
         let slots = self.system.slot_names();
-        self.env
-            .update(|v| self.env.with_primary(v, &slots, &target))?;
+        self.change_env(|v| Ok(self.env.with_primary(v, &slots, &target)))?;
         self.state.clear_install()
     }
 
@@ -432,7 +445,7 @@ impl Engine {
     /// the security floor rises to its bundle's.
     pub fn mark_good(&self) -> Result<String, UpdateError> {
         let slot = self.booted()?.to_string();
-        self.env.update(|v| self.env.with_good(v, &slot))?;
+        self.change_env(|v| Ok(self.env.with_good(v, &slot)))?;
         self.state.mark_good(&slot)?;
         *self.health.lock().expect("health") = "good".into();
         Ok(slot)
@@ -445,7 +458,7 @@ impl Engine {
                 self.system.slot_names().join(", "),
             ));
         }
-        self.env.update(|v| self.env.with_bad(v, slot))?;
+        self.change_env(|v| Ok(self.env.with_bad(v, slot)))?;
         if let Some(mut rec) = self.state.slot(slot)? {
             rec.health = "failed".into();
             self.state.set_slot(slot, &rec)?;
@@ -462,17 +475,30 @@ impl Engine {
                 "an install is writing the other slot".into(),
             ));
         }
-        let vars: Vars = self.env.read()?;
         let rec = self.state.slot(&other)?;
         let usable = rec
             .as_ref()
             .is_none_or(|r| r.health == "good" || r.health == "pending");
-        if !self.env.slot(&vars, &other).good || !usable {
-            return Err(UpdateError::NotGood(other));
+        // A slot below the security floor holds a system with a hole that a
+        // later one fixed: never boot it again.
+        let floor = self.state.security_floor()?;
+        let offered = rec
+            .as_ref()
+            .map_or(self.system.security_version, |r| r.security_version);
+        if offered < floor {
+            return Err(UpdateError::SlotBelowFloor {
+                slot: other,
+                offered,
+                floor,
+            });
         }
         let slots = self.system.slot_names();
-        self.env
-            .update(|v| self.env.with_primary(v, &slots, &other))?;
+        self.change_env(|vars| {
+            if !self.env.slot(vars, &other).good || !usable {
+                return Err(UpdateError::NotGood(other.clone()));
+            }
+            Ok(self.env.with_primary(vars, &slots, &other))
+        })?;
         Ok(other)
     }
 

@@ -16,6 +16,12 @@ pub enum UpdateError {
     Downgrade { offered: String, running: String },
     #[error("bundle security version {offered} is below this device's {floor} (refused)")]
     SecurityFloor { offered: u64, floor: u64 },
+    #[error("slot {slot} holds security version {offered}, below this device's {floor}: a later system fixed what it lacks, so it is not booted again")]
+    SlotBelowFloor {
+        slot: String,
+        offered: u64,
+        floor: u64,
+    },
     #[error("bundle payload {payload} of {size} bytes does not fit slot {slot}'s {device} ({capacity} bytes)")]
     TooLarge {
         payload: String,
@@ -75,7 +81,9 @@ impl UpdateError {
                 _ => "Corrupt",
             },
             UpdateError::Env(_) => "Bootloader",
-            UpdateError::Downgrade { .. } | UpdateError::SecurityFloor { .. } => "Downgrade",
+            UpdateError::Downgrade { .. }
+            | UpdateError::SecurityFloor { .. }
+            | UpdateError::SlotBelowFloor { .. } => "Downgrade",
             UpdateError::TooLarge { .. } => "DiskFull",
             UpdateError::UnknownComponent(_) => "Incompatible",
             UpdateError::NoSuchSlot(..) | UpdateError::InvalidArgument(_) => "InvalidArgument",

@@ -40,6 +40,11 @@ pub struct Config {
     /// host name and `<host name>.local`.
     #[serde(default)]
     pub host_names: Vec<String>,
+    /// The system user the dashboard becomes once it listens (started as
+    /// root only to listen on port 80); unset, it stays the user it was
+    /// started as.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -73,6 +78,18 @@ pub async fn serve(
     cfg: Config,
     shutdown: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Listening is the one thing that may need root: everything after it,
+    // the data directory and the bus included, is done as `user`.
+    let addr: SocketAddr = cfg
+        .listen
+        .parse()
+        .map_err(|e| anyhow::anyhow!("listen {:?}: {e}", cfg.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    if let Some(user) = &cfg.user {
+        pocket_daemon::run_as(user)?;
+    }
     std::fs::create_dir_all(cfg.data_dir.join("uploads"))
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.data_dir.display()))?;
     // Uploads left by a crash or power cut are not resumable: drop them.
@@ -82,13 +99,6 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
     let auth = auth::Auth::open(&cfg)?;
     let events = events::Events::start(&bus).await?;
-    let addr: SocketAddr = cfg
-        .listen
-        .parse()
-        .map_err(|e| anyhow::anyhow!("listen {:?}: {e}", cfg.listen))?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Arc::new(App {
         host_names: net::host_names(&cfg.host_names),
         cfg,

@@ -199,15 +199,19 @@ impl BootEnv {
     }
 
     /// Applies `change` to the environment in force as one transaction.
-    pub fn update(&self, change: impl FnOnce(&Vars) -> Vars) -> Result<(), EnvError> {
+    pub fn update<E: From<EnvError>>(
+        &self,
+        change: impl FnOnce(&Vars) -> Result<Vars, E>,
+    ) -> Result<(), E> {
         let vars = self.read()?;
-        let next = change(&vars);
+        let next = change(&vars)?;
         if next == vars {
             return Ok(());
         }
         self.plan(&next)?
             .apply()
-            .map_err(|e| EnvError::Invalid(format!("writing the environment: {e}")))
+            .map_err(|e| EnvError::Invalid(format!("writing the environment: {e}")))?;
+        Ok(())
     }
 }
 
