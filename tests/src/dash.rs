@@ -50,9 +50,19 @@ impl Reply {
 
 impl Dash {
     pub fn new(base: &str) -> Dash {
+        Self::with_client(base, reqwest::blocking::Client::builder())
+    }
+
+    /// A client whose connections come from `ip` (another loopback address,
+    /// say: another machine, as the dashboard sees it).
+    pub fn from_address(base: &str, ip: std::net::IpAddr) -> Dash {
+        Self::with_client(base, reqwest::blocking::Client::builder().local_address(ip))
+    }
+
+    fn with_client(base: &str, builder: reqwest::blocking::ClientBuilder) -> Dash {
         Dash {
             base: base.trim_end_matches('/').to_string(),
-            client: reqwest::blocking::Client::builder()
+            client: builder
                 .timeout(Duration::from_secs(120))
                 .build()
                 .expect("http client"),

@@ -586,3 +586,80 @@ fn a_full_disk_refuses_the_upload_and_keeps_the_credential() {
     again.log_in(PASSWORD, false).ok();
     assert_eq!(again.get("/api/session").ok()["logged_in"], true);
 }
+
+/// Hardening: a password guesser in a loop slows itself down, not the admin.
+/// Its wrong passwords after the first few make it wait, doubling (429 with
+/// `Retry-After`, nothing checked), while the admin, from another address,
+/// logs in at once every time.
+#[test]
+fn a_password_guesser_waits_and_the_admin_logs_in_meanwhile() {
+    let (_w, _board, mut d) = world("");
+    d.log_in(PASSWORD, true).ok();
+    let base = d.base.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guesser = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut g = Dash::from_address(&base, "127.0.0.2".parse().unwrap());
+            let (mut wrong, mut waited) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = g.log_in("not the password", false);
+                match r.status {
+                    401 => wrong += 1,
+                    429 => {
+                        assert_eq!(r.body["error"], "TooManyAttempts", "{}", r.body);
+                        waited.push(r.body["message"].as_str().unwrap_or("").to_string());
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    other => panic!("guesser got {other}: {}", r.body),
+                }
+            }
+            (wrong, waited)
+        })
+    };
+    let guessing = std::time::Instant::now();
+    for _ in 0..20 {
+        let mut admin = Dash::new(&d.base);
+        let start = std::time::Instant::now();
+        admin.log_in(PASSWORD, false).ok();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (wrong, waited) = guesser.join().unwrap();
+    // Three free guesses, then one after 1 s, 2 s, 4 s...: in T seconds at
+    // most 3 + log2(T) + 1 of them are checked.
+    let secs = guessing.elapsed().as_secs() + 1;
+    let most = 3 + (64 - secs.leading_zeros()) + 1;
+    assert!(
+        wrong >= 3 && wrong <= most,
+        "{wrong} wrong guesses checked in {secs} s"
+    );
+    assert!(!waited.is_empty());
+    assert!(
+        waited.iter().all(|m| m.contains("try again in")),
+        "{waited:?}"
+    );
+    // The Retry-After header says the same.
+    let r = reqwest::blocking::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+        .post(format!("{}/api/login", d.base))
+        .header("content-type", "application/json")
+        .header("x-csrf-token", "none")
+        .body(json!({"password": "not the password"}).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let secs: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=300).contains(&secs), "{secs}");
+}

@@ -278,9 +278,13 @@ async fn setup(State(app): AppState, bytes: Bytes) -> ApiResult<Response> {
     Ok(logged_in(&app, keys))
 }
 
-async fn login(State(app): AppState, bytes: Bytes) -> ApiResult<Response> {
+async fn login(
+    State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
     let p: Password = body(&bytes)?;
-    let keys = app.auth.login(p.password).await?;
+    let keys = app.auth.login(peer.ip(), p.password).await?;
     Ok(logged_in(&app, keys))
 }
 

@@ -27,15 +27,23 @@ pub const MIN_PASSWORD: usize = 8;
 const MAX_PASSWORD: usize = 1024;
 /// Most sessions kept; the least recently used goes first.
 const MAX_SESSIONS: usize = 32;
-/// How long a wrong password holds up the next login attempt.
-const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+/// Wrong passwords a client may try before it has to wait.
+const FREE_FAILURES: u32 = 3;
+/// The longest a client waits between guesses.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Clients whose failures are remembered, at most: the oldest go first.
+const MAX_CLIENTS: usize = 4096;
 
 pub struct Auth {
     path: PathBuf,
     hash: Mutex<Option<String>>,
     sessions: Mutex<HashMap<String, Session>>,
     /// One password check at a time, so guesses cannot run in parallel.
+    /// Held only while the hash is checked, never while anyone waits.
     gate: tokio::sync::Mutex<()>,
+    /// Each client address's failed logins: how many in a row and until
+    /// when it must wait; and whether it has a check running now.
+    clients: Mutex<HashMap<std::net::IpAddr, Client>>,
     idle: Duration,
     secure: bool,
 }
@@ -43,6 +51,22 @@ pub struct Auth {
 struct Session {
     csrf: String,
     last_used: Instant,
+}
+
+#[derive(Clone, Copy)]
+struct Client {
+    failures: u32,
+    wait_until: Instant,
+    checking: bool,
+}
+
+/// How long a client waits after its `failures`-th wrong password in a row:
+/// nothing for the first few, then 1 s, doubling, at most five minutes.
+fn backoff(failures: u32) -> Duration {
+    match failures.checked_sub(FREE_FAILURES) {
+        None => Duration::ZERO,
+        Some(n) => Duration::from_secs(1u64 << n.min(16)).min(MAX_BACKOFF),
+    }
 }
 
 /// A logged-in session: its token and CSRF token.
@@ -71,6 +95,7 @@ impl Auth {
             hash: Mutex::new(hash),
             sessions: Mutex::default(),
             gate: tokio::sync::Mutex::new(()),
+            clients: Mutex::default(),
             idle: Duration::from_secs(cfg.session_idle_minutes.max(1) * 60),
             secure: cfg.secure_cookies,
         })
@@ -115,22 +140,78 @@ impl Auth {
         Ok(self.new_session())
     }
 
-    /// Checks the password and starts a session. While another check runs
-    /// (or its failure delay), the answer is `Busy` at once rather than a
-    /// place in a queue that guessers could keep full.
-    pub async fn login(&self, password: String) -> ApiResult<SessionKeys> {
+    /// Checks the password from client `from` and starts a session. A
+    /// client that guessed wrong too often waits, doubling each time: its
+    /// attempts are refused (`TooManyAttempts`, with the wait) without a
+    /// check, one at a time, while everyone else logs in as usual.
+    pub async fn login(&self, from: std::net::IpAddr, password: String) -> ApiResult<SessionKeys> {
         if password.len() > MAX_PASSWORD {
             return Err(ApiError::bad_request(format!(
                 "the password is longer than {MAX_PASSWORD} bytes"
             )));
         }
-        let Ok(_gate) = self.gate.try_lock() else {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "Busy",
-                "another login is being checked; try again in a moment",
-            ));
-        };
+        {
+            let mut clients = self.clients.lock().unwrap();
+            let now = Instant::now();
+            let c = clients.entry(from).or_insert(Client {
+                failures: 0,
+                wait_until: now,
+                checking: false,
+            });
+            if c.checking || now < c.wait_until {
+                let wait = c.wait_until.saturating_duration_since(now).as_secs().max(1);
+                return Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "TooManyAttempts",
+                    format!("too many wrong passwords from this address; try again in {wait} s"),
+                )
+                .retry_after(wait));
+            }
+            c.checking = true;
+            if clients.len() > MAX_CLIENTS {
+                let oldest = clients
+                    .iter()
+                    .filter(|(ip, c)| **ip != from && !c.checking)
+                    .min_by_key(|(_, c)| c.wait_until)
+                    .map(|(ip, _)| *ip);
+                if let Some(ip) = oldest {
+                    clients.remove(&ip);
+                }
+            }
+        }
+        let ok = self.check(password).await;
+        let mut clients = self.clients.lock().unwrap();
+        match ok {
+            Ok(true) => {
+                clients.remove(&from);
+                drop(clients);
+                tracing::info!("admin logged in");
+                Ok(self.new_session())
+            }
+            Ok(false) => {
+                let c = clients.get_mut(&from).expect("marked above");
+                c.checking = false;
+                c.failures = c.failures.saturating_add(1);
+                c.wait_until = Instant::now() + backoff(c.failures);
+                tracing::warn!("failed login");
+                Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "WrongPassword",
+                    "wrong password",
+                ))
+            }
+            Err(e) => {
+                if let Some(c) = clients.get_mut(&from) {
+                    c.checking = false;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether `password` is the admin's; one check at a time.
+    async fn check(&self, password: String) -> ApiResult<bool> {
+        let _gate = self.gate.lock().await;
         let Some(hash) = self.hash.lock().unwrap().clone() else {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -138,20 +219,11 @@ impl Auth {
                 "no admin password is set yet; set one first",
             ));
         };
-        let ok = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false);
-        if !ok {
-            tracing::warn!("failed login");
-            tokio::time::sleep(FAILED_LOGIN_DELAY).await;
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "WrongPassword",
-                "wrong password",
-            ));
-        }
-        tracing::info!("admin logged in");
-        Ok(self.new_session())
+        Ok(
+            tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+                .await
+                .unwrap_or(false),
+        )
     }
 
     fn new_session(&self) -> SessionKeys {
