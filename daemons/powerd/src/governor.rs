@@ -4,9 +4,13 @@
 
 use crate::board::{Board, PROFILES};
 use crate::controller::{Controller, Reading, Reason};
+use crate::error::GovernorError;
 use crate::state::Store;
 use crate::sysfs::Hardware;
 use std::collections::BTreeMap;
+
+/// The budgets `SetBudget` accepts, in watts.
+const BUDGET_WATTS: std::ops::RangeInclusive<f64> = 1.0..=10_000.0;
 
 /// A `HoldProfile` in force.
 #[derive(Debug, Clone)]
@@ -89,11 +93,9 @@ impl Governor {
 
     /// The user picks a profile: it persists, and every hold is released.
     /// Returns the released holds.
-    pub fn set_profile(&mut self, profile: &str) -> Result<Vec<Hold>, String> {
+    pub fn set_profile(&mut self, profile: &str) -> Result<Vec<Hold>, GovernorError> {
         if !PROFILES.contains(&profile) {
-            return Err(format!(
-                "no profile {profile:?} (power-saver, balanced, performance)"
-            ));
+            return Err(GovernorError::UnknownProfile(profile.to_string()));
         }
         self.store.set("profile", profile)?;
         self.user_profile = profile.to_string();
@@ -108,11 +110,9 @@ impl Governor {
         reason: &str,
         app: &str,
         owner: &str,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, GovernorError> {
         if profile != "power-saver" && profile != "performance" {
-            return Err(format!(
-                "only power-saver or performance can be held, not {profile:?}"
-            ));
+            return Err(GovernorError::NotHoldable(profile.to_string()));
         }
         let cookie = self.next_cookie;
         self.next_cookie += 1;
@@ -127,12 +127,12 @@ impl Governor {
         Ok(cookie)
     }
 
-    pub fn release(&mut self, cookie: u32) -> Result<Hold, String> {
+    pub fn release(&mut self, cookie: u32) -> Result<Hold, GovernorError> {
         let i = self
             .holds
             .iter()
             .position(|h| h.cookie == cookie)
-            .ok_or_else(|| format!("no hold with cookie {cookie}"))?;
+            .ok_or(GovernorError::NoSuchHold(cookie))?;
         let h = self.holds.remove(i);
         self.apply();
         Ok(h)
@@ -149,18 +149,20 @@ impl Governor {
         n
     }
 
-    pub fn set_budget(&mut self, watts: f64) -> Result<(), String> {
-        if !(watts.is_finite() && (1.0..=10_000.0).contains(&watts)) {
-            return Err(format!(
-                "a budget of {watts} W is not between 1 and 10000 W"
-            ));
+    pub fn set_budget(&mut self, watts: f64) -> Result<(), GovernorError> {
+        if !(watts.is_finite() && BUDGET_WATTS.contains(&watts)) {
+            return Err(GovernorError::BudgetOutOfRange {
+                watts,
+                min: *BUDGET_WATTS.start(),
+                max: *BUDGET_WATTS.end(),
+            });
         }
         self.store.set("budget_watts", &watts.to_string())?;
         self.budget = watts;
         Ok(())
     }
 
-    pub fn set_battery_aware(&mut self, on: bool) -> Result<(), String> {
+    pub fn set_battery_aware(&mut self, on: bool) -> Result<(), GovernorError> {
         self.store
             .set("battery_aware", if on { "true" } else { "false" })?;
         self.battery_aware = on;
@@ -176,7 +178,7 @@ impl Governor {
         let mut caps = BTreeMap::new();
         for d in &mut self.hw.devices {
             if let Err(e) = d.apply(&profile, fraction) {
-                problems.push(e);
+                problems.push(e.to_string());
             }
             if let Some((g, cap)) = &d.applied {
                 caps.insert(d.id.clone(), (g.clone(), d.cap_hz(*cap)));
@@ -201,7 +203,7 @@ impl Governor {
                     *total.get_or_insert(0.0) += w;
                 }
                 Ok(None) => {}
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         let mut temps = BTreeMap::new();
@@ -212,7 +214,7 @@ impl Governor {
                     temps.insert(z.name.clone(), t);
                     zone_temps.push((t, z.passive_c));
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         for (name, path) in &self.hw.temps {
@@ -220,7 +222,7 @@ impl Governor {
                 Ok(m) => {
                     temps.insert(name.clone(), m / 1000.0);
                 }
-                Err(e) => problems.push(e),
+                Err(e) => problems.push(e.to_string()),
             }
         }
         let reading = Reading {

@@ -5,11 +5,13 @@
 //!   control loop (the core room);
 //! - [`sysfs`] and [`board`]: the kernel's interfaces under a sysfs root,
 //!   and what a board has (the platform room);
-//! - [`ppd`] and [`power1`]: the bus surfaces.
+//! - [`ppd`] and [`power1`]: the bus surfaces, where [`error`]'s types
+//!   become D-Bus errors.
 
 pub mod board;
 pub mod config;
 pub mod controller;
+pub mod error;
 pub mod governor;
 pub mod power1;
 pub mod ppd;

@@ -1,5 +1,6 @@
 //! `org.pocketos.Power1`: the budget and live telemetry.
 
+use crate::error::GovernorError;
 use crate::governor::Governor;
 use pocket_daemon::access::require_admin;
 use pocket_proto::power::{Cap, Telemetry};
@@ -15,6 +16,21 @@ pub enum Error {
     ZBus(zbus::Error),
     PermissionDenied(String),
     InvalidArgument(String),
+}
+
+impl From<GovernorError> for Error {
+    fn from(e: GovernorError) -> Self {
+        let msg = e.to_string();
+        match e {
+            // A budget that cannot be saved has always answered
+            // InvalidArgument here; callers may match on the name.
+            GovernorError::UnknownProfile(_)
+            | GovernorError::NotHoldable(_)
+            | GovernorError::NoSuchHold(_)
+            | GovernorError::BudgetOutOfRange { .. }
+            | GovernorError::State(_) => Error::InvalidArgument(msg),
+        }
+    }
 }
 
 pub struct Power1 {
@@ -65,11 +81,7 @@ impl Power1 {
         require_admin(conn, &hdr, self.admin_gid, "changing the power budget")
             .await
             .map_err(|e| Error::PermissionDenied(e.0))?;
-        self.gov
-            .lock()
-            .await
-            .set_budget(watts)
-            .map_err(Error::InvalidArgument)?;
+        self.gov.lock().await.set_budget(watts)?;
         tracing::info!(watts, "budget set");
         self.budget_watts_changed(&emitter).await?;
         Ok(())

@@ -4,6 +4,7 @@
 //! `powerprofilesctl`, GNOME and KDE work unchanged.
 
 use crate::board::PROFILES;
+use crate::error::GovernorError;
 use crate::governor::Governor;
 use pocket_daemon::access::require_admin;
 use std::collections::HashMap;
@@ -132,8 +133,20 @@ async fn check_caller(
     }
 }
 
-fn failed(msg: String) -> zbus::fdo::Error {
-    zbus::fdo::Error::Failed(msg)
+/// power-profiles-daemon's answers: a bad argument to a method is
+/// `InvalidArgs`; a property that cannot be set is `Failed`.
+impl From<GovernorError> for zbus::fdo::Error {
+    fn from(e: GovernorError) -> Self {
+        let msg = e.to_string();
+        match e {
+            GovernorError::NotHoldable(_)
+            | GovernorError::NoSuchHold(_)
+            | GovernorError::BudgetOutOfRange { .. } => zbus::fdo::Error::InvalidArgs(msg),
+            GovernorError::UnknownProfile(_) | GovernorError::State(_) => {
+                zbus::fdo::Error::Failed(msg)
+            }
+        }
+    }
 }
 
 macro_rules! ppd_interface {
@@ -152,13 +165,12 @@ macro_rules! ppd_interface {
             ) -> zbus::fdo::Result<u32> {
                 let owner = hdr.sender().map(|s| s.to_string()).unwrap_or_default();
                 let before = self.0.gov.lock().await.active_profile();
-                let cookie = self
-                    .0
-                    .gov
-                    .lock()
-                    .await
-                    .hold(profile, reason, application_id, &owner)
-                    .map_err(zbus::fdo::Error::InvalidArgs)?;
+                let cookie =
+                    self.0
+                        .gov
+                        .lock()
+                        .await
+                        .hold(profile, reason, application_id, &owner)?;
                 let after = self.0.gov.lock().await.active_profile();
                 tracing::info!(cookie, profile, application_id, reason, "profile held");
                 emit_changed(conn, before != after, true, false).await;
@@ -192,12 +204,7 @@ macro_rules! ppd_interface {
                     .await?;
                 }
                 let before = self.0.gov.lock().await.active_profile();
-                self.0
-                    .gov
-                    .lock()
-                    .await
-                    .release(cookie)
-                    .map_err(zbus::fdo::Error::InvalidArgs)?;
+                self.0.gov.lock().await.release(cookie)?;
                 let after = self.0.gov.lock().await.active_profile();
                 emit_changed(conn, before != after, true, false).await;
                 Ok(())
@@ -236,13 +243,7 @@ macro_rules! ppd_interface {
                     "changing the power profile",
                 )
                 .await?;
-                let released = self
-                    .0
-                    .gov
-                    .lock()
-                    .await
-                    .set_profile(&profile)
-                    .map_err(failed)?;
+                let released = self.0.gov.lock().await.set_profile(&profile)?;
                 tracing::info!(profile, "profile chosen");
                 // This setter holds the interface; signals that read it go
                 // out once it returns.
@@ -308,12 +309,7 @@ macro_rules! ppd_interface {
                     "changing BatteryAware",
                 )
                 .await?;
-                self.0
-                    .gov
-                    .lock()
-                    .await
-                    .set_battery_aware(on)
-                    .map_err(failed)
+                Ok(self.0.gov.lock().await.set_battery_aware(on)?)
             }
         }
     };

@@ -1,6 +1,7 @@
 //! The settings that survive a restart: the chosen profile, the budget and
 //! `BatteryAware`, in redb (each change one committed transaction).
 
+use crate::error::StateError;
 use redb::{Database, TableDefinition};
 use std::path::Path;
 
@@ -16,17 +17,16 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    format!("state database: {e}")
-}
-
 impl Store {
-    pub fn open(dir: &Path) -> Result<Store, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let db = Database::create(dir.join("powerd.redb")).map_err(err)?;
-        let txn = db.begin_write().map_err(err)?;
-        txn.open_table(SETTINGS).map_err(err)?;
-        txn.commit().map_err(err)?;
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
+        let db = Database::create(dir.join("powerd.redb"))?;
+        let txn = db.begin_write()?;
+        txn.open_table(SETTINGS)?;
+        txn.commit()?;
         Ok(Store { db })
     }
 
@@ -37,12 +37,10 @@ impl Store {
         Some(v.value().to_string())
     }
 
-    pub fn set(&self, key: &str, value: &str) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(err)?;
-        txn.open_table(SETTINGS)
-            .map_err(err)?
-            .insert(key, value)
-            .map_err(err)?;
-        txn.commit().map_err(err)
+    pub fn set(&self, key: &str, value: &str) -> Result<(), StateError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(SETTINGS)?.insert(key, value)?;
+        txn.commit()?;
+        Ok(())
     }
 }

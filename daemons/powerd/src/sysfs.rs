@@ -4,25 +4,34 @@
 //! never a crash.
 
 use crate::board::{Board, Setting};
+use crate::error::SysfsError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Reads one value, saying which file and why when it cannot.
-pub fn read(path: &Path) -> Result<String, String> {
+pub fn read(path: &Path) -> Result<String, SysfsError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|source| SysfsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
-pub fn read_num<T: std::str::FromStr>(path: &Path) -> Result<T, String> {
+pub fn read_num<T: std::str::FromStr>(path: &Path) -> Result<T, SysfsError> {
     let text = read(path)?;
-    text.parse()
-        .map_err(|_| format!("{}: not a number: {text:?}", path.display()))
+    text.parse().map_err(|_| SysfsError::NotANumber {
+        path: path.to_path_buf(),
+        text,
+    })
 }
 
-fn write(path: &Path, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("{}: {e}", path.display()))
+fn write(path: &Path, value: &str) -> Result<(), SysfsError> {
+    std::fs::write(path, value).map_err(|source| SysfsError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A frequency-scaled device: a cpufreq policy or a devfreq device.
@@ -80,7 +89,7 @@ impl Scaled {
     }
 
     /// Writes governor and cap when they differ from what was applied.
-    pub fn apply(&mut self, profile: &str, fraction: f64) -> Result<bool, String> {
+    pub fn apply(&mut self, profile: &str, fraction: f64) -> Result<bool, SysfsError> {
         let governor = self
             .profiles
             .get(profile)
@@ -92,11 +101,11 @@ impl Scaled {
         }
         if !governor.is_empty() && self.applied.as_ref().map(|a| &a.0) != Some(&governor) {
             if !self.governors.is_empty() && !self.governors.contains(&governor) {
-                return Err(format!(
-                    "{}: governor {governor:?} is not available ({})",
-                    self.id,
-                    self.governors.join(" ")
-                ));
+                return Err(SysfsError::GovernorUnavailable {
+                    device: self.id.clone(),
+                    governor,
+                    available: self.governors.clone(),
+                });
             }
             write(&self.dir.join(self.governor_file), &governor)?;
         }
@@ -105,7 +114,7 @@ impl Scaled {
         Ok(true)
     }
 
-    pub fn read_cap(&self) -> Result<u64, String> {
+    pub fn read_cap(&self) -> Result<u64, SysfsError> {
         read_num(&self.dir.join(self.max_file))
     }
 
@@ -128,7 +137,7 @@ pub struct Zone {
 }
 
 impl Zone {
-    pub fn temp_c(&self) -> Result<f64, String> {
+    pub fn temp_c(&self) -> Result<f64, SysfsError> {
         read_num::<f64>(&self.dir.join("temp")).map(|m| m / 1000.0)
     }
 }
@@ -151,7 +160,7 @@ pub struct RailProbe {
 impl RailProbe {
     /// Watts now: a power sensor's reading, or the energy counter's rise
     /// since the last call (`None` on the first call).
-    pub fn watts(&mut self) -> Result<Option<f64>, String> {
+    pub fn watts(&mut self) -> Result<Option<f64>, SysfsError> {
         match &mut self.sensor {
             RailSensor::Power(p) => read_num::<f64>(p).map(|uw| Some(uw / 1e6)),
             RailSensor::Energy { path, last } => {
@@ -183,22 +192,26 @@ pub struct Hardware {
     pub problems: Vec<String>,
 }
 
-fn list(path: &Path) -> Result<Vec<String>, String> {
+fn list(path: &Path) -> Result<Vec<String>, SysfsError> {
     Ok(read(path)?.split_whitespace().map(str::to_string).collect())
 }
 
-fn freqs(path: &Path) -> Result<Vec<u64>, String> {
+fn freqs(path: &Path) -> Result<Vec<u64>, SysfsError> {
     let mut v = list(path)?
-        .iter()
+        .into_iter()
         .map(|f| {
-            f.parse::<u64>()
-                .map_err(|_| format!("{}: not a frequency: {f:?}", path.display()))
+            f.parse::<u64>().map_err(|_| SysfsError::NotAFrequency {
+                path: path.to_path_buf(),
+                text: f,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     v.sort_unstable();
     v.dedup();
     if v.is_empty() {
-        return Err(format!("{}: no frequencies", path.display()));
+        return Err(SysfsError::NoFrequencies {
+            path: path.to_path_buf(),
+        });
     }
     Ok(v)
 }
@@ -236,7 +249,7 @@ fn probe_scaled(
     dir: PathBuf,
     name: &str,
     profiles: &BTreeMap<String, Setting>,
-) -> Result<Scaled, String> {
+) -> Result<Scaled, SysfsError> {
     let freqs = freqs(&dir.join(files.available))?;
     let governors = list(&dir.join(files.governors)).unwrap_or_default();
     read(&dir.join(files.max))?;
