@@ -30,8 +30,10 @@ pub struct Engine {
     /// a mark-good, a rollback and an install never write over each other.
     env_lock: Mutex<()>,
     state: State,
-    base_keyring: Result<Keyring, String>,
-    booted: Result<String, String>,
+    /// The keyring on the rootfs, or why it cannot be used.
+    base_keyring: Result<Keyring, Arc<pocket_trust::TrustError>>,
+    /// The booted slot, or why it is not known.
+    booted: Result<String, Arc<UpdateError>>,
     job: Mutex<Option<Arc<Job>>>,
     next_id: AtomicU64,
     last_error: Mutex<String>,
@@ -57,16 +59,17 @@ impl Engine {
             },
         };
         let state = State::open(&cfg.state_dir)?;
-        let base_keyring =
-            Keyring::load_dir(&cfg.keyring_dir, SystemTime::now()).map_err(|e| e.to_string());
+        let base_keyring = Keyring::load_dir(&cfg.keyring_dir, SystemTime::now()).map_err(Arc::new);
         let booted = match std::fs::read_to_string(&cfg.cmdline) {
             Ok(text) => crate::slots::booted_from_cmdline(&text)
                 .filter(|s| system.slots.contains_key(s))
-                .ok_or_else(|| {
-                    UpdateError::BootedUnknown(cfg.cmdline.display().to_string()).to_string()
-                }),
-            Err(e) => Err(format!("cannot read {}: {e}", cfg.cmdline.display())),
-        };
+                .ok_or_else(|| UpdateError::BootedUnknown(cfg.cmdline.display().to_string())),
+            Err(e) => Err(UpdateError::io(
+                format!("cannot read {}", cfg.cmdline.display()),
+                e,
+            )),
+        }
+        .map_err(Arc::new);
         Ok(Arc::new(Engine {
             cfg,
             system,
@@ -146,7 +149,7 @@ impl Engine {
     pub fn status(&self) -> String {
         let mut problems = Vec::new();
         if let Err(e) = &self.booted {
-            problems.push(e.clone());
+            problems.push(e.to_string());
         }
         if let Err(e) = self.env.read() {
             problems.push(e.to_string());

@@ -8,23 +8,64 @@ use pocket_proto::runtime::{dtype_size, Runtime1Proxy, Tensor};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String, String> {
+/// Why a boot's health check failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("cannot ask the bus: {0}")]
+    Bus(zbus::Error),
+    #[error("bad bus name {name:?} in the health check: {source}")]
+    BadBusName {
+        name: String,
+        source: zbus::names::Error,
+    },
+    #[error("{name} did not appear on the bus within {secs} s")]
+    Missing { name: String, secs: u64 },
+    #[error("model manager: {0}")]
+    ModelManager(zbus::Error),
+    #[error("runtime: {0}")]
+    Runtime(zbus::Error),
+    #[error("smoke inference of {model}: {source}")]
+    Smoke { model: String, source: zbus::Error },
+    #[error("smoke inference of {model}: not loaded")]
+    NotLoaded { model: String },
+    #[error("smoke inference of {model}: input type {dtype}")]
+    InputType { model: String, dtype: String },
+    #[error("health command {prog} failed ({status})")]
+    CommandFailed {
+        prog: String,
+        status: std::process::ExitStatus,
+    },
+    #[error("health command {prog} could not run: {source}")]
+    CommandNotRun {
+        prog: String,
+        source: std::io::Error,
+    },
+    #[error("health command {prog} timed out")]
+    CommandTimedOut { prog: String },
+}
+
+/// Runs the check; returns what passed, as a person reads it.
+pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String, HealthError> {
     let deadline = Instant::now() + Duration::from_secs(cfg.timeout_secs);
     let dbus = zbus::fdo::DBusProxy::new(conn)
         .await
-        .map_err(|e| format!("cannot ask the bus: {e}"))?;
+        .map_err(HealthError::Bus)?;
     for name in &cfg.bus_names {
-        let bus_name = zbus::names::BusName::try_from(name.as_str())
-            .map_err(|e| format!("bad bus name {name:?} in the health check: {e}"))?;
+        let bus_name = zbus::names::BusName::try_from(name.as_str()).map_err(|source| {
+            HealthError::BadBusName {
+                name: name.clone(),
+                source,
+            }
+        })?;
         loop {
             if dbus.name_has_owner(bus_name.clone()).await.unwrap_or(false) {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "{name} did not appear on the bus within {} s",
-                    cfg.timeout_secs
-                ));
+                return Err(HealthError::Missing {
+                    name: name.clone(),
+                    secs: cfg.timeout_secs,
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -44,11 +85,12 @@ pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String
             .args(args)
             .kill_on_drop(true)
             .status();
+        let prog = prog.clone();
         match tokio::time::timeout(left, run).await {
             Ok(Ok(s)) if s.success() => report.push_str(", health command passed"),
-            Ok(Ok(s)) => return Err(format!("health command {prog} failed ({s})")),
-            Ok(Err(e)) => return Err(format!("health command {prog} could not run: {e}")),
-            Err(_) => return Err(format!("health command {prog} timed out")),
+            Ok(Ok(status)) => return Err(HealthError::CommandFailed { prog, status }),
+            Ok(Err(source)) => return Err(HealthError::CommandNotRun { prog, source }),
+            Err(_) => return Err(HealthError::CommandTimedOut { prog }),
         }
     }
     Ok(report)
@@ -57,27 +99,29 @@ pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String
 /// One inference of the first installed model, on zero inputs of the
 /// model's own shapes (dynamic dimensions as 1). `None` when no model is
 /// installed.
-async fn smoke_inference(conn: &zbus::Connection) -> Result<Option<String>, String> {
+async fn smoke_inference(conn: &zbus::Connection) -> Result<Option<String>, HealthError> {
     let models = pocket_proto::models::Models1Proxy::new(conn)
         .await
-        .map_err(|e| format!("model manager: {e}"))?;
-    let list = models
-        .list()
-        .await
-        .map_err(|e| format!("listing models: {e}"))?;
+        .map_err(HealthError::ModelManager)?;
+    let list = models.list().await.map_err(HealthError::ModelManager)?;
     let Some(model) = list.first() else {
         return Ok(None);
     };
     let rt = Runtime1Proxy::new(conn)
         .await
-        .map_err(|e| format!("runtime: {e}"))?;
-    let fail = |e: zbus::Error| format!("smoke inference of {}: {e}", model.name);
+        .map_err(HealthError::Runtime)?;
+    let fail = |source: zbus::Error| HealthError::Smoke {
+        model: model.name.clone(),
+        source,
+    };
     rt.load(&model.name, "").await.map_err(fail)?;
     let loaded = rt.loaded().await.map_err(fail)?;
     let spec = loaded
         .iter()
         .find(|m| m.name == model.name)
-        .ok_or_else(|| format!("smoke inference of {}: not loaded", model.name))?;
+        .ok_or_else(|| HealthError::NotLoaded {
+            model: model.name.clone(),
+        })?;
     let mut inputs = HashMap::new();
     for input in &spec.inputs {
         let shape: Vec<i64> = input
@@ -86,11 +130,9 @@ async fn smoke_inference(conn: &zbus::Connection) -> Result<Option<String>, Stri
             .map(|&d| if d < 1 { 1 } else { d })
             .collect();
         let elems: i64 = shape.iter().product();
-        let size = dtype_size(&input.dtype).ok_or_else(|| {
-            format!(
-                "smoke inference of {}: input type {}",
-                model.name, input.dtype
-            )
+        let size = dtype_size(&input.dtype).ok_or_else(|| HealthError::InputType {
+            model: model.name.clone(),
+            dtype: input.dtype.clone(),
         })?;
         inputs.insert(
             input.name.clone(),
