@@ -51,14 +51,7 @@ fn row(name: &str, (raw, contender): &(Vec<Duration>, Vec<Duration>)) -> f64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
+    rss_kib(pid) as f64 / 1024.0
 }
 
 fn main() {

@@ -20,6 +20,17 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// A process's resident memory in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the process is running")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
 /// A real daemon on a private bus. Killed when dropped.
 #[derive(Debug)]
 pub struct Daemon {

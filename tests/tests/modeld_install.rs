@@ -208,12 +208,6 @@ fn a_usb_stick_of_links_and_fifos_is_refused_without_hanging_modeld() {
     w.ctl(&["model", "install", "mlp"])
         .fails_with("packs is not a directory");
     assert!(w.installed().is_empty());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(rss_kib < 200 * 1024, "modeld holds {rss_kib} KiB");
+    let rss = rss_kib(pid);
+    assert!(rss < 200 * 1024, "modeld holds {rss} KiB");
 }

@@ -18,6 +18,17 @@ fn assert_slot_holds(b: &UpdateBox, slot: &str, files: &BundleFiles) {
     );
 }
 
+/// A private bus and a box booted on slot A, its health check passed.
+fn booted_box(loader: Loader) -> (DevBus, tempfile::TempDir, Publisher, UpdateBox) {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let publisher = Publisher::new(&tmp.path().join("publisher"));
+    let mut b = UpdateBox::new(&tmp.path().join("box"), loader, &publisher, "");
+    assert_eq!(b.boot(&bus), "A");
+    assert_eq!(b.wait_health(&bus), "good");
+    (bus, tmp, publisher, b)
+}
+
 fn flow(loader: Loader) {
     let bus = DevBus::start();
     let tmp = tempfile::tempdir().unwrap();
@@ -158,12 +169,7 @@ fn only_admins_install_mark_or_roll_back() {
 /// never booted again, not even by a rollback.
 #[test]
 fn rollback_below_the_security_floor_is_refused() {
-    let bus = DevBus::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let publisher = Publisher::new(&tmp.path().join("publisher"));
-    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::Grub, &publisher, "");
-    assert_eq!(b.boot(&bus), "A");
-    assert_eq!(b.wait_health(&bus), "good");
+    let (bus, tmp, publisher, mut b) = booted_box(Loader::Grub);
     // v2 fixes a hole: security version 2, above the factory system's 1.
     let v2 = publisher.bundle_with(
         &tmp.path().join("v2"),
@@ -193,12 +199,7 @@ fn rollback_below_the_security_floor_is_refused() {
 #[test]
 fn concurrent_environment_changes_lose_nothing() {
     use pocket_proto::update::Update1Proxy;
-    let bus = DevBus::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let publisher = Publisher::new(&tmp.path().join("publisher"));
-    let mut b = UpdateBox::new(&tmp.path().join("box"), Loader::UBoot, &publisher, "");
-    assert_eq!(b.boot(&bus), "A");
-    assert_eq!(b.wait_health(&bus), "good");
+    let (bus, _tmp, _publisher, b) = booted_box(Loader::UBoot);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (good, bad) = rt.block_on(async {
         let proxy = |conn| async move {
