@@ -30,12 +30,7 @@ fn booted_box(loader: Loader) -> (DevBus, tempfile::TempDir, Publisher, UpdateBo
 }
 
 fn flow(loader: Loader) {
-    let bus = DevBus::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let publisher = Publisher::new(&tmp.path().join("publisher"));
-    let mut b = UpdateBox::new(&tmp.path().join("box"), loader, &publisher, "");
-    assert_eq!(b.boot(&bus), "A");
-    assert_eq!(b.wait_health(&bus), "good");
+    let (bus, tmp, publisher, mut b) = booted_box(loader);
     let st = b.status(&bus);
     assert_eq!(st["booted"], "A");
     assert_eq!(st["primary"], "A");
