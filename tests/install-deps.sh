@@ -133,10 +133,17 @@ if has rustup; then
         || rustup target add aarch64-unknown-linux-gnu
 fi
 
-# Python's packages for the fixture models and the inference reference,
-# pinned; onnxruntime at the version of the library npud loads.
-python_pins=(onnx==1.23.2 numpy==2.3.5 onnxruntime==1.31.1)
-python_probe='import onnx, numpy, onnxruntime; assert onnxruntime.__version__ == "1.31.1"'
+# Python's packages for the fixture models and the references the tests
+# compare with, pinned: onnxruntime at the version of the library npud
+# loads; gguf to read GGUF files (models/llm/import_gguf.py); tokenizers,
+# jinja2 and onnxruntime-genai, which npud's tokenizer, chat templates and
+# generation are checked against.
+python_pins=(onnx==1.23.2 numpy==2.3.5 onnxruntime==1.31.1 gguf==0.19.0 tokenizers==0.23.3
+    jinja2==3.1.6 onnxruntime-genai==0.18.0)
+python_probe='import onnx, numpy, onnxruntime, gguf, tokenizers, jinja2, onnxruntime_genai
+assert onnxruntime.__version__ == "1.31.1", onnxruntime.__version__
+assert tokenizers.__version__ == "0.23.3", tokenizers.__version__
+assert onnxruntime_genai.__version__ == "0.18.0", onnxruntime_genai.__version__'
 if ! python3 -c "$python_probe" 2>/dev/null; then
     echo "installing: python ${python_pins[*]}"
     python3 -m pip install --quiet "${python_pins[@]}" 2>/dev/null \

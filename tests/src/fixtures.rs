@@ -193,6 +193,35 @@ impl Publisher {
         out
     }
 
+    /// A pack of every file in a model folder (an LLM's), its entry
+    /// `model.onnx`, signed by the models key, written into `packs_dir`.
+    pub fn pack_folder(&self, packs_dir: &Path, name: &str, folder: &Path) -> PathBuf {
+        std::fs::create_dir_all(packs_dir).expect("packs dir");
+        let out = packs_dir.join(format!("{name}-1.0.pack"));
+        let files = crate::folder_files(folder);
+        let size: u64 = files
+            .iter()
+            .map(|(_, p)| std::fs::metadata(p).unwrap().len())
+            .sum();
+        let spec = PackSpec {
+            name: name.into(),
+            version: "1.0".into(),
+            description: format!("{name} test LLM"),
+            entry: Some("model.onnx".into()),
+            memory_bytes: Some(size + size / 10),
+            files,
+        };
+        pocket_publish::model_pack(
+            &spec,
+            std::slice::from_ref(&self.models_key),
+            None,
+            &out,
+            SystemTime::now(),
+        )
+        .expect("pack");
+        out
+    }
+
     /// Signs `out/catalog.json` over the packs in `packs_dir`.
     pub fn catalog_with(
         &self,

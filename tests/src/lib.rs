@@ -10,6 +10,9 @@
 //!   connection mid-body and logs what it sent;
 //! - [`Publisher`]: keys, keyrings, packs and catalogs made with the real
 //!   `pocket-publish` code, and the seeded ONNX fixture models;
+//! - [`llm_fixtures`]: SmolLM2 and a tiny llama as onnxruntime-genai
+//!   folders, and what onnxruntime-genai, `tokenizers` and `jinja2` make
+//!   of them;
 //! - [`SimBoard`]: a fake sysfs tree with a plant model for powerd;
 //! - [`UpdateBox`]: file-backed A/B slots and a real bootloader
 //!   environment for otad.
@@ -23,6 +26,7 @@ mod daemon;
 mod dash;
 mod fixtures;
 mod http;
+mod llm;
 mod simboard;
 mod updatebox;
 mod world;
@@ -35,11 +39,12 @@ pub use fixtures::{
     reference_outputs, seeded_data, Publisher,
 };
 pub use http::{HttpServer, Served};
+pub use llm::{folder_files, llm_fixtures, llm_folder, llm_reference};
 pub use simboard::{Load, Sample, SimBoard};
 pub use updatebox::{
     fw_printenv, grub_editenv_list, tool, BundleFiles, Loader, UpdateBox, COMPATIBLE,
 };
-pub use world::{free_port, World};
+pub use world::{free_port, merge_config, World};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -2,6 +2,7 @@
 //! names, proxies and wire types. Clients depend on this crate, never on a
 //! daemon.
 
+pub mod generate;
 pub mod models;
 pub mod power;
 pub mod runtime;

@@ -135,6 +135,11 @@ pub trait Runtime1 {
         String,
         f64,
     )>;
+    /// Generates text with an LLM (DESIGN §8): `request` is a
+    /// [`crate::generate::GenerateRequest`] as JSON; the answer is the read
+    /// end of a stream of newline-delimited [`crate::generate::Event`]s.
+    /// Closing it cancels the generation.
+    fn generate(&self, model: &str, request: &str) -> zbus::Result<zbus::zvariant::OwnedFd>;
 
     #[zbus(property)]
     fn status(&self) -> zbus::Result<String>;

@@ -39,6 +39,22 @@ pub struct Config {
     /// of being mapped.
     #[serde(default = "default_request")]
     pub max_request_mb: u64,
+    /// LLM sequences that generate at once per model; each has KV cache
+    /// for its context counted in the model's memory at load.
+    #[serde(default = "default_sequences")]
+    pub max_sequences: usize,
+    /// Requests that may wait for a sequence per model; beyond them a
+    /// request is refused as `Busy`.
+    #[serde(default = "default_queue")]
+    pub max_queue: usize,
+    /// An LLM request's context in tokens unless it asks for another
+    /// (`num_ctx`), at most the model's own context length.
+    #[serde(default = "default_context")]
+    pub default_context: u32,
+    /// Prompt tokens fed to the model per step: a long prompt is read in
+    /// chunks, so cancelling it takes effect within one chunk.
+    #[serde(default = "default_chunk")]
+    pub prefill_chunk: usize,
 }
 
 /// An execution provider by its short name.
@@ -121,6 +137,18 @@ fn default_budget() -> u64 {
 }
 fn default_providers() -> Vec<Provider> {
     vec![Provider::Xnnpack, Provider::Cpu]
+}
+fn default_sequences() -> usize {
+    4
+}
+fn default_queue() -> usize {
+    16
+}
+fn default_context() -> u32 {
+    2048
+}
+fn default_chunk() -> usize {
+    256
 }
 fn default_true() -> bool {
     true

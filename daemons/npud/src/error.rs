@@ -21,6 +21,10 @@ pub enum RuntimeError {
     },
     #[error("{0}")]
     InvalidInput(String),
+    #[error("the prompt is {prompt} tokens, but the context holds {limit} (and at least one token must be generated)")]
+    ContextTooLong { prompt: usize, limit: usize },
+    #[error("{0}")]
+    Busy(String),
     #[error("inference failed: {0}")]
     Inference(String),
     #[error("{0}")]
@@ -36,6 +40,8 @@ impl RuntimeError {
             RuntimeError::Corrupt { .. } => "Corrupt",
             RuntimeError::OverBudget { .. } => "InsufficientMemory",
             RuntimeError::InvalidInput(_) => "InvalidArgument",
+            RuntimeError::ContextTooLong { .. } => "ContextTooLong",
+            RuntimeError::Busy(_) => "Busy",
             RuntimeError::Inference(_) => "Inference",
             RuntimeError::Peer(_) => "PeerUnavailable",
         }

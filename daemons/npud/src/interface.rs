@@ -1,12 +1,16 @@
 //! The D-Bus surface: `org.pocketos.Runtime1`.
 
 use crate::error::RuntimeError;
+use crate::llm::generate;
+use crate::llm::sample as generate_params;
 use crate::peers::{self, PerformanceHold};
 use crate::runtime::{Loaded, Runtime};
+use pocket_proto::generate::{GenerateRequest, Message};
 use pocket_proto::runtime::{LoadedModel, Providers, Tensor, TensorRef};
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 const MIB: u64 = 1 << 20;
@@ -24,6 +28,8 @@ pub enum Error {
     InvalidArgument(String),
     Inference(String),
     PeerUnavailable(String),
+    ContextTooLong(String),
+    Busy(String),
 }
 
 impl From<RuntimeError> for Error {
@@ -37,6 +43,8 @@ impl From<RuntimeError> for Error {
             "InsufficientMemory" => Error::InsufficientMemory(msg),
             "InvalidArgument" => Error::InvalidArgument(msg),
             "PeerUnavailable" => Error::PeerUnavailable(msg),
+            "ContextTooLong" => Error::ContextTooLong(msg),
+            "Busy" => Error::Busy(msg),
             _ => Error::Inference(msg),
         }
     }
@@ -281,6 +289,103 @@ impl RuntimeIface {
         Ok((refs, out.into(), provider, latency))
     }
 
+    /// Generates text with an LLM; see DESIGN §8. Errors the request can
+    /// be refused with come before the stream; after it starts, the last
+    /// event says how it ended.
+    async fn generate(&self, model: &str, request: &str) -> Result<zbus::zvariant::OwnedFd, Error> {
+        let arrived = std::time::Instant::now();
+        let req: GenerateRequest = serde_json::from_str(request)
+            .map_err(|e| Error::InvalidArgument(format!("request: {e}")))?;
+        let params = sampling(&req)?;
+        let loaded = self.ensure_loaded(model, "").await?;
+        let Some(llm) = &loaded.llm else {
+            return Err(Error::InvalidArgument(format!(
+                "model {model:?} is not a language model"
+            )));
+        };
+        let text =
+            match (&req.messages, &req.prompt) {
+                (Some(m), None) if !m.is_empty() && !req.raw => llm.text.render(m),
+                (None, Some(p)) if req.raw => Ok(p.clone()),
+                (None, Some(p)) => llm.text.render(&[Message {
+                    role: "user".into(),
+                    content: p.clone(),
+                }]),
+                _ => return Err(Error::InvalidArgument(
+                    "a request has either non-empty messages or a prompt (raw only with a prompt)"
+                        .into(),
+                )),
+            }
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let prompt = llm
+            .text
+            .encode(&text)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the prompt has no tokens: there is nothing to continue".into(),
+            ));
+        }
+        let context = self.rt.context_for(llm, req.num_ctx);
+        if let Some(n) = req.num_ctx {
+            if n as usize > llm.shape.context_length {
+                return Err(Error::InvalidArgument(format!(
+                    "num_ctx {n} is over the model's context length of {}",
+                    llm.shape.context_length
+                )));
+            }
+            // KV beyond what the load counted must fit in what is free now.
+            let counted = self.rt.context_for(llm, None);
+            let extra = llm.kv_bytes(1, context.saturating_sub(counted));
+            let free = self.rt.budget().saturating_sub(self.rt.used());
+            if extra > free {
+                return Err(Error::InsufficientMemory(format!(
+                    "num_ctx {n} needs {} MiB more KV cache than the {counted} tokens counted at load, but {} MiB of the budget is free",
+                    extra.div_ceil(MIB),
+                    free / MIB
+                )));
+            }
+        }
+        if prompt.len() >= context {
+            return Err(crate::error::RuntimeError::ContextTooLong {
+                prompt: prompt.len(),
+                limit: context,
+            }
+            .into());
+        }
+        let cfg = self.rt.config();
+        let room = cfg.max_sequences.max(1) + cfg.max_queue;
+        if loaded.waiting.fetch_add(1, Ordering::SeqCst) >= room {
+            loaded.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(Error::Busy(format!(
+                "model {model:?} has {} sequences running and {} requests waiting",
+                cfg.max_sequences, cfg.max_queue
+            )));
+        }
+        let job = generate::Job {
+            max_tokens: req.max_tokens.map_or(usize::MAX, |n| n as usize),
+            prompt,
+            params,
+            seed: req.seed.unwrap_or_else(|| {
+                use std::hash::{BuildHasher, Hasher};
+                std::collections::hash_map::RandomState::new()
+                    .build_hasher()
+                    .finish()
+            }),
+            stop: req.stop,
+            context,
+            chunk: cfg.prefill_chunk,
+            arrived,
+        };
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::Inference(format!("pipe: {e}")))?;
+        let events =
+            generate::Events::new(write).map_err(|e| Error::Inference(format!("pipe: {e}")))?;
+        let bus = self.bus()?.clone();
+        tokio::spawn(run_job(loaded, job, events, self.hold.clone(), bus));
+        Ok(read.into())
+    }
+
     #[zbus(property)]
     async fn status(&self) -> String {
         self.rt.status()
@@ -305,6 +410,106 @@ impl RuntimeIface {
     #[zbus(property)]
     async fn holding_performance(&self) -> bool {
         self.hold.holding().await
+    }
+}
+
+/// The sampling a request asks for, with defaults as Ollama's, checked.
+fn sampling(req: &GenerateRequest) -> Result<generate_params::Params, Error> {
+    let p = generate_params::Params {
+        temperature: req.temperature.unwrap_or(0.8),
+        top_k: req.top_k.unwrap_or(40) as usize,
+        top_p: req.top_p.unwrap_or(0.9),
+        min_p: req.min_p.unwrap_or(0.0),
+        repetition_penalty: req.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+    };
+    let check = |name: &str, v: f32, ok: bool| match v.is_finite() && ok {
+        true => Ok(()),
+        false => Err(Error::InvalidArgument(format!(
+            "{name} {v} is out of range"
+        ))),
+    };
+    check(
+        "temperature",
+        p.temperature,
+        (0.0..=100.0).contains(&p.temperature),
+    )?;
+    check("top_p", p.top_p, p.top_p > 0.0 && p.top_p <= 1.0)?;
+    check("min_p", p.min_p, (0.0..=1.0).contains(&p.min_p))?;
+    check(
+        "repetition_penalty",
+        p.repetition_penalty,
+        p.repetition_penalty > 0.0 && p.repetition_penalty <= 100.0,
+    )?;
+    check(
+        "presence_penalty",
+        p.presence_penalty,
+        (-100.0..=100.0).contains(&p.presence_penalty),
+    )?;
+    check(
+        "frequency_penalty",
+        p.frequency_penalty,
+        (-100.0..=100.0).contains(&p.frequency_penalty),
+    )?;
+    if req.response_format.is_some() {
+        return Err(Error::InvalidArgument(
+            "response_format (structured output) is not available in this version of npud".into(),
+        ));
+    }
+    if req.stop.len() > 16 || req.stop.iter().any(|s| s.len() > 256) {
+        return Err(Error::InvalidArgument(
+            "at most 16 stop strings of at most 256 bytes each".into(),
+        ));
+    }
+    Ok(p)
+}
+
+/// Runs a generation when a sequence is free, holding the performance
+/// profile while it runs.
+async fn run_job(
+    model: Arc<Loaded>,
+    job: generate::Job,
+    mut events: generate::Events,
+    hold: Arc<PerformanceHold>,
+    bus: zbus::Connection,
+) {
+    let _waiting = Waiting(model.clone());
+    let in_use = model.clone();
+    let _in_use = in_use.in_use();
+    let Ok(_sequence) = model.sequences.clone().acquire_owned().await else {
+        return;
+    };
+    hold.touch(&bus).await;
+    let m = model.clone();
+    let mut work = tokio::task::spawn_blocking(move || {
+        let llm = m.llm.as_ref().expect("an LLM");
+        generate::run(llm, job, &mut events, &m.provider, |seq, tokens| {
+            m.with_session(|s| seq.forward(s, tokens))
+                .map_err(|e| e.to_string())
+        })
+    });
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            done = &mut work => {
+                if let Ok(done) = done {
+                    tracing::debug!(model = %model.record.name, reason = ?done.finish_reason,
+                        tokens = done.usage.completion_tokens, "generation ended");
+                }
+                break;
+            }
+            _ = tick.tick() => hold.touch(&bus).await,
+        }
+    }
+}
+
+/// Counts a request as waiting for or holding a sequence until dropped.
+struct Waiting(Arc<Loaded>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -3,12 +3,15 @@
 //! - [`runtime`]: ONNX Runtime, provider choice, loaded models and the
 //!   memory budget (the core room);
 //! - [`tensor`]: tensors between the bus and ONNX Runtime;
+//! - [`llm`]: the LLM engine (tokenizer, chat template, sampling, KV
+//!   cache) behind `Generate`;
 //! - [`peers`]: modeld and powerd, which may be absent;
 //! - [`interface`]: the bus surface.
 
 pub mod config;
 pub mod error;
 pub mod interface;
+pub mod llm;
 pub mod peers;
 pub mod runtime;
 pub mod tensor;

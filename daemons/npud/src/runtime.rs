@@ -61,6 +61,15 @@ pub struct Loaded {
     busy: AtomicUsize,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// What an LLM's folder says beside its decoder; `None` for a model
+    /// that runs in one pass.
+    pub llm: Option<crate::llm::Llm>,
+    /// Bytes of KV cache counted for the LLM's sequences (0 otherwise).
+    pub kv_bytes: u64,
+    /// An LLM's sequences that may generate at once.
+    pub sequences: Arc<tokio::sync::Semaphore>,
+    /// Requests waiting for or holding a sequence.
+    pub waiting: AtomicUsize,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -86,6 +95,20 @@ impl Loaded {
         InUse(&self.busy)
     }
 
+    /// Memory the model takes: its weights and, for an LLM, the KV cache
+    /// of its sequences.
+    pub fn footprint(&self) -> u64 {
+        self.record.memory_bytes.saturating_add(self.kv_bytes)
+    }
+
+    /// Runs `f` with the model's session, counted as a use.
+    pub fn with_session<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut session = self.session.lock().expect("not poisoned");
+        let r = f(&mut session);
+        *self.last_used.lock().expect("not poisoned") = Instant::now();
+        r
+    }
+
     fn idle_ms(&self) -> u64 {
         self.last_used
             .lock()
@@ -99,7 +122,7 @@ impl Loaded {
             name: self.record.name.clone(),
             version: self.record.version.clone(),
             provider: self.provider.clone(),
-            memory_bytes: self.record.memory_bytes,
+            memory_bytes: self.footprint(),
             idle_ms: self.idle_ms(),
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
@@ -368,7 +391,7 @@ impl Runtime {
             .lock()
             .expect("not poisoned")
             .values()
-            .map(|m| m.record.memory_bytes)
+            .map(|m| m.footprint())
             .sum()
     }
 
@@ -446,20 +469,34 @@ impl Runtime {
             }
             self.unload(&record.name)?;
         }
-        self.make_room(&record)?;
         let corrupt = |detail: String| RuntimeError::Corrupt {
             name: record.name.clone(),
             detail,
         };
+        let entry = std::path::Path::new(&record.path);
+        let llm = match crate::llm::is_llm(entry) {
+            true => Some(
+                crate::llm::Llm::open(entry.parent().expect("a file in a folder"))
+                    .map_err(|e| corrupt(e.to_string()))?,
+            ),
+            false => None,
+        };
+        let kv_bytes = llm.as_ref().map_or(0, |l| {
+            l.kv_bytes(self.cfg.max_sequences, self.context_for(l, None))
+        });
+        self.make_room(&record, kv_bytes)?;
+        let decoder = match &llm {
+            Some(l) => l.decoder().display().to_string(),
+            None => record.path.clone(),
+        };
         let env = self.env.as_ref().expect("ready");
-        let session =
-            build_session(env, self.threads, short, &record.path).map_err(|e| match e {
-                SessionError::Provider(e) => RuntimeError::ProviderUnavailable(format!(
-                    "execution provider {short} failed to register: {e}"
-                )),
-                SessionError::Options(e) => RuntimeError::Inference(e),
-                SessionError::Model(e) => corrupt(e),
-            })?;
+        let session = build_session(env, self.threads, short, &decoder).map_err(|e| match e {
+            SessionError::Provider(e) => RuntimeError::ProviderUnavailable(format!(
+                "execution provider {short} failed to register: {e}"
+            )),
+            SessionError::Options(e) => RuntimeError::Inference(e),
+            SessionError::Model(e) => corrupt(e),
+        })?;
         let inputs = session
             .inputs()
             .iter()
@@ -479,6 +516,10 @@ impl Runtime {
             busy: AtomicUsize::new(0),
             inputs,
             outputs,
+            llm,
+            kv_bytes,
+            sequences: Arc::new(tokio::sync::Semaphore::new(self.cfg.max_sequences.max(1))),
+            waiting: AtomicUsize::new(0),
         });
         tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
         self.models
@@ -488,22 +529,30 @@ impl Runtime {
         Ok(loaded)
     }
 
-    /// Unloads least recently used idle models until `record` fits.
-    fn make_room(&self, record: &ModelRecord) -> Result<(), RuntimeError> {
+    /// The context a request on `llm` gets: what it asks for or
+    /// `default_context`, at most the model's context length.
+    pub fn context_for(&self, llm: &crate::llm::Llm, asked: Option<u32>) -> usize {
+        (asked.unwrap_or(self.cfg.default_context).max(1) as usize).min(llm.shape.context_length)
+    }
+
+    /// Unloads least recently used idle models until `record` fits with
+    /// `extra` bytes (an LLM's KV cache) beside its weights.
+    fn make_room(&self, record: &ModelRecord, extra: u64) -> Result<(), RuntimeError> {
         let budget = self.budget();
+        let needed = record.memory_bytes.saturating_add(extra);
         let over = |free: u64| RuntimeError::OverBudget {
             name: record.name.clone(),
-            needed: record.memory_bytes.div_ceil(MIB),
+            needed: needed.div_ceil(MIB),
             free: free / MIB,
             budget: budget / MIB,
         };
-        if record.memory_bytes > budget {
+        if needed > budget {
             return Err(over(budget.saturating_sub(self.used())));
         }
         let mut models = self.models.lock().expect("not poisoned");
         loop {
-            let used: u64 = models.values().map(|m| m.record.memory_bytes).sum();
-            if used + record.memory_bytes <= budget {
+            let used: u64 = models.values().map(|m| m.footprint()).sum();
+            if used + needed <= budget {
                 return Ok(());
             }
             let victim = models

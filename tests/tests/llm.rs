@@ -1,0 +1,418 @@
+//! npud generating text: real dbus-daemon, real modeld installing signed
+//! packs of onnxruntime-genai folders, real npud on the real ONNX Runtime,
+//! and the real SmolLM2-135M-Instruct. Answers are checked token for token
+//! against onnxruntime-genai's Generator on the same folder.
+
+use pocket_proto::generate::{DoneEvent, Event, FinishReason, TextEvent};
+use pocket_proto::runtime::Runtime1Proxy;
+use pocket_tests::*;
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+/// A world with the given fixture folders installed under their own names
+/// and npud running with room for them.
+fn world(folders: &[&str], npud_extra: &str) -> World {
+    let mut w = World::start();
+    for f in folders {
+        w.publisher.pack_folder(&w.packs, f, &llm_folder(f));
+    }
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    for f in folders {
+        w.ctl(&["model", "install", f]).ok();
+    }
+    let defaults = [
+        "memory_budget_mb = 4096".to_string(),
+        "max_sequences = 2".to_string(),
+        "default_context = 2048".to_string(),
+    ];
+    w.start_npud(&merge_config(&defaults, npud_extra));
+    w
+}
+
+/// One whole generation: its text events and its last event.
+struct Answer {
+    steps: Vec<TextEvent>,
+    done: DoneEvent,
+}
+
+impl Answer {
+    fn tokens(&self) -> Vec<u32> {
+        self.steps.iter().flat_map(|s| s.tokens.clone()).collect()
+    }
+    fn text(&self) -> String {
+        self.steps.iter().map(|s| s.text.as_str()).collect()
+    }
+}
+
+fn read_stream(fd: zbus::zvariant::OwnedFd) -> Answer {
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let mut steps = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.expect("a line of the stream");
+        match serde_json::from_str::<Event>(&line).expect("an event") {
+            Event::Text(t) => steps.push(t),
+            Event::Done(done) => return Answer { steps, done },
+        }
+    }
+    panic!("the stream ended without its last event");
+}
+
+/// Calls `Generate` and returns its stream, or the error's text.
+fn generate_fd(w: &World, model: &str, request: &Value) -> Result<zbus::zvariant::OwnedFd, String> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npud = Runtime1Proxy::new(&conn).await.unwrap();
+        npud.generate(model, &request.to_string())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+fn generate(w: &World, model: &str, request: &Value) -> Answer {
+    read_stream(generate_fd(w, model, request).expect("Generate"))
+}
+
+fn chat(content: &str) -> Value {
+    json!([{"role": "user", "content": content}])
+}
+
+/// A raw prompt of about 1,000 tokens.
+fn long_text() -> String {
+    let mut s = String::new();
+    for i in 0..64 {
+        s.push_str(&format!(
+            "Line {i}: the quick brown fox jumps over the lazy dog. "
+        ));
+    }
+    s
+}
+
+const MAX_NEW: u32 = 24;
+
+#[test]
+fn greedy_answers_equal_onnxruntime_genai_token_for_token() {
+    let folders = ["tiny-fp32", "tiny-int4", "smollm2-fp32", "smollm2-int4"];
+    let w = world(&folders, "");
+    let long = long_text();
+    let prompts = vec![
+        json!({"chat": chat("What is 2+2?")}),
+        json!({"chat": [
+            {"role": "system", "content": "You answer in one short sentence."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+            {"role": "user", "content": "And another one?"}
+        ]}),
+        json!({"raw": long}),
+    ];
+    for f in folders {
+        let reference = llm_reference(&json!({
+            "folder": llm_folder(f), "generate": prompts, "max_new": MAX_NEW,
+        }));
+        for (p, want) in prompts
+            .iter()
+            .zip(reference["generate"].as_array().unwrap())
+        {
+            let mut request = json!({"temperature": 0, "max_tokens": MAX_NEW});
+            match p.get("raw") {
+                Some(raw) => {
+                    request["prompt"] = raw.clone();
+                    request["raw"] = json!(true);
+                }
+                None => request["messages"] = p["chat"].clone(),
+            }
+            let got = generate(&w, f, &request);
+            let prompt_len = want["prompt"].as_array().unwrap().len();
+            assert_eq!(
+                got.done.usage.prompt_tokens as usize, prompt_len,
+                "{f}: prompt tokens"
+            );
+            if prompt_len > 900 {
+                assert!(
+                    prompt_len < 1200,
+                    "the long prompt is about 1,000 tokens: {prompt_len}"
+                );
+            }
+            let want: Vec<u32> = serde_json::from_value(want["tokens"].clone()).unwrap();
+            // onnxruntime-genai stops after eos (and counts it); npud ends
+            // the answer there without sending it.
+            let want_text: Vec<u32> = want.iter().copied().take_while(|&t| t != 2).collect();
+            assert_eq!(got.tokens(), want_text, "{f}: {p}");
+            let reason = if want_text.len() < want.len() {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            assert_eq!(got.done.finish_reason, reason, "{f}: {p}");
+            assert_eq!(got.done.usage.completion_tokens as usize, want_text.len());
+            assert!(got.done.provider.contains("cpu") || got.done.provider.contains("xnnpack"));
+        }
+    }
+    let four = generate(
+        &w,
+        "smollm2-int4",
+        &json!({"messages": chat("What is 2+2?"), "temperature": 0}),
+    );
+    assert_eq!(four.text(), "The answer to this classic math problem is 4.");
+    assert_eq!(four.done.finish_reason, FinishReason::Stop);
+    assert!(four.done.timings.ttft_ms > 0.0 && four.done.timings.decode_ms > 0.0);
+}
+
+#[test]
+fn tokenizer_and_template_equal_the_python_libraries() {
+    let w = world(&["tiny-fp32"], "");
+    let hard = [
+        "",
+        "   many   spaces\t\tand\n\n\nnewlines  ",
+        "1234567890 3.14159 -42",
+        "日本語のテキストと中文",
+        "emoji 🎉👩‍👩‍👧 and accents: café naïve",
+        "<|im_start|>user\nspecial tokens inline<|im_end|>",
+    ];
+    let conversations = vec![
+        chat("hi"),
+        json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  spaced  "}]),
+    ];
+    let reference = llm_reference(&json!({
+        "folder": llm_folder("tiny-fp32"), "texts": hard, "chats": conversations,
+    }));
+    for (text, want) in hard.iter().zip(reference["texts"].as_array().unwrap()) {
+        // A raw prompt is tokenized as it is; its count is the tokenizer's.
+        let r = json!({"prompt": text, "raw": true, "max_tokens": 1, "temperature": 0});
+        if text.is_empty() {
+            let err = generate_fd(&w, "tiny-fp32", &r).unwrap_err();
+            assert!(
+                err.contains("ContextTooLong") || err.contains("InvalidArgument"),
+                "{err}"
+            );
+            assert_eq!(want.as_array().unwrap().len(), 0);
+            continue;
+        }
+        let got = generate(&w, "tiny-fp32", &r);
+        assert_eq!(
+            got.done.usage.prompt_tokens as usize,
+            want.as_array().unwrap().len(),
+            "{text:?}"
+        );
+    }
+    for (m, rendered) in conversations
+        .iter()
+        .zip(reference["chats"].as_array().unwrap())
+    {
+        // The rendered template, tokenized, is the same prompt as npud's.
+        let raw = generate(
+            &w,
+            "tiny-fp32",
+            &json!({"prompt": rendered, "raw": true, "max_tokens": 4, "temperature": 0}),
+        );
+        let chat = generate(
+            &w,
+            "tiny-fp32",
+            &json!({"messages": m, "max_tokens": 4, "temperature": 0}),
+        );
+        assert_eq!(raw.done.usage.prompt_tokens, chat.done.usage.prompt_tokens);
+        assert_eq!(raw.tokens(), chat.tokens());
+    }
+}
+
+#[test]
+fn sampling_stops_limits_and_errors() {
+    let w = world(&["tiny-int4"], "default_context = 256");
+    let m = "tiny-int4";
+    let sampled = |seed: u64| {
+        generate(
+            &w,
+            m,
+            &json!({"messages": chat("Tell me a story."), "temperature": 1.0, "top_p": 0.95, "seed": seed, "max_tokens": 16}),
+        )
+        .tokens()
+    };
+    assert_eq!(
+        sampled(11),
+        sampled(11),
+        "a seed makes sampling reproducible"
+    );
+    assert_ne!(sampled(11), sampled(12));
+
+    // max_tokens ends with `length`.
+    let a = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Go on."), "temperature": 0, "max_tokens": 5}),
+    );
+    assert_eq!(a.tokens().len(), 5);
+    assert_eq!(a.done.finish_reason, FinishReason::Length);
+
+    // A stop string split across tokens stops the answer before it.
+    let full = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Go on."), "temperature": 0, "max_tokens": 12}),
+    )
+    .text();
+    let mid = full.char_indices().nth(full.chars().count() / 2).unwrap().0;
+    let stop: String = full[mid..].chars().take(4).collect();
+    let cut = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Go on."), "temperature": 0, "max_tokens": 12, "stop": [stop]}),
+    );
+    assert_eq!(cut.done.finish_reason, FinishReason::Stop);
+    assert_eq!(cut.text(), full[..full.find(&stop).unwrap()]);
+
+    // The context ends a generation with `length`.
+    let a = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Go on."), "temperature": 0, "num_ctx": 60}),
+    );
+    assert_eq!(a.done.finish_reason, FinishReason::Length);
+    assert_eq!(
+        a.done.usage.prompt_tokens + a.done.usage.completion_tokens,
+        60
+    );
+
+    // A prompt over the context is refused with its count, never cut.
+    let err = generate_fd(&w, m, &json!({"prompt": long_text(), "raw": true})).unwrap_err();
+    assert!(err.contains("ContextTooLong"), "{err}");
+    assert!(err.contains("holds 256"), "{err}");
+    for (bad, why) in [
+        (
+            json!({"messages": chat("x"), "temprature": 1}),
+            "unknown field",
+        ),
+        (
+            json!({"messages": chat("x"), "temperature": -1}),
+            "temperature",
+        ),
+        (json!({"messages": chat("x"), "top_p": 0}), "top_p"),
+        (json!({}), "either non-empty messages or a prompt"),
+        (
+            json!({"messages": chat("x"), "num_ctx": 100000}),
+            "context length",
+        ),
+    ] {
+        let err = generate_fd(&w, m, &bad).unwrap_err();
+        assert!(
+            err.contains("InvalidArgument") && err.contains(why),
+            "{bad}: {err}"
+        );
+    }
+    let err = generate_fd(&w, "nonexistent", &json!({"prompt": "x"})).unwrap_err();
+    assert!(err.contains("NotFound"), "{err}");
+}
+
+#[test]
+fn closing_the_stream_cancels_and_frees_the_sequence() {
+    // One sequence: a cancelled request must free it for the next at once.
+    let w = world(&["smollm2-fp32"], "max_sequences = 1\nprefill_chunk = 64");
+    let m = "smollm2-fp32";
+    // During decode: read one event, then close.
+    let fd = generate_fd(
+        &w,
+        m,
+        &json!({"messages": chat("Count to one thousand."), "temperature": 0, "max_tokens": 2000}),
+    )
+    .unwrap();
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let mut lines = std::io::BufReader::new(file).lines();
+    lines.next().unwrap().unwrap();
+    drop(lines);
+    let start = Instant::now();
+    let next = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 2}),
+    );
+    assert_eq!(next.done.finish_reason, FinishReason::Length);
+    assert!(
+        next.done.timings.queued_ms < 2000.0,
+        "the cancelled sequence was freed: queued {} ms",
+        next.done.timings.queued_ms
+    );
+    // During prefill: close at once on a long prompt.
+    let fd = generate_fd(
+        &w,
+        m,
+        &json!({"prompt": long_text(), "raw": true, "temperature": 0}),
+    )
+    .unwrap();
+    drop(fd);
+    let next = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 2}),
+    );
+    assert_eq!(next.done.finish_reason, FinishReason::Length);
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+#[test]
+fn concurrent_greedy_requests_answer_as_alone() {
+    let w = world(&["tiny-int4"], "max_sequences = 4");
+    let m = "tiny-int4";
+    let requests: Vec<Value> = (0..8)
+        .map(|i| json!({"messages": chat(&"word ".repeat(1 + i * 7)), "temperature": 0, "max_tokens": 8 + i * 3}))
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| generate(&w, m, r).tokens())
+        .collect();
+    let together: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| s.spawn(|| generate(&w, m, r).tokens()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+}
+
+#[test]
+fn a_corrupt_folder_is_refused_at_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = World::start();
+    for (name, file, bytes) in [
+        ("badtok", "tokenizer.json", &b"{not json"[..]),
+        ("badcfg", "genai_config.json", &b"{\"model\": {}}"[..]),
+    ] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (n, p) in folder_files(&llm_folder("tiny-fp32")) {
+            std::fs::copy(p, dir.join(n)).unwrap();
+        }
+        std::fs::write(dir.join(file), bytes).unwrap();
+        w.publisher.pack_folder(&w.packs, name, &dir);
+    }
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    w.ctl(&["model", "install", "badtok"]).ok();
+    w.ctl(&["model", "install", "badcfg"]).ok();
+    w.start_npud("memory_budget_mb = 1024");
+    let err = generate_fd(&w, "badtok", &json!({"prompt": "x"})).unwrap_err();
+    assert!(
+        err.contains("Corrupt") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+    let err = generate_fd(&w, "badcfg", &json!({"prompt": "x"})).unwrap_err();
+    assert!(
+        err.contains("Corrupt") && err.contains("genai_config.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_load_beyond_memory_says_what_it_needs() {
+    // 540 MB of weights and KV for 4 x 2048 tokens cannot fit 300 MiB.
+    let w = world(&["smollm2-fp32"], "");
+    let mut w = w;
+    w.npud.take();
+    w.start_npud("memory_budget_mb = 300\nmax_sequences = 4");
+    let err = generate_fd(&w, "smollm2-fp32", &json!({"prompt": "x"})).unwrap_err();
+    assert!(
+        err.contains("InsufficientMemory") && err.contains("MiB"),
+        "{err}"
+    );
+}
