@@ -158,6 +158,24 @@ fn greedy_answers_equal_onnxruntime_genai_token_for_token() {
     assert_eq!(four.text(), "The answer to this classic math problem is 4.");
     assert_eq!(four.done.finish_reason, FinishReason::Stop);
     assert!(four.done.timings.ttft_ms > 0.0 && four.done.timings.decode_ms > 0.0);
+
+    // pocketctl, as a user outside the admin group: one answer, and the
+    // final record with --json.
+    let who = RunAs::Nobody { extra_gid: None };
+    let args = ["chat", "smollm2-int4", "What is 2+2?", "--temperature", "0"];
+    let out = run_pocketctl(&w.bus, who, &args).ok();
+    assert_eq!(
+        out.stdout,
+        "The answer to this classic math problem is 4.\n"
+    );
+    let out = run_pocketctl(&w.bus, who, &[&args[..], &["--json"]].concat()).ok();
+    let rec = out.json();
+    assert_eq!(rec["text"], "The answer to this classic math problem is 4.");
+    assert_eq!(rec["finish_reason"], "stop");
+    assert_eq!(rec["usage"]["completion_tokens"], 11);
+    assert!(rec["energy_j"].is_null(), "no power sensor in this world");
+    let out = run_pocketctl(&w.bus, who, &["chat", "tiny-int4", "x", "--top-p", "7"]);
+    out.fails_with("top_p 7 is out of range (InvalidArgument)");
 }
 
 #[test]

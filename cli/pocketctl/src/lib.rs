@@ -1,6 +1,7 @@
 //! The commands behind `pocketctl`. Every command takes `--json` (one
 //! document on stdout) and fails with one line on stderr.
 
+mod chat;
 mod jobs;
 mod tensors;
 mod update;
@@ -48,6 +49,8 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: update::UpdateCmd,
     },
+    /// Chat with an installed language model
+    Chat(chat::ChatArgs),
     /// Run an installed model once
     Run {
         name: String,
@@ -151,6 +154,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Runtime { cmd } => runtime(&conn, cmd, cli.json).await,
         Cmd::Power { cmd } => power(&conn, cmd, cli.json).await,
         Cmd::Update { cmd } => update::update(&conn, cmd, cli.json).await,
+        Cmd::Chat(args) => chat::chat(&conn, args, cli.json).await,
         Cmd::Run {
             name,
             input,
