@@ -465,37 +465,60 @@ fn sampling(req: &GenerateRequest) -> Result<generate_params::Params, Error> {
     Ok(p)
 }
 
-/// Runs a generation when a sequence is free, holding the performance
-/// profile while it runs.
+/// Runs a generation, holding the performance profile while it runs: in
+/// the model's batching engine when it has one and the request's context
+/// fits a row, else alone on a blocking thread once one of the model's
+/// sequences is free.
 async fn run_job(
     model: Arc<Loaded>,
     job: generate::Job,
-    mut events: generate::Events,
+    events: generate::Events,
     hold: Arc<PerformanceHold>,
     bus: zbus::Connection,
 ) {
     let _waiting = Waiting(model.clone());
     let in_use = model.clone();
     let _in_use = in_use.in_use();
-    let Ok(_sequence) = model.sequences.clone().acquire_owned().await else {
-        return;
-    };
+    let (tx, mut done) = tokio::sync::oneshot::channel();
+    let mut _sequence = None;
+    match &model.batcher {
+        Some(b) if job.context <= b.capacity => {
+            let work = crate::llm::batch::Work {
+                job,
+                events,
+                done: tx,
+            };
+            if let Err(w) = b.submit(work) {
+                let mut s = generate::Stream::new(w.job, w.events, &model.provider);
+                s.fail("Inference", "the model's engine has stopped".into());
+                s.finish();
+                return;
+            }
+        }
+        _ => {
+            let Ok(permit) = model.sequences.clone().acquire_owned().await else {
+                return;
+            };
+            _sequence = Some(permit);
+            let m = model.clone();
+            tokio::task::spawn_blocking(move || {
+                let llm = m.llm.as_ref().expect("an LLM");
+                let d = generate::run(llm, job, events, &m.provider, |seq, tokens| {
+                    m.with_session(|s| seq.forward(s, tokens))
+                        .map_err(|e| e.to_string())
+                });
+                let _ = tx.send(d);
+            });
+        }
+    }
     hold.touch(&bus).await;
-    let m = model.clone();
-    let mut work = tokio::task::spawn_blocking(move || {
-        let llm = m.llm.as_ref().expect("an LLM");
-        generate::run(llm, job, &mut events, &m.provider, |seq, tokens| {
-            m.with_session(|s| seq.forward(s, tokens))
-                .map_err(|e| e.to_string())
-        })
-    });
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
-            done = &mut work => {
-                if let Ok(done) = done {
-                    tracing::debug!(model = %model.record.name, reason = ?done.finish_reason,
-                        tokens = done.usage.completion_tokens, "generation ended");
+            d = &mut done => {
+                if let Ok(d) = d {
+                    tracing::debug!(model = %model.record.name, reason = ?d.finish_reason,
+                        tokens = d.usage.completion_tokens, "generation ended");
                 }
                 break;
             }

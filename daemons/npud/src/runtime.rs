@@ -70,6 +70,8 @@ pub struct Loaded {
     pub sequences: Arc<tokio::sync::Semaphore>,
     /// Requests waiting for or holding a sequence.
     pub waiting: AtomicUsize,
+    /// The engine that batches a shared-buffer LLM's sequences.
+    pub batcher: Option<crate::llm::batch::Batcher>,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -507,7 +509,12 @@ impl Runtime {
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
-        let loaded = Arc::new(Loaded {
+        let batched = llm
+            .as_ref()
+            .filter(|l| l.shape.share_buffer)
+            .map(|l| self.context_for(l, None));
+        let rows = self.cfg.max_sequences;
+        let loaded = Arc::new_cyclic(|model| Loaded {
             record,
             provider,
             session: Mutex::new(session),
@@ -520,6 +527,8 @@ impl Runtime {
             kv_bytes,
             sequences: Arc::new(tokio::sync::Semaphore::new(self.cfg.max_sequences.max(1))),
             waiting: AtomicUsize::new(0),
+            batcher: batched
+                .map(|capacity| crate::llm::batch::Batcher::start(model.clone(), rows, capacity)),
         });
         tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
         self.models

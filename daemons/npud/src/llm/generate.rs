@@ -98,120 +98,213 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Runs `job` on the model; `step` runs one decoder step with the model's
-/// session. Writes every event, the last one included, and returns the
-/// last one.
-pub fn run(
-    llm: &Llm,
+/// One request's stream from its prompt to its last event, whichever way
+/// its steps run (alone, or as a row of a batch): what it has read, what
+/// it samples next, and what it has sent.
+#[derive(Debug)]
+pub struct Stream {
     job: Job,
-    events: &mut Events,
-    provider: &str,
-    mut step: impl FnMut(&mut Sequence, &[u32]) -> Result<Vec<f32>, String>,
-) -> DoneEvent {
-    let started = Instant::now();
-    let mut usage = Usage {
-        prompt_tokens: job.prompt.len() as u32,
-        ..Usage::default()
-    };
-    let mut timings = Timings {
-        queued_ms: ms(started - job.arrived),
-        ..Timings::default()
-    };
-    let mut error = None;
-    let finish = (|| {
-        let mut seq = match Sequence::new(&llm.shape, job.context) {
-            Ok(s) => s,
-            Err(e) => {
-                error = Some(StreamError {
-                    name: "InsufficientMemory".into(),
-                    message: format!("the KV cache could not be allocated: {e}"),
-                });
-                return FinishReason::Error;
-            }
-        };
-        let mut logits = Vec::new();
-        for chunk in job.prompt.chunks(job.chunk.max(1)) {
-            if events.closed() {
-                return FinishReason::Cancelled;
-            }
-            match step(&mut seq, chunk) {
-                Ok(l) => logits = l,
-                Err(message) => {
-                    error = Some(StreamError {
-                        name: "Inference".into(),
-                        message,
-                    });
-                    return FinishReason::Error;
-                }
-            }
+    events: Events,
+    provider: String,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopText,
+    usage: Usage,
+    timings: Timings,
+    started: Instant,
+    decode_started: Option<Instant>,
+    /// Prompt tokens read so far.
+    fed: usize,
+    /// Tokens whose keys and values are in the cache.
+    pub cached: usize,
+    /// The token sampled last and not yet read by the model.
+    pub pending: Option<u32>,
+    ended: Option<(FinishReason, Option<StreamError>)>,
+}
+
+impl Stream {
+    pub fn new(job: Job, events: Events, provider: &str) -> Stream {
+        let started = Instant::now();
+        Stream {
+            sampler: Sampler::new(job.params.clone(), job.seed, &job.prompt),
+            stops: StopText::new(job.stop.clone()),
+            usage: Usage {
+                prompt_tokens: job.prompt.len() as u32,
+                ..Usage::default()
+            },
+            timings: Timings {
+                queued_ms: ms(started - job.arrived),
+                ..Timings::default()
+            },
+            job,
+            events,
+            provider: provider.to_string(),
+            detok: Detokenizer::default(),
+            started,
+            decode_started: None,
+            fed: 0,
+            cached: 0,
+            pending: None,
+            ended: None,
         }
-        timings.prefill_ms = ms(started.elapsed());
-        let decode_start = Instant::now();
-        let mut sampler = Sampler::new(job.params.clone(), job.seed, &job.prompt);
-        let mut detok = Detokenizer::default();
-        let mut stops = StopText::new(job.stop.clone());
-        let reason = loop {
-            let token = sampler.next(&mut logits);
-            if usage.completion_tokens == 0 {
-                timings.ttft_ms = ms(job.arrived.elapsed());
-            }
-            if llm.shape.eos.contains(&token) {
-                break FinishReason::Stop;
-            }
-            usage.completion_tokens += 1;
-            let piece = detok.push(&llm.text, token);
-            let (text, stopped) = stops.push(&piece);
-            let event = Event::Text(TextEvent {
-                text,
-                tokens: vec![token],
-            });
-            if events.send(&event).is_err() {
-                break FinishReason::Cancelled;
-            }
-            if stopped {
-                break FinishReason::Stop;
-            }
-            if usage.completion_tokens as usize >= job.max_tokens
-                || seq.tokens.len() + 1 >= job.context
-            {
-                break FinishReason::Length;
-            }
-            if events.closed() {
-                break FinishReason::Cancelled;
-            }
-            match step(&mut seq, &[token]) {
-                Ok(l) => logits = l,
-                Err(message) => {
-                    error = Some(StreamError {
-                        name: "Inference".into(),
-                        message,
-                    });
-                    break FinishReason::Error;
-                }
-            }
-        };
-        timings.decode_ms = ms(decode_start.elapsed());
+    }
+
+    pub fn context(&self) -> usize {
+        self.job.context
+    }
+
+    /// The next chunk of the prompt to read, if any is left.
+    pub fn next_chunk(&self) -> Option<&[u32]> {
+        let rest = &self.job.prompt[self.fed..];
+        (!rest.is_empty()).then(|| &rest[..rest.len().min(self.job.chunk.max(1))])
+    }
+
+    /// Records that the model read `n` more prompt tokens.
+    pub fn prefilled(&mut self, n: usize) {
+        self.fed += n;
+        self.cached += n;
+        if self.fed == self.job.prompt.len() {
+            self.timings.prefill_ms = ms(self.started.elapsed());
+        }
+    }
+
+    /// Records that the model read the pending token.
+    pub fn decoded(&mut self) {
+        self.pending = None;
+        self.cached += 1;
+    }
+
+    pub fn ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
+    fn end(&mut self, reason: FinishReason) {
+        if self.ended.is_none() {
+            self.ended = Some((reason, None));
+        }
+    }
+
+    /// Ends the stream as cancelled when its caller closed it.
+    pub fn check_cancelled(&mut self) -> bool {
+        if self.ended.is_none() && self.events.closed() {
+            self.end(FinishReason::Cancelled);
+        }
+        self.ended()
+    }
+
+    pub fn fail(&mut self, name: &str, message: String) {
+        self.ended = Some((
+            FinishReason::Error,
+            Some(StreamError {
+                name: name.into(),
+                message,
+            }),
+        ));
+    }
+
+    /// Samples the next token from the logits of the last token read and
+    /// sends its text; ends the stream on an end token, a stop string, the
+    /// token limit or the context, else leaves the token pending.
+    pub fn accept(&mut self, llm: &Llm, logits: &mut [f32]) {
+        let token = self.sampler.next(logits);
+        if self.usage.completion_tokens == 0 {
+            self.timings.ttft_ms = ms(self.job.arrived.elapsed());
+            self.decode_started = Some(Instant::now());
+        }
+        if llm.shape.eos.contains(&token) {
+            return self.end(FinishReason::Stop);
+        }
+        self.usage.completion_tokens += 1;
+        let piece = self.detok.push(&llm.text, token);
+        let (text, stopped) = self.stops.push(&piece);
+        let event = Event::Text(TextEvent {
+            text,
+            tokens: vec![token],
+        });
+        if self.events.send(&event).is_err() {
+            return self.end(FinishReason::Cancelled);
+        }
+        if stopped {
+            return self.end(FinishReason::Stop);
+        }
+        if self.usage.completion_tokens as usize >= self.job.max_tokens
+            || self.cached + 1 >= self.job.context
+        {
+            return self.end(FinishReason::Length);
+        }
+        self.pending = Some(token);
+    }
+
+    /// Sends the last event and returns it.
+    pub fn finish(mut self) -> DoneEvent {
+        let (reason, error) = self.ended.take().unwrap_or((FinishReason::Cancelled, None));
+        if let Some(t) = self.decode_started {
+            self.timings.decode_ms = ms(t.elapsed());
+        }
         if matches!(reason, FinishReason::Stop | FinishReason::Length) {
-            let rest = stops.finish();
+            let rest = self.stops.finish();
             if !rest.is_empty() {
-                let _ = events.send(&Event::Text(TextEvent {
+                let _ = self.events.send(&Event::Text(TextEvent {
                     text: rest,
                     tokens: Vec::new(),
                 }));
             }
         }
-        reason
-    })();
-    let done = DoneEvent {
-        done: true,
-        finish_reason: finish,
-        error,
-        usage,
-        timings,
-        energy_j: None,
-        avg_w: None,
-        provider: provider.to_string(),
+        let done = DoneEvent {
+            done: true,
+            finish_reason: reason,
+            error,
+            usage: self.usage,
+            timings: self.timings,
+            energy_j: None,
+            avg_w: None,
+            provider: self.provider,
+        };
+        let _ = self.events.send(&Event::Done(done.clone()));
+        done
+    }
+}
+
+/// Runs `job` alone, a step at a time; `step` runs one decoder step with
+/// the model's session. Writes every event, the last one included, and
+/// returns the last one.
+pub fn run(
+    llm: &Llm,
+    job: Job,
+    events: Events,
+    provider: &str,
+    mut step: impl FnMut(&mut Sequence, &[u32]) -> Result<Vec<f32>, String>,
+) -> DoneEvent {
+    let mut seq = match Sequence::new(&llm.shape, job.context) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut s = Stream::new(job, events, provider);
+            s.fail(
+                "InsufficientMemory",
+                format!("the KV cache could not be allocated: {e}"),
+            );
+            return s.finish();
+        }
     };
-    let _ = events.send(&Event::Done(done.clone()));
-    done
+    let mut s = Stream::new(job, events, provider);
+    while !s.check_cancelled() {
+        let input = match (s.next_chunk(), s.pending) {
+            (Some(chunk), _) => chunk.to_vec(),
+            (None, Some(token)) => vec![token],
+            (None, None) => break,
+        };
+        match step(&mut seq, &input) {
+            Ok(mut logits) => {
+                match s.next_chunk() {
+                    Some(_) => s.prefilled(input.len()),
+                    None => s.decoded(),
+                }
+                if s.next_chunk().is_none() {
+                    s.accept(llm, &mut logits);
+                }
+            }
+            Err(e) => s.fail("Inference", e),
+        }
+    }
+    s.finish()
 }

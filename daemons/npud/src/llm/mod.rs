@@ -6,11 +6,15 @@
 //! - [`text`]: tokenizer, chat template, streaming detokenization;
 //! - [`sample`]: sampling and stop strings;
 //! - [`kv`]: one sequence's KV cache, in either layout;
+//! - [`pool`], [`batch`]: the KV pool of shared-buffer models and the
+//!   engine that steps all their sequences in one batch;
 //! - [`generate`]: one request from prompt to its last event.
 
+pub mod batch;
 pub mod config;
 pub mod generate;
 pub mod kv;
+pub mod pool;
 pub mod sample;
 pub mod text;
 

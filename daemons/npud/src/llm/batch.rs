@@ -1,0 +1,248 @@
+//! Continuous batching for shared-buffer models: one engine thread per
+//! model steps every running sequence together. Each turn of its loop:
+//! new requests take free rows of the KV pool; one chunk of one waiting
+//! prompt is read (so a long prompt holds the others up for at most one
+//! chunk); then one batched decoder run gives every running sequence its
+//! next token. A sequence that ends (or whose caller closed its stream)
+//! frees its row before the next turn.
+
+use super::generate::{Events, Job, Stream};
+use super::pool::{past_inputs, Pool};
+use super::Llm;
+use crate::runtime::Loaded;
+use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
+use ort::value::Tensor;
+use pocket_proto::generate::DoneEvent;
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::Weak;
+
+/// A request handed to the engine, and where its last event goes.
+pub struct Work {
+    pub job: Job,
+    pub events: Events,
+    pub done: tokio::sync::oneshot::Sender<DoneEvent>,
+}
+
+/// The handle to a model's engine thread; the thread ends when this is
+/// dropped (the model unloaded) and its sequences are done.
+#[derive(Debug)]
+pub struct Batcher {
+    tx: mpsc::Sender<Work>,
+    /// Tokens a row holds: requests with a larger context run alone.
+    pub capacity: usize,
+}
+
+impl Batcher {
+    pub fn start(model: Weak<Loaded>, rows: usize, capacity: usize) -> Batcher {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("npud-llm".into())
+            .spawn(move || engine(model, rx, rows.max(1), capacity))
+            .expect("spawn the engine thread");
+        Batcher { tx, capacity }
+    }
+
+    /// Hands `work` to the engine; gives it back if the engine stopped.
+    pub fn submit(&self, work: Work) -> Result<(), Box<Work>> {
+        self.tx.send(work).map_err(|e| Box::new(e.0))
+    }
+}
+
+struct Row {
+    stream: Stream,
+    done: tokio::sync::oneshot::Sender<DoneEvent>,
+}
+
+impl Row {
+    fn finish(self) {
+        let done = self.stream.finish();
+        let _ = self.done.send(done);
+    }
+}
+
+fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: usize) {
+    let mut pool: Option<Pool> = None;
+    let mut active: Vec<Row> = Vec::new();
+    let mut filling: Option<Row> = None;
+    let mut queue: VecDeque<Work> = VecDeque::new();
+    loop {
+        if active.is_empty() && filling.is_none() && queue.is_empty() {
+            // Idle: the pool's memory goes back until work comes.
+            pool = None;
+            match rx.recv() {
+                Ok(w) => queue.push_back(w),
+                Err(_) => return,
+            }
+        }
+        while let Ok(w) = rx.try_recv() {
+            queue.push_back(w);
+        }
+        let Some(m) = model.upgrade() else {
+            for w in queue.drain(..) {
+                let mut s = Stream::new(w.job, w.events, "");
+                s.fail("NotFound", "the model was unloaded".into());
+                let _ = w.done.send(s.finish());
+            }
+            return;
+        };
+        let llm = m.llm.as_ref().expect("an LLM");
+        let shape = &llm.shape;
+        let pool = pool.get_or_insert_with(|| {
+            Pool::new(
+                shape.layers,
+                rows,
+                capacity,
+                shape.kv_heads,
+                shape.head_size,
+            )
+        });
+        if filling.is_none() && active.len() < rows {
+            if let Some(w) = queue.pop_front() {
+                filling = Some(Row {
+                    stream: Stream::new(w.job, w.events, &m.provider),
+                    done: w.done,
+                });
+            }
+        }
+        // One chunk of the prompt being read, in the row after the others.
+        if let Some(mut row) = filling.take() {
+            let at = active.len();
+            if !row.stream.check_cancelled() {
+                let chunk = row
+                    .stream
+                    .next_chunk()
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default();
+                let past = row.stream.cached;
+                let r = m.with_session(|s| step(s, llm, pool, at, &[(&chunk[..], past)]));
+                match r {
+                    Ok(mut logits) => {
+                        row.stream.prefilled(chunk.len());
+                        if row.stream.next_chunk().is_none() {
+                            row.stream.accept(llm, &mut logits[0]);
+                        }
+                    }
+                    Err(e) => row.stream.fail("Inference", e.to_string()),
+                }
+            }
+            match (row.stream.ended(), row.stream.next_chunk()) {
+                (true, _) => row.finish(),
+                (false, None) => active.push(row),
+                (false, Some(_)) => filling = Some(row),
+            }
+        }
+        // One token for every running sequence.
+        for r in &mut active {
+            r.stream.check_cancelled();
+        }
+        let inputs: Vec<(u32, usize)> = active
+            .iter()
+            .map(|r| (r.stream.pending.unwrap_or(0), r.stream.cached))
+            .collect();
+        if !active.is_empty() && active.iter().any(|r| !r.stream.ended()) {
+            let tokens: Vec<[u32; 1]> = inputs.iter().map(|&(t, _)| [t]).collect();
+            let batch: Vec<(&[u32], usize)> = tokens
+                .iter()
+                .zip(&inputs)
+                .map(|(t, &(_, past))| (&t[..], past))
+                .collect();
+            match m.with_session(|s| step(s, llm, pool, 0, &batch)) {
+                Ok(mut logits) => {
+                    for (r, l) in active.iter_mut().zip(logits.iter_mut()) {
+                        if !r.stream.ended() {
+                            r.stream.decoded();
+                            r.stream.accept(llm, l);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for r in &mut active {
+                        r.stream.fail("Inference", e.to_string());
+                    }
+                }
+            }
+        }
+        // Ended rows go; the last row (and the prompt being read after it)
+        // moves down into each freed place.
+        let mut i = active.len();
+        while i > 0 {
+            i -= 1;
+            if !active[i].stream.ended() {
+                continue;
+            }
+            let last = active.len() - 1;
+            if i != last {
+                pool.move_row(last, i, active[last].stream.cached);
+            }
+            active.swap_remove(i).finish();
+            if let Some(f) = &filling {
+                pool.move_row(last + 1, last, f.stream.cached);
+            }
+        }
+        drop(m);
+    }
+}
+
+/// Runs the decoder once on rows `first..first + batch.len()` of the pool,
+/// row `i` reading `batch[i].0` after its `batch[i].1` cached tokens (all
+/// rows read the same number of tokens). Returns each row's logits for
+/// its last token.
+fn step(
+    session: &mut Session,
+    llm: &Llm,
+    pool: &mut Pool,
+    first: usize,
+    batch: &[(&[u32], usize)],
+) -> Result<Vec<Vec<f32>>, ort::Error> {
+    let s = &llm.shape;
+    let n = batch.len();
+    let len = batch[0].0.len();
+    let total = batch.iter().map(|(_, past)| past + len).max().unwrap_or(0);
+    if total > pool.capacity {
+        return Err(ort::Error::new(format!(
+            "{total} tokens exceed a row's {}",
+            pool.capacity
+        )));
+    }
+    let mut ids = Vec::with_capacity(n * len);
+    let mut mask = vec![0i64; n * total];
+    let mut positions = Vec::with_capacity(n * len);
+    for (i, (tokens, past)) in batch.iter().enumerate() {
+        ids.extend(tokens.iter().map(|&t| t as i64));
+        // Each row's own tokens, then padding: GroupQueryAttention takes
+        // each row's length from its mask.
+        mask[i * total..i * total + past + len].fill(1);
+        positions.extend((*past..past + len).map(|p| p as i64));
+    }
+    pool.with_rows(first, n, |mut views| {
+        let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
+            (s.input_ids.clone(), Tensor::from_array(([n, len], ids))?.into()),
+            (s.attention_mask.clone(), Tensor::from_array(([n, total], mask))?.into()),
+        ];
+        if let Some(p) = &s.position_ids {
+            inputs.push((p.clone(), Tensor::from_array(([n, len], positions))?.into()));
+        }
+        inputs.extend(past_inputs(&mut views, &s.past_key, &s.past_value));
+        let mut selector = OutputSelector::default();
+        for (l, [_, _, k, v]) in views.into_iter().enumerate() {
+            selector = selector
+                .preallocate(&s.present_key[l], k)
+                .preallocate(&s.present_value[l], v);
+        }
+        let options = RunOptions::new()?.with_outputs(selector);
+        let outputs = session.run_with_options(inputs, &options)?;
+        let (_, all) = outputs[s.logits.as_str()].try_extract_tensor::<f32>()?;
+        let v = s.vocab_size;
+        if all.len() != n * len * v && all.len() != n * v {
+            return Err(ort::Error::new(format!(
+                "the decoder returned {} logits for {n} rows of {len} tokens and a vocabulary of {v}",
+                all.len()
+            )));
+        }
+        let per_row = all.len() / n;
+        Ok((0..n)
+            .map(|i| all[(i + 1) * per_row - v..(i + 1) * per_row].to_vec())
+            .collect())
+    })
+}
