@@ -434,3 +434,44 @@ fn a_load_beyond_memory_says_what_it_needs() {
         "{err}"
     );
 }
+
+#[test]
+fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
+    let w = world(&["smollm2-int4"], "");
+    let m = "smollm2-int4";
+    let first = chat("What is 2+2?");
+    let a = generate(&w, m, &json!({"messages": first, "temperature": 0}));
+    assert_eq!(a.done.usage.cached_tokens, 0);
+    let second = json!([
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": a.text()},
+        {"role": "user", "content": "And 3+3?"}
+    ]);
+    let b = generate(
+        &w,
+        m,
+        &json!({"messages": second, "temperature": 0, "max_tokens": MAX_NEW}),
+    );
+    // The first turn's prompt and answer were not read again.
+    let reused = b.done.usage.cached_tokens;
+    assert!(
+        reused >= a.done.usage.prompt_tokens + a.done.usage.completion_tokens - 1,
+        "cached {reused} of the first turn's {} + {}",
+        a.done.usage.prompt_tokens,
+        a.done.usage.completion_tokens
+    );
+    let reference = llm_reference(&json!({
+        "folder": llm_folder(m), "generate": [{"chat": second}], "max_new": MAX_NEW,
+    }));
+    let want: Vec<u32> =
+        serde_json::from_value(reference["generate"][0]["tokens"].clone()).unwrap();
+    let want: Vec<u32> = want.into_iter().take_while(|&t| t != 2).collect();
+    assert_eq!(b.tokens(), want);
+    // A different conversation shares only the system prompt's tokens.
+    let c = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Name a colour."), "temperature": 0, "max_tokens": 4}),
+    );
+    assert!(c.done.usage.cached_tokens > 0 && c.done.usage.cached_tokens < reused);
+}

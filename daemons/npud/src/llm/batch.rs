@@ -5,6 +5,12 @@
 //! chunk); then one batched decoder run gives every running sequence its
 //! next token. A sequence that ends (or whose caller closed its stream)
 //! frees its row before the next turn.
+//!
+//! A sequence that ends leaves its keys and values parked in a free row: a
+//! later request whose prompt starts with the same tokens (the next turn of
+//! a chat, a shared system prompt) copies that prefix instead of reading
+//! it again, and says so in `usage.cached_tokens`. Parked rows are given up,
+//! oldest first, when a running sequence needs the room.
 
 use super::generate::{Events, Job, Stream};
 use super::pool::{past_inputs, Pool};
@@ -61,15 +67,29 @@ impl Row {
     }
 }
 
+/// An ended sequence's cache, kept in a free row for reuse.
+struct Parked {
+    row: usize,
+    tokens: Vec<u32>,
+}
+
+/// A row at or above `from` that no parked cache holds.
+fn free_row(parked: &[Parked], from: usize, rows: usize) -> Option<usize> {
+    (from..rows).find(|r| parked.iter().all(|p| p.row != *r))
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: usize) {
     let mut pool: Option<Pool> = None;
     let mut active: Vec<Row> = Vec::new();
     let mut filling: Option<Row> = None;
+    let mut parked: Vec<Parked> = Vec::new();
     let mut queue: VecDeque<Work> = VecDeque::new();
     loop {
         if active.is_empty() && filling.is_none() && queue.is_empty() {
-            // Idle: the pool's memory goes back until work comes.
-            pool = None;
             match rx.recv() {
                 Ok(w) => queue.push_back(w),
                 Err(_) => return,
@@ -99,8 +119,31 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
         });
         if filling.is_none() && active.len() < rows {
             if let Some(w) = queue.pop_front() {
+                let at = active.len();
+                let mut stream = Stream::new(w.job, w.events, &m.provider);
+                // The new sequence's row: a cache parked there moves up, or
+                // goes when no row is free.
+                if let Some(j) = parked.iter().position(|p| p.row == at) {
+                    match free_row(&parked, at + 1, rows) {
+                        Some(r) => {
+                            pool.move_row(at, r, parked[j].tokens.len());
+                            parked[j].row = r;
+                        }
+                        None => {
+                            parked.remove(j);
+                        }
+                    }
+                }
+                let best = parked
+                    .iter()
+                    .map(|p| (p.row, common_prefix(&p.tokens, stream.prompt())))
+                    .max_by_key(|&(_, n)| n);
+                if let Some((row, n)) = best.filter(|&(_, n)| n > 0) {
+                    stream.reuse(n);
+                    pool.move_row(row, at, stream.cached);
+                }
                 filling = Some(Row {
-                    stream: Stream::new(w.job, w.events, &m.provider),
+                    stream,
                     done: w.done,
                 });
             }
@@ -163,8 +206,9 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 }
             }
         }
-        // Ended rows go; the last row (and the prompt being read after it)
-        // moves down into each freed place.
+        // Ended rows go, their caches parked above the running rows; the
+        // last row (and the prompt being read after it) moves down into
+        // each freed place.
         let mut i = active.len();
         while i > 0 {
             i -= 1;
@@ -172,6 +216,25 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 continue;
             }
             let last = active.len() - 1;
+            let above = last + 1 + usize::from(filling.is_some());
+            let tokens = active[i].stream.history().to_vec();
+            if !tokens.is_empty() && tokens.len() < capacity {
+                let row = match (
+                    i == last && filling.is_none(),
+                    free_row(&parked, above, rows),
+                ) {
+                    (true, _) => Some(i),
+                    (false, Some(r)) => Some(r),
+                    // No free row: the oldest parked cache gives way.
+                    (false, None) => (!parked.is_empty()).then(|| parked.remove(0).row),
+                };
+                if let Some(row) = row {
+                    if row != i {
+                        pool.move_row(i, row, tokens.len());
+                    }
+                    parked.push(Parked { row, tokens });
+                }
+            }
             if i != last {
                 pool.move_row(last, i, active[last].stream.cached);
             }

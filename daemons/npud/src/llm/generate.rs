@@ -119,6 +119,8 @@ pub struct Stream {
     pub cached: usize,
     /// The token sampled last and not yet read by the model.
     pub pending: Option<u32>,
+    /// The tokens whose keys and values are in the cache, in order.
+    history: Vec<u32>,
     ended: Option<(FinishReason, Option<StreamError>)>,
 }
 
@@ -145,8 +147,29 @@ impl Stream {
             fed: 0,
             cached: 0,
             pending: None,
+            history: Vec::new(),
             ended: None,
         }
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &[u32] {
+        &self.job.prompt
+    }
+
+    /// The tokens whose keys and values are in the cache.
+    pub fn history(&self) -> &[u32] {
+        &self.history
+    }
+
+    /// Counts the first `n` prompt tokens as already in the cache (another
+    /// sequence left them there); at least one is left to read.
+    pub fn reuse(&mut self, n: usize) {
+        let n = n.min(self.job.prompt.len().saturating_sub(1));
+        self.fed = n;
+        self.cached = n;
+        self.history = self.job.prompt[..n].to_vec();
+        self.usage.cached_tokens = n as u32;
     }
 
     pub fn context(&self) -> usize {
@@ -161,6 +184,8 @@ impl Stream {
 
     /// Records that the model read `n` more prompt tokens.
     pub fn prefilled(&mut self, n: usize) {
+        self.history
+            .extend_from_slice(&self.job.prompt[self.fed..self.fed + n]);
         self.fed += n;
         self.cached += n;
         if self.fed == self.job.prompt.len() {
@@ -170,7 +195,9 @@ impl Stream {
 
     /// Records that the model read the pending token.
     pub fn decoded(&mut self) {
-        self.pending = None;
+        if let Some(t) = self.pending.take() {
+            self.history.push(t);
+        }
         self.cached += 1;
     }
 
