@@ -59,6 +59,7 @@ bench: deps
     cargo build --release --workspace --bins
     cargo bench -p pocket-tests --bench install
     cargo bench -p pocket-tests --bench infer
+    cargo bench -p pocket-tests --bench llm
     cargo bench -p pocket-tests --bench power
     cargo bench -p pocket-tests --bench update
     image/build.sh

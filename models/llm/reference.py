@@ -4,11 +4,13 @@
 Reads a JSON request on stdin and prints a JSON answer:
 
   {"folder": DIR, "texts": [...], "chats": [[{"role", "content"}, ...], ...],
+   "decode": [[ids..], ..],
    "generate": [{"chat": [...]} | {"raw": "..."}, ...], "max_new": N}
 
   -> {"texts": [[ids..], ..]          Python tokenizers on tokenizer.json
       "chats": ["rendered", ..]        jinja2 on tokenizer_config.json's
                                        chat_template, as transformers renders it
+      "decoded": ["text", ..]          Python tokenizers' decode
       "generate": [{"prompt": [ids..], "tokens": [ids..]}, ..]}
                                        onnxruntime-genai's greedy Generator on
                                        the folder, fed the prompt ids above
@@ -48,6 +50,7 @@ def main():
     out = {
         "texts": [tok.encode(t, add_special_tokens=False).ids for t in req.get("texts", [])],
         "chats": [render(cfg["chat_template"], m, cfg) for m in req.get("chats", [])],
+        "decoded": [tok.decode(ids, skip_special_tokens=False) for ids in req.get("decode", [])],
         "generate": [],
     }
     if req.get("generate"):

@@ -1,0 +1,259 @@
+//! `just bench` (LLM part): SmolLM2-135M-Instruct (the 4-bit folder that
+//! `models/llm/import_gguf.py` writes) run by npud's `Generate` over D-Bus
+//! and by onnxruntime-genai's Generator on the same folder with the same
+//! thread count, in one run:
+//! - time to first token of a 512-token prompt and decode tokens/s of the
+//!   64 tokens after it;
+//! - aggregate tokens/s with 1, 2, 4 and 8 requests at once (npud batches
+//!   them; onnxruntime-genai runs one Generator per request);
+//! - time to first token of a chat's second turn, its prefix reused,
+//!   against the same request cold;
+//! - this machine's memory bandwidth and the roofline it gives (bandwidth
+//!   over the weight bytes each token reads);
+//! - peak RSS of npud and of the onnxruntime-genai process.
+
+use pocket_proto::generate::{DoneEvent, Event};
+use pocket_proto::runtime::Runtime1Proxy;
+use pocket_tests::*;
+use serde_json::{json, Value};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NEW: u32 = 64;
+const STREAMS: [usize; 4] = [1, 2, 4, 8];
+
+/// One request: (client-side time to the first event, the last event, the
+/// text).
+fn generate(
+    rt: &tokio::runtime::Runtime,
+    npud: &Runtime1Proxy<'_>,
+    req: &Value,
+) -> (Duration, DoneEvent, String) {
+    let start = Instant::now();
+    let fd = rt
+        .block_on(npud.generate("smollm2", &req.to_string()))
+        .expect("Generate");
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let mut first = None;
+    let mut text = String::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.unwrap();
+        first.get_or_insert_with(|| start.elapsed());
+        match serde_json::from_str(&line).unwrap() {
+            Event::Text(t) => text.push_str(&t.text),
+            Event::Done(d) => return (first.unwrap(), d, text),
+        }
+    }
+    panic!("no last event");
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The best of a few copies of a 256 MiB buffer, in GB/s (read + write).
+fn memory_bandwidth() -> f64 {
+    let n = 64 << 20;
+    let src = vec![1u32; n];
+    let mut dst = vec![0u32; n];
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.copy_from_slice(&src);
+        let s = t.elapsed().as_secs_f64();
+        best = best.max(2.0 * (n * 4) as f64 / s / 1e9);
+    }
+    assert_eq!(dst[n - 1], 1);
+    best
+}
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let folder = llm_folder("smollm2-int4");
+    let mut w = World::start();
+    w.publisher.pack_folder(&w.packs, "smollm2", &folder);
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    w.ctl(&["model", "install", "smollm2"]).ok();
+    w.start_npud(&format!(
+        "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512"
+    ));
+    let pid = w.npud.as_ref().unwrap().pid();
+
+    // A raw prompt of 512 tokens as the reference tokenizer counts them,
+    // and its text for npud (which tokenizes it the same: tests/tests/llm.rs).
+    let text: String = (0..60)
+        .map(|i| format!("Note {i}: the quick brown fox jumps over the lazy dog. "))
+        .collect();
+    let r = llm_reference(&json!({"folder": folder, "texts": [text]}));
+    let mut ids: Vec<u64> = serde_json::from_value(r["texts"][0].clone()).unwrap();
+    assert!(ids.len() >= 512, "{} tokens", ids.len());
+    ids.truncate(512);
+    let r = llm_reference(&json!({"folder": folder, "decode": [ids]}));
+    let prompt_text = r["decoded"][0].as_str().unwrap().to_string();
+    let short: Vec<String> = (0..8)
+        .map(|i| format!("Write a short poem about the number {i}."))
+        .collect();
+    let chats: Vec<Value> = short
+        .iter()
+        .map(|s| json!([{"role": "user", "content": s}]))
+        .collect();
+    let rendered = llm_reference(&json!({"folder": folder, "chats": chats}));
+    let tokenized = llm_reference(&json!({"folder": folder, "texts": rendered["chats"]}));
+    let short_ids: Vec<Vec<u64>> = serde_json::from_value(tokenized["texts"].clone()).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = rt.block_on(w.bus.connect());
+    let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
+    let single = |_: usize| {
+        let req = json!({"prompt": prompt_text, "raw": true, "temperature": 0, "max_tokens": NEW, "stop": ["\u{0}"]});
+        generate(&rt, &npud, &req)
+    };
+    let _ = single(0);
+    rt.block_on(npud.unload("smollm2")).ok();
+    let runs: Vec<(Duration, DoneEvent, String)> = (0..3)
+        .map(|i| {
+            // Cold each time: no cached prefix.
+            rt.block_on(npud.unload("smollm2")).ok();
+            rt.block_on(npud.load("smollm2", "")).unwrap();
+            single(i)
+        })
+        .collect();
+    let prompt_tokens = runs[0].1.usage.prompt_tokens;
+    let ttft = median(runs.iter().map(|r| r.0.as_secs_f64()).collect());
+    let tps = median(
+        runs.iter()
+            .map(|r| (r.1.usage.completion_tokens - 1) as f64 / (r.1.timings.decode_ms / 1000.0))
+            .collect(),
+    );
+
+    // Concurrency: k requests at once, each NEW tokens after a short chat.
+    let mut npud_streams = Vec::new();
+    for k in STREAMS {
+        rt.block_on(npud.unload("smollm2")).ok();
+        rt.block_on(npud.load("smollm2", "")).unwrap();
+        let start = Instant::now();
+        let tokens: u32 = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..k)
+                .map(|i| {
+                    let bus = &w.bus;
+                    let q = short[i % short.len()].clone();
+                    s.spawn(move || {
+                        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                        let conn = rt.block_on(bus.connect());
+                        let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
+                        let req = json!({"messages": [{"role": "user", "content": q}], "temperature": 0,
+                            "max_tokens": NEW, "stop": ["\u{0}"]});
+                        generate(&rt, &npud, &req).1.usage.completion_tokens
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        npud_streams.push(tokens as f64 / start.elapsed().as_secs_f64());
+    }
+
+    // A chat's second turn: its prefix reused, against the same request cold.
+    let turn1 = json!([{"role": "user", "content": short[0]}]);
+    let (_, _, answer) = generate(
+        &rt,
+        &npud,
+        &json!({"messages": turn1, "temperature": 0, "max_tokens": NEW}),
+    );
+    let turn2 = json!({"messages": [
+        {"role": "user", "content": short[0]},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Now make it rhyme better."}
+    ], "temperature": 0, "max_tokens": 4});
+    let (warm_ttft, warm, _) = generate(&rt, &npud, &turn2);
+    rt.block_on(npud.unload("smollm2")).ok();
+    rt.block_on(npud.load("smollm2", "")).unwrap();
+    let (cold_ttft, cold, _) = generate(&rt, &npud, &turn2);
+    let npud_rss = peak_rss_mib(pid);
+
+    // onnxruntime-genai on the same folder and threads.
+    let mut child = Command::new("python3")
+        .arg(workspace_root().join("models/llm/bench_genai.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let req = json!({"folder": folder, "threads": threads, "prompt": ids, "new": NEW,
+        "streams": STREAMS, "short": short_ids});
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), req.to_string().as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "bench_genai.py failed");
+    let genai: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let bw = memory_bandwidth();
+    let data = std::fs::metadata(folder.join("model.onnx.data"))
+        .unwrap()
+        .len() as f64;
+    // The embedding table is gathered a row per token; the rest is read whole.
+    let embedding = 49152.0 * 576.0 * 4.0;
+    let per_token = data - embedding;
+    println!("## LLM: SmolLM2-135M-Instruct, 4-bit folder, {threads} threads");
+    println!();
+    println!("| measure | npud | onnxruntime-genai | ratio |");
+    println!("|---|---|---|---|");
+    let g_ttft = genai["ttft_s"].as_f64().unwrap();
+    let g_tps = genai["decode_tps"].as_f64().unwrap();
+    println!(
+        "| time to first token, {prompt_tokens}-token prompt (s) | {ttft:.3} | {g_ttft:.3} | {:.2}x |",
+        ttft / g_ttft
+    );
+    println!(
+        "| decode, {NEW} tokens (tokens/s) | {tps:.1} | {g_tps:.1} | {:.2}x |",
+        tps / g_tps
+    );
+    for (k, t) in STREAMS.iter().zip(&npud_streams) {
+        let g = genai["streams"][k.to_string()].as_f64().unwrap();
+        println!(
+            "| {k} streams, aggregate (tokens/s) | {t:.1} | {g:.1} | {:.2}x |",
+            t / g
+        );
+    }
+    println!(
+        "| peak RSS (MiB) | {npud_rss:.0} | {:.0} | {:.2}x |",
+        genai["peak_rss_mib"].as_f64().unwrap(),
+        npud_rss / genai["peak_rss_mib"].as_f64().unwrap()
+    );
+    println!();
+    println!(
+        "4 streams over 1: {:.2}x. Second turn: first token after {:.3} s with {} of {} prompt tokens reused, {:.3} s cold ({:.2}x).",
+        npud_streams[2] / npud_streams[0],
+        warm_ttft.as_secs_f64(),
+        warm.usage.cached_tokens,
+        warm.usage.prompt_tokens,
+        cold_ttft.as_secs_f64(),
+        warm_ttft.as_secs_f64() / cold_ttft.as_secs_f64()
+    );
+    assert_eq!(cold.usage.cached_tokens, 0);
+    println!(
+        "Memory bandwidth {bw:.1} GB/s; {:.0} MB of weights read per token: roofline {:.0} tokens/s, npud at {:.0}% of it.",
+        per_token / 1e6,
+        bw * 1e9 / per_token,
+        100.0 * tps / (bw * 1e9 / per_token)
+    );
+}
