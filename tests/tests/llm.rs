@@ -475,3 +475,57 @@ fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
     );
     assert!(c.done.usage.cached_tokens > 0 && c.done.usage.cached_tokens < reused);
 }
+
+#[test]
+fn a_request_reports_the_energy_the_board_drew() {
+    let mut w = world(&["smollm2-int4"], "");
+    let m = "smollm2-int4";
+    // Without powerd there is no sensor: energy is null, not zero.
+    let a = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 2}),
+    );
+    assert_eq!((a.done.energy_j, a.done.avg_w), (None, None));
+
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    board.set_load(Load {
+        cpu: 0.6,
+        npu: 0.3,
+        gpu: 0.2,
+    });
+    w.start_powerd(board.root(), "");
+    // The first request takes the performance profile; the measured one
+    // runs once the board has settled under it.
+    generate(
+        &w,
+        m,
+        &json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 8}),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let from = board.elapsed();
+    let a = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Tell me about the sea."), "temperature": 0, "max_tokens": 64, "stop": ["\u{0}"]}),
+    );
+    let to = board.elapsed();
+    let samples = board.samples_since(from);
+    let truth: f64 = samples
+        .windows(2)
+        .filter(|p| p[1].at <= to)
+        .map(|p| p[1].watts * (p[1].at - p[0].at).as_secs_f64())
+        .sum();
+    let joules = a.done.energy_j.expect("energy with a sensor");
+    assert!(
+        (joules - truth).abs() <= 0.05 * truth,
+        "npud says {joules:.2} J, the board drew {truth:.2} J over {:?}",
+        to - from
+    );
+    let watts = a.done.avg_w.expect("average watts");
+    let secs = (to - from).as_secs_f64();
+    assert!(
+        (watts - truth / secs).abs() <= 0.1 * truth / secs,
+        "{watts} W"
+    );
+}

@@ -55,6 +55,7 @@ impl From<RuntimeError> for Error {
 pub struct RuntimeIface {
     rt: Arc<Runtime>,
     hold: Arc<PerformanceHold>,
+    meter: Arc<crate::peers::EnergyMeter>,
     bus: Arc<OnceLock<zbus::Connection>>,
     /// Sessions that may run on a runtime worker at once (workers - 1).
     inline: tokio::sync::Semaphore,
@@ -67,11 +68,16 @@ pub struct RuntimeIface {
 }
 
 impl RuntimeIface {
-    pub fn new(rt: Arc<Runtime>, hold: Arc<PerformanceHold>) -> Self {
+    pub fn new(
+        rt: Arc<Runtime>,
+        hold: Arc<PerformanceHold>,
+        meter: Arc<crate::peers::EnergyMeter>,
+    ) -> Self {
         let input_mib = rt.request_limit().div_ceil(MIB).clamp(1, u32::MAX as u64) as usize;
         RuntimeIface {
             rt,
             hold,
+            meter,
             bus: Arc::default(),
             inline: tokio::sync::Semaphore::new(
                 tokio::runtime::Handle::try_current()
@@ -376,13 +382,21 @@ impl RuntimeIface {
             context,
             chunk: cfg.prefill_chunk,
             arrived,
+            energy: crate::peers::EnergySpan::start(&self.meter),
         };
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::Inference(format!("pipe: {e}")))?;
         let events =
             generate::Events::new(write).map_err(|e| Error::Inference(format!("pipe: {e}")))?;
         let bus = self.bus()?.clone();
-        tokio::spawn(run_job(loaded, job, events, self.hold.clone(), bus));
+        tokio::spawn(run_job(
+            loaded,
+            job,
+            events,
+            self.hold.clone(),
+            self.meter.clone(),
+            bus,
+        ));
         Ok(read.into())
     }
 
@@ -474,9 +488,12 @@ async fn run_job(
     job: generate::Job,
     events: generate::Events,
     hold: Arc<PerformanceHold>,
+    meter: Arc<crate::peers::EnergyMeter>,
     bus: zbus::Connection,
 ) {
     let _waiting = Waiting(model.clone());
+    meter.running.fetch_add(1, Ordering::SeqCst);
+    let _running = Running(meter);
     let in_use = model.clone();
     let _in_use = in_use.in_use();
     let (tx, mut done) = tokio::sync::oneshot::channel();
@@ -524,6 +541,15 @@ async fn run_job(
             }
             _ = tick.tick() => hold.touch(&bus).await,
         }
+    }
+}
+
+/// Counts a generation as running on the energy meter until dropped.
+struct Running(Arc<crate::peers::EnergyMeter>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -28,7 +28,8 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         cfg.performance_hold_secs,
     )));
     let rt = Arc::new(tokio::task::spawn_blocking(move || runtime::Runtime::new(cfg)).await?);
-    let iface = interface::RuntimeIface::new(rt.clone(), hold.clone());
+    let meter = Arc::new(peers::EnergyMeter::default());
+    let iface = interface::RuntimeIface::new(rt.clone(), hold.clone(), meter.clone());
     let bus = iface.bus_slot();
     let conn = zbus::connection::Builder::system()?
         .serve_at(pocket_proto::runtime::PATH, iface)?
@@ -38,6 +39,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
     let _ = bus.set(conn.clone());
     conn.request_name(pocket_proto::runtime::BUS_NAME).await?;
     tokio::spawn(hold.clone().follow_powerd(conn.clone()));
+    tokio::spawn(meter.follow(conn.clone()));
     let c = conn.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -138,3 +138,102 @@ impl PerformanceHold {
 /// The bus name npud holds profiles on (power-profiles-daemon's, which
 /// powerd owns).
 const POWER_PROFILES: &str = "org.freedesktop.UPower.PowerProfiles";
+
+/// The box's energy as powerd measures it, integrated here from powerd's
+/// telemetry: every 100 ms while a generation runs, every second
+/// otherwise. A request's joules are the rise over its interval; `None`
+/// when powerd is absent or has no sensor that reads.
+#[derive(Debug, Default)]
+pub struct EnergyMeter {
+    state: std::sync::Mutex<Meter>,
+    /// Generations running now (the meter polls faster while any does).
+    pub running: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Meter {
+    /// Joules since the meter (re)started, and the watts and time of the
+    /// last reading; `None` while readings are missing.
+    last: Option<(f64, f64, Instant)>,
+    /// Counts restarts: joules from different epochs do not compare.
+    epoch: u64,
+}
+
+impl EnergyMeter {
+    /// The energy counter now, interpolated from the last reading, and
+    /// its epoch.
+    pub fn joules(&self) -> Option<(f64, u64)> {
+        let s = self.state.lock().expect("not poisoned");
+        s.last
+            .map(|(e, w, t)| (e + w * t.elapsed().as_secs_f64(), s.epoch))
+    }
+
+    fn record(&self, watts: Option<f64>) {
+        let mut s = self.state.lock().expect("not poisoned");
+        let now = Instant::now();
+        s.last = match (s.last, watts) {
+            (_, None) => None,
+            (None, Some(w)) => {
+                s.epoch += 1;
+                Some((0.0, w, now))
+            }
+            // Trapezoid between the two readings.
+            (Some((e, w0, t)), Some(w)) => {
+                Some((e + (w0 + w) / 2.0 * (now - t).as_secs_f64(), w, now))
+            }
+        };
+    }
+
+    /// Reads powerd's telemetry for as long as `conn` lives.
+    pub async fn follow(self: std::sync::Arc<Self>, conn: zbus::Connection) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let watts = async {
+                let p = pocket_proto::power::Power1Proxy::new(&conn).await.ok()?;
+                let t = tokio::time::timeout(Duration::from_millis(500), p.telemetry())
+                    .await
+                    .ok()?
+                    .ok()?;
+                t.system_watts.is_finite().then_some(t.system_watts)
+            }
+            .await;
+            self.record(watts);
+            let period = match self.running.load(Ordering::SeqCst) {
+                0 => Duration::from_secs(1),
+                _ => Duration::from_millis(100),
+            };
+            tokio::time::sleep(period).await;
+        }
+    }
+}
+
+/// A request's energy: the meter at its start, read again at its end.
+#[derive(Debug, Clone)]
+pub struct EnergySpan {
+    meter: std::sync::Arc<EnergyMeter>,
+    start: Option<(f64, u64)>,
+    at: Instant,
+}
+
+impl EnergySpan {
+    pub fn start(meter: &std::sync::Arc<EnergyMeter>) -> EnergySpan {
+        EnergySpan {
+            meter: meter.clone(),
+            start: meter.joules(),
+            at: Instant::now(),
+        }
+    }
+
+    /// Joules and average watts since the start, if the meter read
+    /// throughout.
+    pub fn end(&self) -> (Option<f64>, Option<f64>) {
+        match (self.start, self.meter.joules()) {
+            (Some((a, ea)), Some((b, eb))) if ea == eb && b >= a => {
+                let secs = self.at.elapsed().as_secs_f64();
+                let j = b - a;
+                (Some(j), (secs > 0.0).then(|| j / secs))
+            }
+            _ => (None, None),
+        }
+    }
+}

@@ -30,6 +30,8 @@ pub struct Job {
     pub chunk: usize,
     /// When the request arrived.
     pub arrived: Instant,
+    /// The box's energy since it arrived.
+    pub energy: crate::peers::EnergySpan,
 }
 
 /// The write end of a caller's event stream.
@@ -277,14 +279,15 @@ impl Stream {
                 }));
             }
         }
+        let (energy_j, avg_w) = self.job.energy.end();
         let done = DoneEvent {
             done: true,
             finish_reason: reason,
             error,
             usage: self.usage,
             timings: self.timings,
-            energy_j: None,
-            avg_w: None,
+            energy_j,
+            avg_w,
             provider: self.provider,
         };
         let _ = self.events.send(&Event::Done(done.clone()));
