@@ -323,6 +323,14 @@ impl RuntimeIface {
                 )),
             }
             .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let constraint = match &req.response_format {
+            Some(f) => Some(
+                llm.guidance
+                    .constraint(llm, f)
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+            ),
+            None => None,
+        };
         let prompt = llm
             .text
             .encode(&text)
@@ -383,6 +391,7 @@ impl RuntimeIface {
             chunk: cfg.prefill_chunk,
             arrived,
             energy: crate::peers::EnergySpan::start(&self.meter),
+            constraint,
         };
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| Error::Inference(format!("pipe: {e}")))?;
@@ -466,11 +475,6 @@ fn sampling(req: &GenerateRequest) -> Result<generate_params::Params, Error> {
         p.frequency_penalty,
         (-100.0..=100.0).contains(&p.frequency_penalty),
     )?;
-    if req.response_format.is_some() {
-        return Err(Error::InvalidArgument(
-            "response_format (structured output) is not available in this version of npud".into(),
-        ));
-    }
     if req.stop.len() > 16 || req.stop.iter().any(|s| s.len() > 256) {
         return Err(Error::InvalidArgument(
             "at most 16 stop strings of at most 256 bytes each".into(),

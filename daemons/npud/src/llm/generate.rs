@@ -32,6 +32,8 @@ pub struct Job {
     pub arrived: Instant,
     /// The box's energy since it arrived.
     pub energy: crate::peers::EnergySpan,
+    /// The grammar the answer must follow (`response_format`).
+    pub constraint: Option<super::structured::Constraint>,
 }
 
 /// The write end of a caller's event stream.
@@ -235,6 +237,11 @@ impl Stream {
     /// sends its text; ends the stream on an end token, a stop string, the
     /// token limit or the context, else leaves the token pending.
     pub fn accept(&mut self, llm: &Llm, logits: &mut [f32]) {
+        if let Some(m) = &mut self.job.constraint {
+            if let Err(e) = m.mask(logits) {
+                return self.fail("Inference", format!("structured output: {e}"));
+            }
+        }
         let token = self.sampler.next(logits);
         if self.usage.completion_tokens == 0 {
             self.timings.ttft_ms = ms(self.job.arrived.elapsed());
@@ -244,6 +251,13 @@ impl Stream {
             return self.end(FinishReason::Stop);
         }
         self.usage.completion_tokens += 1;
+        let mut complete = false;
+        if let Some(m) = &mut self.job.constraint {
+            match m.consume(token) {
+                Ok(done) => complete = done,
+                Err(e) => return self.fail("Inference", format!("structured output: {e}")),
+            }
+        }
         let piece = self.detok.push(&llm.text, token);
         let (text, stopped) = self.stops.push(&piece);
         let event = Event::Text(TextEvent {
@@ -253,7 +267,7 @@ impl Stream {
         if self.events.send(&event).is_err() {
             return self.end(FinishReason::Cancelled);
         }
-        if stopped {
+        if stopped || complete {
             return self.end(FinishReason::Stop);
         }
         if self.usage.completion_tokens as usize >= self.job.max_tokens

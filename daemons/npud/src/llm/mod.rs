@@ -8,6 +8,7 @@
 //! - [`kv`]: one sequence's KV cache, in either layout;
 //! - [`pool`], [`batch`]: the KV pool of shared-buffer models and the
 //!   engine that steps all their sequences in one batch;
+//! - [`structured`]: output constrained to a JSON schema (llguidance);
 //! - [`generate`]: one request from prompt to its last event.
 
 pub mod batch;
@@ -16,6 +17,7 @@ pub mod generate;
 pub mod kv;
 pub mod pool;
 pub mod sample;
+pub mod structured;
 pub mod text;
 
 use std::io::Read;
@@ -46,6 +48,8 @@ pub struct Llm {
     pub shape: config::Shape,
     pub text: text::Text,
     pub folder: PathBuf,
+    /// llguidance's grammar compiler for this tokenizer, made on first use.
+    pub guidance: structured::Guidance,
 }
 
 /// Whether `entry`'s folder holds an LLM (has `genai_config.json`).
@@ -95,6 +99,7 @@ impl Llm {
             shape,
             text,
             folder: folder.to_path_buf(),
+            guidance: structured::Guidance::default(),
         })
     }
 

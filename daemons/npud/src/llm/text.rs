@@ -169,6 +169,11 @@ impl Text {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
+    /// The Hugging Face tokenizer itself.
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
