@@ -596,3 +596,47 @@ fn json_schema_output_always_parses_and_validates() {
         "{err}"
     );
 }
+
+#[test]
+fn npud_killed_mid_stream_ends_the_stream_with_an_error() {
+    let mut w = world(&["smollm2-fp32"], "");
+    let fd = generate_fd(
+        &w,
+        "smollm2-fp32",
+        &json!({"messages": chat("Count to one thousand."), "temperature": 0, "max_tokens": 2000}),
+    )
+    .unwrap();
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let mut lines = std::io::BufReader::new(file).lines();
+    lines.next().unwrap().unwrap();
+    w.npud.as_mut().unwrap().kill9();
+    // The stream ends (npud held its only write end) without a last event.
+    let start = Instant::now();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(rest.iter().all(|l| !l.contains("\"done\"")), "{rest:?}");
+    // pocketctl says so and fails, rather than waiting.
+    w.start_npud("memory_budget_mb = 4096");
+    let mut child = std::process::Command::new(bin_path("pocketctl"))
+        .args([
+            "chat",
+            "smollm2-fp32",
+            "Count to one thousand.",
+            "--max-tokens",
+            "2000",
+        ])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", w.bus.address())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    w.npud.as_mut().unwrap().kill9();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("without its last event"), "{err}");
+}
