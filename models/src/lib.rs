@@ -55,22 +55,85 @@ pub struct PackFile {
     pub sha256: String,
 }
 
+/// Tokens of KV cache counted for an LLM before it is downloaded: one
+/// sequence of this many tokens (or the model's context, if shorter).
+/// npud counts its own configured sequences and context at load.
+pub const FIT_CONTEXT: u64 = 2048;
+
+/// What the memory checks need to know of a language model: its KV cache
+/// per token follows from these.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LlmInfo {
+    pub context_length: u64,
+    pub layers: u64,
+    pub kv_heads: u64,
+    pub head_size: u64,
+    /// `f32` or `f16`.
+    pub kv_dtype: String,
+}
+
+impl LlmInfo {
+    fn validate(&self) -> Result<(), FormatError> {
+        let ok = (1..=1 << 20).contains(&self.context_length)
+            && (1..=1024).contains(&self.layers)
+            && (1..=1024).contains(&self.kv_heads)
+            && (1..=4096).contains(&self.head_size)
+            && matches!(self.kv_dtype.as_str(), "f32" | "f16");
+        match ok {
+            true => Ok(()),
+            false => Err(FormatError::Invalid(format!(
+                "implausible LLM shape {self:?}"
+            ))),
+        }
+    }
+
+    /// Bytes of KV cache one token takes in one sequence.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let elem = if self.kv_dtype == "f16" { 2 } else { 4 };
+        2 * self.layers * self.kv_heads * self.head_size * elem
+    }
+
+    /// KV bytes of one sequence of [`FIT_CONTEXT`] tokens (or the context).
+    pub fn fit_kv_bytes(&self) -> u64 {
+        self.kv_bytes_per_token() * self.context_length.min(FIT_CONTEXT)
+    }
+}
+
+fn default_kind() -> String {
+    "onnx".into()
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PackManifest {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// `onnx` (a model run in one pass) or `llm` (an onnxruntime-genai
+    /// folder, with `llm` set).
+    #[serde(default = "default_kind")]
+    pub kind: String,
     /// The file a runtime loads (the `.onnx` graph).
     pub entry: String,
-    /// Memory the model needs when loaded, in bytes.
+    /// Memory the model needs when loaded, in bytes (an LLM's weights; its
+    /// KV cache is counted from `llm`).
     pub memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmInfo>,
     pub files: Vec<PackFile>,
 }
 
 impl PackManifest {
     pub fn size_bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Memory to check before a download: the weights and, for an LLM,
+    /// one sequence's KV cache ([`LlmInfo::fit_kv_bytes`]).
+    pub fn memory_needed(&self) -> u64 {
+        self.memory_bytes
+            .saturating_add(self.llm.as_ref().map_or(0, LlmInfo::fit_kv_bytes))
     }
 
     /// Structural checks every consumer makes before trusting a manifest:
@@ -110,7 +173,14 @@ impl PackManifest {
                 self.entry
             )));
         }
-        Ok(())
+        match (self.kind.as_str(), &self.llm) {
+            ("onnx", None) => Ok(()),
+            ("llm", Some(info)) => info.validate(),
+            (kind, _) => Err(FormatError::Invalid(format!(
+                "kind {kind:?} with{} LLM shape",
+                if self.llm.is_some() { "" } else { "out" }
+            ))),
+        }
     }
 }
 
@@ -179,7 +249,19 @@ pub struct CatalogEntry {
     /// Bytes the model takes on disk once installed.
     pub size_bytes: u64,
     pub memory_bytes: u64,
+    /// A language model's shape, as its pack's manifest says (checked
+    /// against it at install).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llm: Option<LlmInfo>,
     pub pack: PackRef,
+}
+
+impl CatalogEntry {
+    /// Memory to check before a download (see [`PackManifest::memory_needed`]).
+    pub fn memory_needed(&self) -> u64 {
+        self.memory_bytes
+            .saturating_add(self.llm.as_ref().map_or(0, LlmInfo::fit_kv_bytes))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -272,6 +354,12 @@ pub fn check_against_catalog(
         return Err(FormatError::CatalogMismatch(format!(
             "pack is {} {} but the catalog lists {} {}",
             manifest.body.name, manifest.version, entry.name, entry.version
+        )));
+    }
+    if manifest.body.llm != entry.llm {
+        return Err(FormatError::CatalogMismatch(format!(
+            "the pack's LLM shape {:?} is not the catalog's {:?}",
+            manifest.body.llm, entry.llm
         )));
     }
     Ok(())
@@ -417,6 +505,7 @@ mod catalog_tests {
             description: String::new(),
             size_bytes: 1,
             memory_bytes: 1,
+            llm: None,
             pack: PackRef {
                 path: "packs/m.pack".into(),
                 size: 10,

@@ -138,6 +138,7 @@ impl Publisher {
                 .iter()
                 .map(|(n, p)| (n.to_string(), p.to_path_buf()))
                 .collect(),
+            llm: None,
         };
         pocket_publish::model_pack(&spec, keys, expires, out, SystemTime::now()).expect("pack");
     }
@@ -160,6 +161,7 @@ impl Publisher {
             entry: None,
             memory_bytes: Some(memory_bytes),
             files: vec![("model.onnx".into(), file.to_path_buf())],
+            llm: None,
         };
         pocket_publish::model_pack(
             &spec,
@@ -193,26 +195,36 @@ impl Publisher {
         out
     }
 
-    /// A pack of every file in a model folder (an LLM's), its entry
-    /// `model.onnx`, signed by the models key, written into `packs_dir`.
+    /// A pack of an LLM folder made as `pocket-publish model pack --dir`
+    /// makes it (checked, with its shape), signed by the models key,
+    /// written into `packs_dir`.
     pub fn pack_folder(&self, packs_dir: &Path, name: &str, folder: &Path) -> PathBuf {
-        std::fs::create_dir_all(packs_dir).expect("packs dir");
-        let out = packs_dir.join(format!("{name}-1.0.pack"));
-        let files = crate::folder_files(folder);
-        let size: u64 = files
-            .iter()
-            .map(|(_, p)| std::fs::metadata(p).unwrap().len())
-            .sum();
+        let spec =
+            pocket_publish::folder_spec(name, "1.0", &format!("{name} test LLM"), folder, None)
+                .expect("a model folder");
+        self.sign_spec(packs_dir, &spec)
+    }
+
+    /// A pack of every file in `folder` with no check at all (entry
+    /// `model.onnx`): what a careless or hostile publisher could sign.
+    pub fn pack_folder_unchecked(&self, packs_dir: &Path, name: &str, folder: &Path) -> PathBuf {
         let spec = PackSpec {
             name: name.into(),
             version: "1.0".into(),
-            description: format!("{name} test LLM"),
+            description: String::new(),
             entry: Some("model.onnx".into()),
-            memory_bytes: Some(size + size / 10),
-            files,
+            memory_bytes: None,
+            files: crate::folder_files(folder),
+            llm: None,
         };
+        self.sign_spec(packs_dir, &spec)
+    }
+
+    fn sign_spec(&self, packs_dir: &Path, spec: &PackSpec) -> PathBuf {
+        std::fs::create_dir_all(packs_dir).expect("packs dir");
+        let out = packs_dir.join(format!("{}-{}.pack", spec.name, spec.version));
         pocket_publish::model_pack(
-            &spec,
+            spec,
             std::slice::from_ref(&self.models_key),
             None,
             &out,

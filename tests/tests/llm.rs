@@ -402,7 +402,11 @@ fn a_corrupt_folder_is_refused_at_load() {
             std::fs::copy(p, dir.join(n)).unwrap();
         }
         std::fs::write(dir.join(file), bytes).unwrap();
-        w.publisher.pack_folder(&w.packs, name, &dir);
+        // Refused at pack time, naming the file...
+        let err = pocket_publish::folder_spec(name, "1.0", "", &dir, None).unwrap_err();
+        assert!(format!("{err:#}").contains(file), "{err:#}");
+        // ...and at load, when a publisher signs it anyway.
+        w.publisher.pack_folder_unchecked(&w.packs, name, &dir);
     }
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
@@ -639,4 +643,76 @@ fn npud_killed_mid_stream_ends_the_stream_with_an_error() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     assert!(!status.success());
     assert!(err.contains("without its last event"), "{err}");
+}
+
+#[test]
+fn an_llm_pack_records_its_shape_and_the_fit_check_counts_its_kv_cache() {
+    let mut w = World::start();
+    // 225 MB of weights and, for 2,048 tokens, 94 MB of KV cache, packed
+    // by the publisher's command line.
+    let out = std::process::Command::new(bin_path("pocket-publish"))
+        .args([
+            "model",
+            "pack",
+            "--name",
+            "smollm2",
+            "--version",
+            "1.0",
+            "--dir",
+        ])
+        .arg(llm_folder("smollm2-int4"))
+        .arg("--key")
+        .arg(&w.publisher.models_key)
+        .arg("--out")
+        .arg(w.packs.join("smollm2-1.0.pack"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && said.contains("llm, 6 files"),
+        "{said}"
+    );
+    w.republish(&w.packs.clone(), "2");
+    let envelope: Value =
+        serde_json::from_slice(&std::fs::read(w.site.join("catalog.json")).unwrap()).unwrap();
+    let signed: Value = serde_json::from_str(envelope["signed"].as_str().unwrap()).unwrap();
+    let listed = signed["body"]["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "smollm2")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        listed["llm"],
+        json!({"context_length": 2048, "layers": 30, "kv_heads": 3, "head_size": 64, "kv_dtype": "f32"})
+    );
+    let meminfo = w.tmp.path().join("meminfo");
+    let mem = |mib: u64| {
+        std::fs::write(&meminfo, format!("MemTotal: {} kB\n", mib * 1024)).unwrap();
+    };
+    mem(300);
+    w.write_config(&format!("meminfo = \"{}\"", meminfo.display()));
+    w.start_modeld();
+    let cat = w.ctl(&["model", "catalog", "--json"]).ok().json();
+    let entry = cat
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "smollm2")
+        .unwrap()
+        .clone();
+    assert_eq!(entry["fits_memory"], false, "{entry}");
+    w.ctl(&["model", "install", "smollm2"])
+        .fails_with("(InsufficientMemory)");
+    assert!(
+        w.http.served(".pack").is_empty(),
+        "downloaded before refusing"
+    );
+    mem(400);
+    w.restart_modeld();
+    w.ctl(&["model", "install", "smollm2"]).ok();
+    assert!(w
+        .installed()
+        .contains(&("smollm2".to_string(), "1.0".to_string())));
 }

@@ -257,8 +257,10 @@ fn pack_claiming_a_file_outside_its_directory_is_refused() {
     let manifest = pocket_models::PackManifest {
         name: "mlp".into(),
         description: String::new(),
+        kind: "onnx".into(),
         entry: "../../etc/evil.onnx".into(),
         memory_bytes: 1,
+        llm: None,
         files: vec![pocket_models::PackFile {
             path: "../../etc/evil.onnx".into(),
             size: onnx.len() as u64,

@@ -73,6 +73,61 @@ pub struct PackSpec {
     pub memory_bytes: Option<u64>,
     /// (path inside the pack, file on disk)
     pub files: Vec<(String, PathBuf)>,
+    /// Set for a language model (an onnxruntime-genai folder).
+    pub llm: Option<pocket_models::LlmInfo>,
+}
+
+/// A pack of an onnxruntime-genai folder: every file in it, checked as
+/// npud checks it at load (the configuration parses and is plausible, the
+/// decoder is there, the tokenizer loads, the chat template renders), with
+/// the shape the memory checks need. `memory_bytes` defaults to the files'
+/// size (the weights); the KV cache is counted from the shape.
+pub fn folder_spec(
+    name: &str,
+    version: &str,
+    description: &str,
+    dir: &Path,
+    memory_bytes: Option<u64>,
+) -> Result<PackSpec> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e?;
+        let ty = e.file_type()?;
+        let file_name = e.file_name();
+        let Some(n) = file_name.to_str() else {
+            bail!("{}: a file name that is not UTF-8", dir.display());
+        };
+        if !ty.is_file() {
+            bail!(
+                "{}: {n} is not a regular file (a model folder holds only files)",
+                dir.display()
+            );
+        }
+        files.push((n.to_string(), e.path()));
+    }
+    files.sort();
+    let llm = pocket_npud::llm::Llm::open(dir)
+        .with_context(|| format!("{} is not a model folder npud can run", dir.display()))?;
+    let entry = llm.shape.filename.clone();
+    if !files.iter().any(|(n, _)| *n == entry) {
+        bail!("{}: the decoder {entry} is missing", dir.display());
+    }
+    let s = &llm.shape;
+    Ok(PackSpec {
+        name: name.into(),
+        version: version.into(),
+        description: description.into(),
+        entry: Some(entry),
+        memory_bytes,
+        files,
+        llm: Some(pocket_models::LlmInfo {
+            context_length: s.context_length as u64,
+            layers: s.layers as u64,
+            kv_heads: s.kv_heads as u64,
+            head_size: s.head_size as u64,
+            kv_dtype: "f32".into(),
+        }),
+    })
 }
 
 /// Writes a signed pack to `out` and returns its manifest.
@@ -105,10 +160,15 @@ pub fn model_pack(
     let manifest = PackManifest {
         name: spec.name.clone(),
         description: spec.description.clone(),
+        kind: if spec.llm.is_some() { "llm" } else { "onnx" }.into(),
         entry,
-        memory_bytes: spec.memory_bytes.unwrap_or(size * 2),
+        memory_bytes: spec
+            .memory_bytes
+            .unwrap_or(if spec.llm.is_some() { size } else { size * 2 }),
+        llm: spec.llm.clone(),
         files,
     };
+    manifest.validate()?;
     let env = pocket_models::sign_pack(
         &manifest,
         spec.version.parse()?,
@@ -184,6 +244,7 @@ pub fn catalog_build(
             description: signed.body.description.clone(),
             size_bytes: signed.body.size_bytes(),
             memory_bytes: signed.body.memory_bytes,
+            llm: signed.body.llm.clone(),
             pack: PackRef {
                 path: format!("packs/{file_name}"),
                 size,

@@ -123,8 +123,12 @@ enum ModelCmd {
         #[arg(long)]
         version: String,
         /// A file to carry; `PATH` keeps its base name, `NAME=PATH` renames
-        #[arg(long, num_args = 1.., required = true)]
+        #[arg(long, num_args = 1.., required_unless_present = "dir", conflicts_with = "dir")]
         file: Vec<String>,
+        /// An onnxruntime-genai folder (a language model): every file in
+        /// it, checked as npud checks it at load; the entry is its decoder
+        #[arg(long, conflicts_with = "entry")]
+        dir: Option<PathBuf>,
         /// The file a runtime loads (default: the first .onnx file)
         #[arg(long)]
         entry: Option<String>,
@@ -213,6 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                     name,
                     version,
                     file,
+                    dir,
                     entry,
                     memory_bytes,
                     description,
@@ -221,35 +226,19 @@ fn run(cli: Cli) -> Result<()> {
                     out,
                 },
         } => {
-            let files = file
-                .iter()
-                .map(|f| match f.split_once('=') {
-                    Some((name, path)) => Ok((name.to_string(), PathBuf::from(path))),
-                    None => {
-                        let p = PathBuf::from(f);
-                        let name = p
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .context("file has no name")?
-                            .to_string();
-                        Ok((name, p))
-                    }
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let spec = pocket_publish::PackSpec {
-                name,
-                version,
-                description,
-                entry,
-                memory_bytes,
-                files,
+            let spec = match dir {
+                Some(dir) => {
+                    pocket_publish::folder_spec(&name, &version, &description, &dir, memory_bytes)?
+                }
+                None => file_spec(name, version, description, entry, memory_bytes, &file)?,
             };
             let manifest = pocket_publish::model_pack(&spec, &key, expires.as_deref(), &out, now)?;
             eprintln!(
-                "wrote {} ({} {}, {} files, {} bytes)",
+                "wrote {} ({} {}, {}, {} files, {} bytes)",
                 out.display(),
                 manifest.name,
                 spec.version,
+                manifest.kind,
                 manifest.files.len(),
                 manifest.size_bytes()
             );
@@ -325,4 +314,39 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A pack of named files (`PATH`, or `NAME=PATH` to rename).
+fn file_spec(
+    name: String,
+    version: String,
+    description: String,
+    entry: Option<String>,
+    memory_bytes: Option<u64>,
+    file: &[String],
+) -> Result<pocket_publish::PackSpec> {
+    let files = file
+        .iter()
+        .map(|f| match f.split_once('=') {
+            Some((name, path)) => Ok((name.to_string(), PathBuf::from(path))),
+            None => {
+                let p = PathBuf::from(f);
+                let name = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .context("file has no name")?
+                    .to_string();
+                Ok((name, p))
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(pocket_publish::PackSpec {
+        name,
+        version,
+        description,
+        entry,
+        memory_bytes,
+        files,
+        llm: None,
+    })
 }

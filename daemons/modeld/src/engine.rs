@@ -218,7 +218,7 @@ impl Engine {
                     memory_bytes: e.memory_bytes,
                     installed_version: have.map(|m| m.version.to_string()).unwrap_or_default(),
                     fits_disk: e.size_bytes + self.limits.reserve_bytes <= free,
-                    fits_memory: self.limits.check_memory(&e.name, e.memory_bytes).is_ok(),
+                    fits_memory: self.limits.check_memory(&e.name, e.memory_needed()).is_ok(),
                     source: source.describe(),
                 }
             })
@@ -336,7 +336,8 @@ impl Engine {
 
     /// Checks made before a single byte is downloaded.
     fn precheck(&self, entry: &CatalogEntry) -> Result<(), ModelError> {
-        self.limits.check_memory(&entry.name, entry.memory_bytes)?;
+        self.limits
+            .check_memory(&entry.name, entry.memory_needed())?;
         let subject = format!("model:{}", entry.name);
         if let Some((floor, _)) = self.store.floors().floor(&subject)? {
             if entry.version < floor {

@@ -223,7 +223,8 @@ impl PackWriter {
         self.store
             .floors()
             .check(&format!("model:{name}"), &manifest.version, &self.digest)?;
-        self.limits.check_memory(name, manifest.body.memory_bytes)?;
+        self.limits
+            .check_memory(name, manifest.body.memory_needed())?;
         let missing: u64 = manifest
             .body
             .files
