@@ -408,11 +408,30 @@ fn a_corrupt_folder_is_refused_at_load() {
         // ...and at load, when a publisher signs it anyway.
         w.publisher.pack_folder_unchecked(&w.packs, name, &dir);
     }
+    // A configuration that parses but names inputs the graph lacks: it
+    // passes the pack checks (they do not open the graph) and is refused
+    // when npud loads the decoder.
+    let dir = tmp.path().join("badio");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (n, p) in folder_files(&llm_folder("tiny-fp32")) {
+        std::fs::copy(p, dir.join(n)).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("genai_config.json")).unwrap()).unwrap();
+    cfg["model"]["decoder"]["inputs"]["past_key_names"] = json!("past.%d.k");
+    std::fs::write(dir.join("genai_config.json"), cfg.to_string()).unwrap();
+    w.publisher.pack_folder(&w.packs, "badio", &dir);
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
-    w.ctl(&["model", "install", "badtok"]).ok();
-    w.ctl(&["model", "install", "badcfg"]).ok();
+    for m in ["badtok", "badcfg", "badio"] {
+        w.ctl(&["model", "install", m]).ok();
+    }
     w.start_npud("memory_budget_mb = 1024");
+    let err = generate_fd(&w, "badio", &json!({"prompt": "x"})).unwrap_err();
+    assert!(
+        err.contains("Corrupt") && err.contains("no input \"past.0.k\""),
+        "{err}"
+    );
     let err = generate_fd(&w, "badtok", &json!({"prompt": "x"})).unwrap_err();
     assert!(
         err.contains("Corrupt") && err.contains("tokenizer.json"),

@@ -217,6 +217,40 @@ fn emit(
     Ok(latency)
 }
 
+/// Whether a decoder's graph has the inputs and outputs its
+/// `genai_config.json` names, with the element types the engine feeds and
+/// reads (token ids and masks as i64, an fp32 KV cache and logits).
+fn check_decoder(
+    s: &crate::llm::config::Shape,
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+) -> Result<(), String> {
+    let has = |specs: &[TensorSpec], name: &str, dtype: &str, what: &str| match specs
+        .iter()
+        .find(|t| t.name == name)
+    {
+        Some(t) if t.dtype == dtype => Ok(()),
+        Some(t) => Err(format!(
+            "the decoder's {what} {name:?} is {}, not {dtype}",
+            t.dtype
+        )),
+        None => Err(format!("the decoder has no {what} {name:?}")),
+    };
+    has(inputs, &s.input_ids, "i64", "input")?;
+    has(inputs, &s.attention_mask, "i64", "input")?;
+    if let Some(p) = &s.position_ids {
+        has(inputs, p, "i64", "input")?;
+    }
+    has(outputs, &s.logits, "f32", "output")?;
+    for l in 0..s.layers {
+        has(inputs, &s.past_key[l], "f32", "input")?;
+        has(inputs, &s.past_value[l], "f32", "input")?;
+        has(outputs, &s.present_key[l], "f32", "output")?;
+        has(outputs, &s.present_value[l], "f32", "output")?;
+    }
+    Ok(())
+}
+
 /// An input that borrows its bytes: (name, dtype, shape, bytes).
 pub type Input<'a> = (&'a str, &'a str, &'a [i64], &'a [u8]);
 
@@ -499,16 +533,19 @@ impl Runtime {
             SessionError::Options(e) => RuntimeError::Inference(e),
             SessionError::Model(e) => corrupt(e),
         })?;
-        let inputs = session
+        let inputs: Vec<TensorSpec> = session
             .inputs()
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
-        let outputs = session
+        let outputs: Vec<TensorSpec> = session
             .outputs()
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
+        if let Some(l) = &llm {
+            check_decoder(&l.shape, &inputs, &outputs).map_err(corrupt)?;
+        }
         let batched = llm
             .as_ref()
             .filter(|l| l.shape.share_buffer)
