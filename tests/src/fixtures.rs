@@ -152,8 +152,6 @@ impl Publisher {
         file: &Path,
         memory_bytes: u64,
     ) -> PathBuf {
-        std::fs::create_dir_all(packs_dir).expect("packs dir");
-        let out = packs_dir.join(format!("{name}-1.0.pack"));
         let spec = PackSpec {
             name: name.into(),
             version: "1.0".into(),
@@ -163,15 +161,7 @@ impl Publisher {
             files: vec![("model.onnx".into(), file.to_path_buf())],
             llm: None,
         };
-        pocket_publish::model_pack(
-            &spec,
-            std::slice::from_ref(&self.models_key),
-            None,
-            &out,
-            SystemTime::now(),
-        )
-        .expect("pack");
-        out
+        self.sign_spec(packs_dir, &spec)
     }
 
     /// A pack signed by the models key, written into `packs_dir`.

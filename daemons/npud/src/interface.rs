@@ -526,7 +526,6 @@ async fn run_job(
                 let llm = m.llm.as_ref().expect("an LLM");
                 let d = generate::run(llm, job, events, &m.provider, |seq, tokens| {
                     m.with_session(|s| seq.forward(s, tokens))
-                        .map_err(|e| e.to_string())
                 });
                 let _ = tx.send(d);
             });

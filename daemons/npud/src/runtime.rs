@@ -217,6 +217,20 @@ fn emit(
     Ok(latency)
 }
 
+/// A decoder graph that does not match its `genai_config.json`.
+#[derive(Debug, thiserror::Error)]
+enum DecoderMismatch {
+    #[error("the decoder has no {what} {name:?}")]
+    Missing { what: &'static str, name: String },
+    #[error("the decoder's {what} {name:?} is {got}, not {want}")]
+    Type {
+        what: &'static str,
+        name: String,
+        got: String,
+        want: &'static str,
+    },
+}
+
 /// Whether a decoder's graph has the inputs and outputs its
 /// `genai_config.json` names, with the element types the engine feeds and
 /// reads (token ids and masks as i64, an fp32 KV cache and logits).
@@ -224,17 +238,19 @@ fn check_decoder(
     s: &crate::llm::config::Shape,
     inputs: &[TensorSpec],
     outputs: &[TensorSpec],
-) -> Result<(), String> {
-    let has = |specs: &[TensorSpec], name: &str, dtype: &str, what: &str| match specs
-        .iter()
-        .find(|t| t.name == name)
-    {
-        Some(t) if t.dtype == dtype => Ok(()),
-        Some(t) => Err(format!(
-            "the decoder's {what} {name:?} is {}, not {dtype}",
-            t.dtype
-        )),
-        None => Err(format!("the decoder has no {what} {name:?}")),
+) -> Result<(), DecoderMismatch> {
+    let has = |specs: &[TensorSpec], name: &str, want: &'static str, what: &'static str| {
+        let name = name.to_string();
+        match specs.iter().find(|t| t.name == name) {
+            Some(t) if t.dtype == want => Ok(()),
+            Some(t) => Err(DecoderMismatch::Type {
+                what,
+                name,
+                got: t.dtype.clone(),
+                want,
+            }),
+            None => Err(DecoderMismatch::Missing { what, name }),
+        }
     };
     has(inputs, &s.input_ids, "i64", "input")?;
     has(inputs, &s.attention_mask, "i64", "input")?;
@@ -544,7 +560,7 @@ impl Runtime {
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
         if let Some(l) = &llm {
-            check_decoder(&l.shape, &inputs, &outputs).map_err(corrupt)?;
+            check_decoder(&l.shape, &inputs, &outputs).map_err(|e| corrupt(e.to_string()))?;
         }
         let batched = llm
             .as_ref()

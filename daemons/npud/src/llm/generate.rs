@@ -239,7 +239,7 @@ impl Stream {
     pub fn accept(&mut self, llm: &Llm, logits: &mut [f32]) {
         if let Some(m) = &mut self.job.constraint {
             if let Err(e) = m.mask(logits) {
-                return self.fail("Inference", format!("structured output: {e}"));
+                return self.fail("Inference", e.to_string());
             }
         }
         let token = self.sampler.next(logits);
@@ -255,7 +255,7 @@ impl Stream {
         if let Some(m) = &mut self.job.constraint {
             match m.consume(token) {
                 Ok(done) => complete = done,
-                Err(e) => return self.fail("Inference", format!("structured output: {e}")),
+                Err(e) => return self.fail("Inference", e.to_string()),
             }
         }
         let piece = self.detok.push(&llm.text, token);
@@ -317,7 +317,7 @@ pub fn run(
     job: Job,
     events: Events,
     provider: &str,
-    mut step: impl FnMut(&mut Sequence, &[u32]) -> Result<Vec<f32>, String>,
+    mut step: impl FnMut(&mut Sequence, &[u32]) -> Result<Vec<f32>, ort::Error>,
 ) -> DoneEvent {
     let mut seq = match Sequence::new(&llm.shape, job.context) {
         Ok(s) => s,
@@ -347,7 +347,7 @@ pub fn run(
                     s.accept(llm, &mut logits);
                 }
             }
-            Err(e) => s.fail("Inference", e),
+            Err(e) => s.fail("Inference", e.to_string()),
         }
     }
     s.finish()

@@ -10,7 +10,7 @@ use llguidance::{Matcher, ParserFactory};
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum FormatError {
     #[error("response_format: {0}")]
     Invalid(String),
@@ -18,11 +18,13 @@ pub enum FormatError {
     Schema(String),
     #[error("structured output is not available for this model: {0}")]
     Unavailable(String),
+    #[error("structured output: {0}")]
+    Grammar(String),
 }
 
 /// A model's grammar compiler, made from its tokenizer on first use.
 #[derive(Default)]
-pub struct Guidance(OnceLock<Result<Arc<ParserFactory>, String>>);
+pub struct Guidance(OnceLock<Result<Arc<ParserFactory>, FormatError>>);
 
 impl std::fmt::Debug for Guidance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -61,20 +63,20 @@ impl Guidance {
     fn factory(&self, llm: &super::Llm) -> Result<Arc<ParserFactory>, FormatError> {
         self.0
             .get_or_init(|| {
+                let unavailable = |e: anyhow::Error| FormatError::Unavailable(e.to_string());
                 let mut bytes = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(
                     llm.text.tokenizer().clone(),
                 )
-                .map_err(|e| e.to_string())?;
+                .map_err(unavailable)?;
                 bytes.set_eos_tokens(&llm.shape.eos);
                 let env = bytes
                     .into_tok_env(Some(llm.shape.vocab_size))
-                    .map_err(|e| e.to_string())?;
-                let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+                    .map_err(unavailable)?;
+                let mut factory = ParserFactory::new_simple(&env).map_err(unavailable)?;
                 factory.set_stderr_log_level(0);
                 Ok(Arc::new(factory))
             })
             .clone()
-            .map_err(FormatError::Unavailable)
     }
 
     /// The constraint for one request's `response_format`.
@@ -100,8 +102,9 @@ impl std::fmt::Debug for Constraint {
 impl Constraint {
     /// Masks out of `logits` every token the grammar does not allow next
     /// (an end token where the grammar is complete).
-    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), String> {
-        let allowed = self.0.compute_mask_or_eos().map_err(|e| e.to_string())?;
+    pub fn mask(&mut self, logits: &mut [f32]) -> Result<(), FormatError> {
+        let allowed =
+            (self.0.compute_mask_or_eos()).map_err(|e| FormatError::Grammar(e.to_string()))?;
         for (t, l) in logits.iter_mut().enumerate() {
             if !allowed.is_allowed(t as u32) {
                 *l = f32::NEG_INFINITY;
@@ -111,8 +114,8 @@ impl Constraint {
     }
 
     /// Advances past `token`; returns whether the grammar is complete.
-    pub fn consume(&mut self, token: u32) -> Result<bool, String> {
-        self.0.consume_token(token).map_err(|e| e.to_string())?;
+    pub fn consume(&mut self, token: u32) -> Result<bool, FormatError> {
+        (self.0.consume_token(token)).map_err(|e| FormatError::Grammar(e.to_string()))?;
         Ok(self.0.is_stopped())
     }
 }
