@@ -140,11 +140,10 @@ fi
 # generation are checked against.
 python_pins=(onnx==1.23.2 numpy==2.3.5 onnxruntime==1.31.1 gguf==0.19.0 tokenizers==0.23.3
     jinja2==3.1.6 onnxruntime-genai==0.18.0)
-python_probe='import onnx, numpy, onnxruntime, gguf, tokenizers, jinja2, onnxruntime_genai
-assert onnxruntime.__version__ == "1.31.1", onnxruntime.__version__
-assert tokenizers.__version__ == "0.23.3", tokenizers.__version__
-assert onnxruntime_genai.__version__ == "0.18.0", onnxruntime_genai.__version__'
-if ! python3 -c "$python_probe" 2>/dev/null; then
+python_probe="import sys, importlib.metadata as m, onnx, numpy, onnxruntime, gguf, tokenizers, jinja2, onnxruntime_genai
+wrong = [p for p in sys.argv[1:] if m.version(p.split('==')[0]) != p.split('==')[1]]
+assert not wrong, wrong"
+if ! python3 -c "$python_probe" "${python_pins[@]}" 2>/dev/null; then
     echo "installing: python ${python_pins[*]}"
     python3 -m pip install --quiet "${python_pins[@]}" 2>/dev/null \
         || python3 -m pip install --quiet --break-system-packages "${python_pins[@]}"
@@ -180,7 +179,7 @@ if has rustup; then
     rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
         || failed+=("rustup target aarch64-unknown-linux-gnu")
 fi
-python3 -c "$python_probe" 2>/dev/null || failed+=("python ${python_pins[*]} (probe: $python_probe)")
+python3 -c "$python_probe" "${python_pins[@]}" 2>/dev/null || failed+=("python ${python_pins[*]} (probe: $python_probe)")
 python3 -c 'import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); assert lib.OrtGetApiBase()' "$ort_lib" 2>/dev/null \
     || failed+=("libonnxruntime.so from onnxruntime==1.31.1 (probe: load $ort_lib)")
 [ -d "$browser_dir/node_modules/playwright-core" ] || failed+=("playwright-core (npm ci in tests/browser)")
