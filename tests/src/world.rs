@@ -21,6 +21,8 @@ pub struct World {
     pub npud: Option<Daemon>,
     pub powerd: Option<Daemon>,
     pub webd: Option<Daemon>,
+    /// The LLM API's own listener (`api_listen`), once webd runs.
+    pub webd_api: Option<String>,
 }
 
 impl World {
@@ -60,6 +62,7 @@ impl World {
             npud: None,
             powerd: None,
             webd: None,
+            webd_api: None,
         };
         w.write_config("");
         w
@@ -146,10 +149,13 @@ impl World {
     pub fn start_webd(&mut self, extra: &str) -> String {
         let port = free_port();
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let api = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let defaults = [
             format!("listen = \"{addr}\""),
+            format!("api_listen = \"{api}\""),
             format!("data_dir = \"{}\"", self.webd_dir().display()),
         ];
+        self.webd_api = Some(format!("http://127.0.0.1:{}", api.port()));
         let path = self.tmp.path().join("webd.toml");
         std::fs::write(&path, merge_config(&defaults, extra)).unwrap();
         self.webd = Some(Daemon::start_listening(

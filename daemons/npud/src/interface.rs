@@ -367,6 +367,13 @@ impl RuntimeIface {
             }
             .into());
         }
+        // More new tokens than the whole context can hold is a mistake,
+        // not a wish: say so instead of stopping short of it.
+        if let Some(n) = req.max_tokens.filter(|&n| n as usize > context) {
+            return Err(Error::InvalidArgument(format!(
+                "max_tokens {n} is over the context of {context} tokens"
+            )));
+        }
         let cfg = self.rt.config();
         let room = cfg.max_sequences.max(1) + cfg.max_queue;
         if loaded.waiting.fetch_add(1, Ordering::SeqCst) >= room {

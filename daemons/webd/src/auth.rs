@@ -325,7 +325,7 @@ fn verify_password(hash: &str, password: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the kernel's random source is available");
     hex::encode(bytes)
@@ -344,7 +344,7 @@ pub fn same_secret(a: &str, b: &str) -> bool {
 /// Writes `path` (mode 0600) through a temporary file, fsynced, renamed
 /// into place, directory fsynced: after a power cut it is the old file or
 /// the new one.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -7,6 +7,7 @@
 //! logged-in session and its CSRF token. See docs/dashboard.md.
 
 mod api;
+mod apikeys;
 mod auth;
 mod error;
 mod events;
@@ -45,10 +46,20 @@ pub struct Config {
     /// started as.
     #[serde(default)]
     pub user: Option<String>,
+    /// Where the LLM API listens besides `listen` (Ollama's port by
+    /// default, so that clients find the box unchanged); empty for nowhere.
+    #[serde(default = "default_api_listen")]
+    pub api_listen: String,
+    /// Clients on the local network may use the LLM API without a key.
+    #[serde(default)]
+    pub api_open_to_lan: bool,
 }
 
 fn default_listen() -> String {
     "0.0.0.0:80".into()
+}
+fn default_api_listen() -> String {
+    "0.0.0.0:11434".into()
 }
 fn default_data_dir() -> PathBuf {
     "/data/webd".into()
@@ -71,6 +82,8 @@ pub(crate) struct App {
     pub bus: zbus::Connection,
     pub auth: auth::Auth,
     pub events: events::Events,
+    pub keys: apikeys::ApiKeys,
+    pub metrics: api::Metrics,
 }
 
 /// Serves the dashboard until `shutdown` completes.
@@ -87,6 +100,19 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let api_listener = match cfg.api_listen.trim() {
+        "" => None,
+        a => {
+            let addr: SocketAddr = a
+                .parse()
+                .map_err(|e| anyhow::anyhow!("api_listen {a:?}: {e}"))?;
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?,
+            )
+        }
+    };
     if let Some(user) = &cfg.user {
         pocket_daemon::run_as(user)?;
     }
@@ -99,7 +125,10 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
     let auth = auth::Auth::open(&cfg)?;
     let events = events::Events::start(&bus).await?;
+    let keys = apikeys::ApiKeys::open(&cfg.data_dir)?;
     let app = Arc::new(App {
+        keys,
+        metrics: Default::default(),
         host_names: net::host_names(&cfg.host_names),
         cfg,
         bus,
@@ -115,17 +144,36 @@ pub async fn serve(
             "no admin credential yet: the page asks for one"
         }
     );
-    let router = api::router(app);
-    let stop = async move {
+    let router = api::router(app.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         if let Err(e) = shutdown.await {
             tracing::warn!("waiting for a stop signal: {e}");
         }
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let api = match api_listener {
+        Some(l) => {
+            tracing::info!("LLM API on http://{}/", l.local_addr()?);
+            let svc = api::api_router(app).into_make_service_with_connect_info::<SocketAddr>();
+            let stop = stopped(stop_rx.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(l, svc).with_graceful_shutdown(stop).await
+            }))
+        }
+        None => None,
     };
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(stop)
+    .with_graceful_shutdown(stopped(stop_rx))
     .await?;
+    if let Some(api) = api {
+        api.await??;
+    }
     Ok(())
 }
