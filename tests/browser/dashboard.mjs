@@ -8,7 +8,8 @@
 //   DASHBOARD_URL   the page, e.g. http://localhost:8080
 //   PASSWORD        the admin password to set (first boot) or log in with
 //   MODEL           the catalog model to install (default mlp)
-//   SCENARIO        "full" (everything) or "install" (log in, install, run)
+//   SCENARIO        "full" (everything), "install" (log in, install, run) or
+//                   "chat" (log in, install an LLM, chat: two turns, then Stop)
 //   TAMPERED_PACK   a model pack file whose payload was altered (full)
 //   SCREENSHOTS     a directory for screenshots of the main views (optional)
 //   CHROMIUM        the browser (default /usr/bin/chromium)
@@ -85,8 +86,34 @@ try {
   mark("installed");
   seen.store_state = await row.locator("td").nth(4).textContent();
 
-  // Installed: a test run shows the provider and latency.
   const installed = page.locator(`#models tr[data-model="${model}"]`);
+  if (scenario === "chat") {
+    // One click from the installed model to a chat with it.
+    await installed.locator("button.chat").click();
+    await page.fill("#chat-temperature", "0");
+    const turn = async (text, n) => {
+      await page.fill("#chat-input", text);
+      await page.click("#chat-send");
+      await page.waitForFunction((i) => /tokens\/s/.test(
+        document.querySelectorAll("#chat-log .turn.assistant .stats")[i]?.textContent || ""), n);
+      const a = page.locator("#chat-log .turn.assistant").nth(n);
+      return { answer: await a.locator(".answer").textContent(), stats: await a.locator(".stats").textContent() };
+    };
+    seen.chat = [await turn("What is 2+2?", 0)];
+    mark("first_answer");
+    seen.chat.push(await turn("And what is 3+3?", 1));
+    await shot("chat", page.locator("#chat"));
+    // Stop ends an answer in the middle.
+    await page.fill("#chat-input", "Tell me a very long story about a dragon and a knight.");
+    await page.click("#chat-send");
+    await page.waitForFunction(() => (document.querySelectorAll("#chat-log .turn.assistant .answer")[2]?.textContent || "").length > 10);
+    await page.click("#chat-stop");
+    await page.waitForFunction(() => /stopped/.test(document.querySelectorAll("#chat-log .turn.assistant .stats")[2]?.textContent || ""));
+    seen.chat_stopped = await page.locator("#chat-log .turn.assistant").nth(2).locator(".stats").textContent();
+    seen.send_enabled = await page.isEnabled("#chat-send");
+    mark("chatted");
+  } else {
+  // Installed: a test run shows the provider and latency.
   await installed.locator("button.run").click();
   await page.waitForSelector("#run-result .run-latency");
   seen.run_provider = await page.textContent("#run-result .run-provider");
@@ -96,6 +123,7 @@ try {
   seen.installed_provider = await installed.locator(".provider").textContent();
   await shot("installed", page.locator("#installed"));
   mark("ran");
+  }
 
   if (scenario === "full") {
     // Power: switch the profile; the page shows the one now active.

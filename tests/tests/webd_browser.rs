@@ -122,3 +122,56 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
         );
     }
 }
+
+/// An LLM from the store, one click to a chat: two turns with streamed
+/// text and their speed, then Stop in the middle of an answer.
+#[test]
+fn a_person_installs_an_llm_and_chats_with_it_in_the_browser() {
+    let mut w = World::start();
+    w.publisher
+        .pack_folder(&w.packs, "smollm2-int4", &llm_folder("smollm2-int4"));
+    w.republish(&w.packs.clone(), "2");
+    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
+    w.start_modeld();
+    w.start_npud("memory_budget_mb = 4096");
+    w.start_powerd(board.root(), "");
+    let os = Publisher::new(&w.tmp.path().join("os-publisher"));
+    let mut updates = UpdateBox::new(&w.tmp.path().join("box"), Loader::Grub, &os, "");
+    updates.boot(&w.bus);
+    let url = w.start_webd("");
+    let shots = std::env::var("POCKET_SCREENSHOTS").unwrap_or_else(|_| {
+        workspace_root()
+            .join("target/screenshots")
+            .display()
+            .to_string()
+    });
+    let seen = browse(
+        &url,
+        &[
+            ("PASSWORD", "a long admin password"),
+            ("MODEL", "smollm2-int4"),
+            ("SCENARIO", "chat"),
+            ("SCREENSHOTS", &shots),
+        ],
+    );
+    let turns = seen["chat"].as_array().expect("two turns");
+    let first = turns[0]["answer"].as_str().unwrap();
+    assert!(first.contains('4'), "{seen:#}");
+    assert!(!turns[1]["answer"].as_str().unwrap().is_empty(), "{seen:#}");
+    for t in turns {
+        let stats = t["stats"].as_str().unwrap();
+        assert!(
+            stats.contains("first token") && stats.contains("tokens/s") && stats.contains(" J"),
+            "{stats}"
+        );
+    }
+    assert!(
+        seen["chat_stopped"].as_str().unwrap().contains("stopped"),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["send_enabled"], true,
+        "the page is ready for the next message"
+    );
+    assert_eq!(seen["console_errors"], serde_json::json!([]), "{seen:#}");
+}

@@ -7,7 +7,10 @@ const $ = (sel) => document.querySelector(sel);
 // jobs: install jobs in progress by id; finished: ids of jobs that ended
 // (a fast job can end before the reply that started it arrives);
 // uploading: the name of the file being uploaded.
-const state = { session: {}, jobs: new Map(), finished: new Set(), uploading: null, models: null, update: null, events: null };
+// chat: the conversation shown (role, content), and the answer in
+// progress's AbortController.
+const state = { session: {}, jobs: new Map(), finished: new Set(), uploading: null, models: null, update: null, events: null,
+  chat: { messages: [], abort: null } };
 
 function trackJob(job) {
   if (!state.finished.has(job.id)) state.jobs.set(job.id, job);
@@ -216,9 +219,116 @@ function renderModels() {
     el("td", {}, bytes(i.size_bytes)),
     el("td", { class: "provider" }, i.provider || "not loaded"),
     el("td", {},
-      el("button", { type: "button", class: "run", onclick: () => run(i.name) }, "Test run"), " ",
+      i.llm
+        ? el("button", { type: "button", class: "chat", onclick: () => chatWith(i.name) }, "Chat")
+        : el("button", { type: "button", class: "run", onclick: () => run(i.name) }, "Test run"), " ",
       el("button", { type: "button", class: "secondary remove", onclick: () => remove(i.name) }, "Remove"))));
   $("#models").replaceChildren(...(installed.length ? installed : [el("tr", {}, el("td", { colspan: 5, class: "muted" }, "No model installed yet."))]));
+  renderChatModels();
+}
+
+// ---- chat ----
+
+function renderChatModels() {
+  const llms = state.models.installed.filter((i) => i.llm).map((i) => i.name);
+  const select = $("#chat-model");
+  const current = select.value;
+  select.replaceChildren(...llms.map((n) => el("option", { value: n }, n)));
+  if (llms.includes(current)) select.value = current;
+  $("#chat-empty").hidden = llms.length > 0;
+  $("#chat-form").hidden = llms.length === 0;
+}
+
+function chatWith(name) {
+  $("#chat-model").value = name;
+  $("#chat").scrollIntoView();
+  $("#chat-input").focus();
+}
+
+function clearChat() {
+  if (state.chat.abort) state.chat.abort.abort();
+  state.chat.messages = [];
+  $("#chat-log").replaceChildren();
+}
+
+function chatStats(last, ttftMs, stopped) {
+  const rate = last.eval_duration > 0 ? (last.eval_count / (last.eval_duration / 1e9)).toFixed(1) : "–";
+  const energy = last.energy_j === null || last.energy_j === undefined ? "energy n/a" : `${last.energy_j.toFixed(1)} J`;
+  return `${stopped ? "stopped · " : ""}first token ${Math.round(ttftMs)} ms · ${rate} tokens/s · ${last.eval_count} tokens · ${energy}`;
+}
+
+// Sends the conversation to /api/chat and streams the answer into the
+// log, one NDJSON object at a time; Stop aborts the request, which ends
+// the generation on the box.
+async function sendChat(ev) {
+  ev.preventDefault();
+  const input = $("#chat-input");
+  const text = input.value.trim();
+  if (!text || state.chat.abort) return;
+  input.value = "";
+  const model = $("#chat-model").value;
+  state.chat.messages.push({ role: "user", content: text });
+  $("#chat-log").append(el("div", { class: "turn user" }, text));
+  const answer = el("span", { class: "answer" });
+  const stats = el("small", { class: "stats" }, "…");
+  $("#chat-log").append(el("div", { class: "turn assistant" }, answer, stats));
+  const system = $("#chat-system").value.trim();
+  const messages = system ? [{ role: "system", content: system }, ...state.chat.messages] : state.chat.messages;
+  const temperature = Number($("#chat-temperature").value);
+  const abort = new AbortController();
+  state.chat.abort = abort;
+  $("#chat-stop").hidden = false;
+  $("#chat-send").disabled = true;
+  const started = performance.now();
+  let ttft = null, last = null, content = "";
+  try {
+    const resp = await fetch("/api/chat", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-CSRF-Token": state.session.csrf || "none" },
+      body: JSON.stringify({ model, messages, stream: true, options: { temperature } }),
+      credentials: "same-origin",
+      signal: abort.signal,
+    });
+    if (!resp.ok) {
+      const e = await resp.json().catch(() => ({}));
+      throw new Error(e.error || `the box answered ${resp.status}`);
+    }
+    const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += value;
+      let nl;
+      while ((nl = buf.indexOf("\n")) >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        if (!line) continue;
+        const obj = JSON.parse(line);
+        if (obj.error) throw new Error(obj.error);
+        if (obj.message && obj.message.content) {
+          if (ttft === null) ttft = performance.now() - started;
+          content += obj.message.content;
+          answer.textContent = content;
+        }
+        if (obj.done) last = obj;
+      }
+    }
+    stats.textContent = last ? chatStats(last, ttft ?? performance.now() - started, false) : "the answer ended early";
+  } catch (e) {
+    if (e.name === "AbortError") {
+      stats.textContent = `stopped after ${content.length} characters`;
+      stats.classList.add("stopped");
+    } else {
+      stats.textContent = `failed: ${e.message}`;
+      stats.classList.add("error");
+    }
+  } finally {
+    state.chat.messages.push({ role: "assistant", content });
+    state.chat.abort = null;
+    $("#chat-stop").hidden = true;
+    $("#chat-send").disabled = false;
+  }
 }
 
 async function install(name) {
@@ -404,6 +514,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#update-install").addEventListener("click", installUpdate);
   $("#upload-update").addEventListener("submit", uploadUpdate);
   $("#rollback").addEventListener("click", rollback);
+  $("#chat-form").addEventListener("submit", sendChat);
+  $("#chat-stop").addEventListener("click", () => state.chat.abort && state.chat.abort.abort());
+  $("#chat-clear").addEventListener("click", clearChat);
+  $("#chat-input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("#chat-form").requestSubmit(); }
+  });
   loadSession().then(refreshAll);
   listen();
 });

@@ -33,6 +33,7 @@ pub(super) async fn models_state(_r: Reader, State(app): AppState) -> ApiResult<
                 "memory_bytes": i.memory_bytes,
                 "installed_at": i.installed_at,
                 "loaded": l.is_some(),
+                "llm": i.files.iter().any(|f| f.path == "genai_config.json"),
                 "provider": l.map(|l| l.provider.clone()),
             })
         })
