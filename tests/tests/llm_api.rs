@@ -419,6 +419,36 @@ fn clients_beyond_the_box_need_an_api_key() {
         .unwrap();
     assert_eq!(revoked.status(), 401);
 
+    // The same from the box's command line, into the same file: the
+    // running webd sees it at once.
+    let config = w.tmp.path().join("webd.toml");
+    let config = config.to_str().unwrap();
+    let made = w
+        .ctl(&["api-key", "--config", config, "create", "editor", "--json"])
+        .ok()
+        .json();
+    let cli_key = made["key"].as_str().unwrap();
+    let models = r
+        .get(format!("{api}/v1/models"))
+        .bearer_auth(cli_key)
+        .send()
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let listed = w
+        .ctl(&["api-key", "--config", config, "list", "--json"])
+        .ok()
+        .json();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let cli_id = made["info"]["id"].as_str().unwrap();
+    w.ctl(&["api-key", "--config", config, "revoke", cli_id])
+        .ok();
+    let revoked = r
+        .get(format!("{api}/v1/models"))
+        .bearer_auth(cli_key)
+        .send()
+        .unwrap();
+    assert_eq!(revoked.status(), 401);
+
     // A page of another site, in a browser on the box.
     let cross = http()
         .post(format!("{api}/api/chat"))

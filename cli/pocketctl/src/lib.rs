@@ -51,6 +51,14 @@ pub enum Cmd {
     },
     /// Chat with an installed language model
     Chat(chat::ChatArgs),
+    /// API keys for LLM clients beyond the box (`Authorization: Bearer`)
+    ApiKey {
+        /// The dashboard's configuration, which says where keys are kept
+        #[arg(long, default_value = "/etc/pocketos/webd.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: ApiKeyCmd,
+    },
     /// Run an installed model once
     Run {
         name: String,
@@ -69,6 +77,16 @@ pub enum Cmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         repeat: u32,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ApiKeyCmd {
+    /// Make a key; it is shown once, now
+    Create { name: String },
+    /// Keys by id and name (never the keys)
+    List,
+    /// Revoke a key by its id
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -145,6 +163,10 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
+    // Keys are a file of the dashboard's, not a daemon's: no bus needed.
+    if let Cmd::ApiKey { config, cmd } = &cli.cmd {
+        return api_key(config, cmd, cli.json);
+    }
     let conn = pocket_proto::system_bus()
         .await
         .context("cannot reach the system bus")?;
@@ -155,6 +177,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Cmd::Power { cmd } => power(&conn, cmd, cli.json).await,
         Cmd::Update { cmd } => update::update(&conn, cmd, cli.json).await,
         Cmd::Chat(args) => chat::chat(&conn, args, cli.json).await,
+        Cmd::ApiKey { .. } => unreachable!("handled before the bus"),
         Cmd::Run {
             name,
             input,
@@ -648,4 +671,44 @@ pub(crate) fn progress_bar(json: bool) -> Option<indicatif::ProgressBar> {
 
 fn human(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
+}
+
+fn api_key(config: &std::path::Path, cmd: &ApiKeyCmd, json: bool) -> Result<()> {
+    let cfg: pocket_webd::Config = pocket_daemon::load_config(config)?;
+    let keys = pocket_webd::apikeys::ApiKeys::open(&cfg.data_dir)?;
+    match cmd {
+        ApiKeyCmd::Create { name } => {
+            let (info, key) = keys.create(name)?;
+            if json {
+                println!("{}", json!({ "key": key, "info": info }));
+            } else {
+                println!("{key}");
+                eprintln!(
+                    "API key {} ({}) made: it is shown only now. Clients send it as Authorization: Bearer <key>.",
+                    info.id, info.name
+                );
+            }
+        }
+        ApiKeyCmd::List => {
+            let list = keys.list()?;
+            if json {
+                println!("{}", json!(list));
+            } else if list.is_empty() {
+                println!("no API keys");
+            } else {
+                for k in list {
+                    println!("{}  {}  (made {})", k.id, k.name, k.created);
+                }
+            }
+        }
+        ApiKeyCmd::Revoke { id } => {
+            keys.revoke(id)?;
+            if json {
+                println!("{}", json!({ "revoked": id }));
+            } else {
+                println!("API key {id} revoked");
+            }
+        }
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@
 //! logged-in session and its CSRF token. See docs/dashboard.md.
 
 mod api;
-mod apikeys;
+pub mod apikeys;
 mod auth;
 mod error;
 mod events;

@@ -185,8 +185,10 @@ impl Common {
             include_usage,
             GenerateRequest {
                 max_tokens: self.max_completion_tokens.or(self.max_tokens),
-                temperature: self.temperature,
-                top_p: self.top_p,
+                // OpenAI's defaults, not npud's (which are Ollama's).
+                temperature: Some(self.temperature.unwrap_or(1.0)),
+                top_p: Some(self.top_p.unwrap_or(1.0)),
+                top_k: Some(0),
                 stop: Stop::list(self.stop),
                 seed: self.seed,
                 presence_penalty: self.presence_penalty,
