@@ -526,11 +526,13 @@ fn a_request_reports_the_energy_the_board_drew() {
         &json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 8}),
     );
     std::thread::sleep(Duration::from_secs(2));
+    // Long enough (several of powerd's one-second periods) that the jitter
+    // of one period's energy reading, under a loaded machine, averages out.
     let from = board.elapsed();
     let a = generate(
         &w,
         m,
-        &json!({"messages": chat("Tell me about the sea."), "temperature": 0, "max_tokens": 64, "stop": ["\u{0}"]}),
+        &json!({"messages": chat("Tell me about the sea."), "temperature": 0, "max_tokens": 256, "stop": ["\u{0}"]}),
     );
     let to = board.elapsed();
     let samples = board.samples_since(from);
