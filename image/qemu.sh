@@ -18,7 +18,7 @@
 #   POCKETOS_CONTROL   unix socket for a second shell on the virtio console (hvc0)
 #   POCKETOS_FORWARDS  forwards for the user network, comma-separated, e.g.
 #                      guestfwd=tcp:10.0.2.100:80-tcp:127.0.0.1:8080,hostfwd=tcp:127.0.0.1:8022-:22
-#   POCKETOS_MEMORY    guest memory in MiB (default 1024)
+#   POCKETOS_MEMORY    guest memory in MiB (default 2048: an LLM and its KV cache)
 #   POCKETOS_FIRMWARE  uefi (default) or uboot
 #   POCKETOS_UBOOT_ENV U-Boot's environment flash (default: beside the disk)
 # Extra arguments go to QEMU.
@@ -61,7 +61,7 @@ if [ -n "${POCKETOS_CONTROL:-}" ]; then
 fi
 
 exec qemu-system-aarch64 \
-    -M virt -cpu max,pauth-impdef=on -smp 2 -m "${POCKETOS_MEMORY:-1024}" \
+    -M virt -cpu max,pauth-impdef=on -smp 2 -m "${POCKETOS_MEMORY:-2048}" \
     "${boot[@]}" \
     -drive "if=none,id=disk,format=$format,file=$disk" \
     -device virtio-blk-device,drive=disk \

@@ -41,6 +41,9 @@ pub fn image_file(name: &str) -> PathBuf {
 /// The host side of an appliance run: the publisher whose keys the image
 /// trusts, a signed catalog offering the `mlp` and `attention` fixture
 /// models, and a server for it on 127.0.0.1.
+/// The language model [`Host::with_llm`] offers.
+pub const LLM: &str = "smollm2-135m-instruct";
+
 pub struct Host {
     pub tmp: tempfile::TempDir,
     pub publisher: Publisher,
@@ -50,6 +53,16 @@ pub struct Host {
 
 impl Host {
     pub fn new() -> Host {
+        Self::build(false)
+    }
+
+    /// [`Host::new`]'s catalog with SmolLM2-135M-Instruct (4-bit) in it too,
+    /// as [`LLM`].
+    pub fn with_llm() -> Host {
+        Self::build(true)
+    }
+
+    fn build(llm: bool) -> Host {
         let tmp = tempfile::tempdir().expect("tmp");
         let publisher = Publisher::open(&image_dir().join("dev-keys"));
         let packs = tmp.path().join("packs");
@@ -58,6 +71,9 @@ impl Host {
         for name in ["mlp", "attention"] {
             let file = format!("{name}.onnx");
             publisher.pack(&packs, name, "1.0", &[(&file, &fx.join(&file))]);
+        }
+        if llm {
+            publisher.pack_folder(&packs, LLM, &crate::llm_folder("smollm2-int4"));
         }
         publisher.catalog(&packs, &site, "1");
         let http = HttpServer::serve(&site);

@@ -4,7 +4,7 @@
 //! 127.0.0.1 here, reached from the guest through QEMU's forwards
 //! (user networking with restrict=on).
 
-use pocket_tests::appliance::{image_file, Appliance, Host, BOOT_LIMIT};
+use pocket_tests::appliance::{image_file, Appliance, Host, BOOT_LIMIT, LLM};
 use pocket_tests::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -522,4 +522,78 @@ fn real_u_boot_boots_the_slots_that_otads_environment_writer_chose() {
         .unwrap();
     assert_eq!(boot_once(&mut app), "A", "{}", app.console_tail(20));
     assert!(app.console().contains("PocketOS U-Boot: booting slot A"));
+}
+
+/// The box as an LLM appliance: SmolLM2 installed from the signed catalog
+/// with one command in the box, then the official `openai` client on this
+/// machine streams a chat completion from the box through the forwarded
+/// API port, with an API key made in the box; `pocketctl chat` in the box
+/// answers too.
+#[test]
+fn the_box_installs_an_llm_and_answers_an_openai_client_and_pocketctl_chat() {
+    let h = Host::with_llm();
+    let mut app = Appliance::new();
+    app.serve(&h.http.url());
+    let api = app.forward_to_guest(11434);
+    app.power_on();
+    app.wait_ready();
+    // A 229 MB pack, checked under emulation: minutes, not seconds.
+    let long = Duration::from_secs(900);
+    let (rc, out) = app.sh_within(&format!("pocketctl model install {LLM}"), long);
+    assert_eq!(rc, 0, "{out}");
+    assert_eq!(installed_models(&mut app), [LLM]);
+
+    // Through QEMU's forward, the client is not on the box: it needs a key.
+    let made = app.ctl_json("api-key create host-client");
+    let key = made["key"].as_str().expect("a key").to_string();
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key=sys.argv[2], max_retries=0, timeout=900)
+stream = client.chat.completions.create(model=sys.argv[3], stream=True, temperature=0, max_tokens=16,
+    messages=[{"role": "user", "content": "What is 2+2?"}])
+print("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+"#;
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &format!("http://127.0.0.1:{api}/v1"),
+            &key,
+            LLM,
+        ])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the openai client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(answer.contains('4'), "{answer}");
+    let keyless = std::process::Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &format!("http://127.0.0.1:{api}/v1"),
+            "pk-wrong",
+            LLM,
+        ])
+        .output()
+        .expect("python3");
+    assert!(!keyless.status.success(), "a wrong key is refused");
+
+    let (rc, out) = app.sh_within(
+        &format!("pocketctl chat {LLM} 'What is 2+2?' --temperature 0 --max-tokens 16 --json"),
+        long,
+    );
+    assert_eq!(rc, 0, "{out}");
+    let chat: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(
+        chat["text"].as_str().unwrap_or("").contains('4'),
+        "{chat:#}"
+    );
+    assert!(
+        chat["timings"]["ttft_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{chat:#}"
+    );
 }
