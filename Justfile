@@ -60,6 +60,7 @@ bench: deps
     cargo bench -p pocket-tests --bench install
     cargo bench -p pocket-tests --bench infer
     cargo bench -p pocket-tests --bench llm
+    cargo bench -p pocket-tests --bench api
     cargo bench -p pocket-tests --bench power
     cargo bench -p pocket-tests --bench update
     image/build.sh
