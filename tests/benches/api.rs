@@ -7,7 +7,7 @@
 
 use pocket_proto::generate::Event;
 use pocket_proto::runtime::Runtime1Proxy;
-use pocket_tests::*;
+use pocket_tests::bench::{median, npud_client, smollm2_world};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::time::Instant;
@@ -95,11 +95,6 @@ fn through_api(http: &reqwest::blocking::Client, api: &str) -> Run {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -107,23 +102,12 @@ fn main() {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mut w = World::start();
-    w.publisher
-        .pack_folder(&w.packs, "smollm2", &llm_folder("smollm2-int4"));
-    w.republish(&w.packs.clone(), "2");
-    w.start_modeld();
-    w.ctl(&["model", "install", "smollm2"]).ok();
-    w.start_npud(&format!(
+    let mut w = smollm2_world(&format!(
         "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 4\ndefault_context = 1024"
     ));
     w.start_webd("");
     let api = w.webd_api.clone().expect("api_listen");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let conn = rt.block_on(w.bus.connect());
-    let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
+    let (rt, npud) = npud_client(&w);
     let http = reqwest::blocking::Client::new();
     // Warm: loaded, and the chat's prefix cached for both.
     direct(&rt, &npud);

@@ -112,12 +112,7 @@ fn main() {
     };
     // npud over D-Bus, from a client built like pocketctl (a current-thread
     // runtime: the reply is read on the thread that waits for it).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let conn = rt.block_on(w.bus.connect());
-    let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
+    let (rt, npud) = pocket_tests::bench::npud_client(&w);
     let bytes: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
     let inputs = || {
         HashMap::from([(

@@ -14,6 +14,7 @@
 
 use pocket_proto::generate::{DoneEvent, Event};
 use pocket_proto::runtime::Runtime1Proxy;
+use pocket_tests::bench::{median, npud_client, smollm2_world};
 use pocket_tests::*;
 use serde_json::{json, Value};
 use std::io::BufRead;
@@ -46,11 +47,6 @@ fn generate(
         }
     }
     panic!("no last event");
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The best of a few copies of a 256 MiB buffer, in GB/s (read + write).
@@ -87,12 +83,7 @@ fn main() {
         .map(|n| n.get())
         .unwrap_or(1);
     let folder = llm_folder("smollm2-int4");
-    let mut w = World::start();
-    w.publisher.pack_folder(&w.packs, "smollm2", &folder);
-    w.republish(&w.packs.clone(), "2");
-    w.start_modeld();
-    w.ctl(&["model", "install", "smollm2"]).ok();
-    w.start_npud(&format!(
+    let w = smollm2_world(&format!(
         "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512"
     ));
     let pid = w.npud.as_ref().unwrap().pid();
@@ -119,12 +110,7 @@ fn main() {
     let tokenized = llm_reference(&json!({"folder": folder, "texts": rendered["chats"]}));
     let short_ids: Vec<Vec<u64>> = serde_json::from_value(tokenized["texts"].clone()).unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let conn = rt.block_on(w.bus.connect());
-    let npud = rt.block_on(Runtime1Proxy::new(&conn)).unwrap();
+    let (rt, npud) = npud_client(&w);
     let single = |_: usize| {
         let req = json!({"prompt": prompt_text, "raw": true, "temperature": 0, "max_tokens": NEW, "stop": ["\u{0}"]});
         generate(&rt, &npud, &req)

@@ -4,9 +4,43 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-pub fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The middle value (the upper one of an even count).
+pub fn median<T: PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable values"));
+    v.swap_remove(v.len() / 2)
+}
+
+/// A client of npud built like pocketctl: a current-thread runtime (the
+/// reply is read on the thread that waits for it) and a proxy on its own
+/// connection to `w`'s bus.
+pub fn npud_client(
+    w: &crate::World,
+) -> (
+    tokio::runtime::Runtime,
+    pocket_proto::runtime::Runtime1Proxy<'static>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let conn = rt.block_on(w.bus.connect());
+    let npud = rt
+        .block_on(pocket_proto::runtime::Runtime1Proxy::new(&conn))
+        .unwrap();
+    (rt, npud)
+}
+
+/// A world with SmolLM2-135M-Instruct (the 4-bit fixture folder) installed
+/// as `smollm2` and npud started with `npud_extra`.
+pub fn smollm2_world(npud_extra: &str) -> crate::World {
+    let mut w = crate::World::start();
+    w.publisher
+        .pack_folder(&w.packs, "smollm2", &crate::llm_folder("smollm2-int4"));
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    w.ctl(&["model", "install", "smollm2"]).ok();
+    w.start_npud(npud_extra);
+    w
 }
 
 pub fn time(mut f: impl FnMut()) -> Duration {
