@@ -99,9 +99,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = pocket_tests::bench::threads();
     let mut w = smollm2_world(&format!(
         "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 4\ndefault_context = 1024"
     ));

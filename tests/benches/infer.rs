@@ -62,9 +62,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = pocket_tests::bench::threads();
     let model = onnx_big_fixture(40);
     let mut w = World::start();
     w.publisher

@@ -79,9 +79,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = pocket_tests::bench::threads();
     let folder = llm_folder("smollm2-int4");
     let w = smollm2_world(&format!(
         "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512"

@@ -4,6 +4,14 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The CPU threads this machine offers: what the LLM benchmarks give
+/// every engine they compare.
+pub fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// The middle value (the upper one of an even count).
 pub fn median<T: PartialOrd>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).expect("comparable values"));

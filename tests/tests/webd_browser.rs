@@ -8,17 +8,35 @@
 
 use pocket_tests::*;
 
-#[test]
-fn a_person_installs_runs_and_switches_power_in_the_browser() {
-    let mut w = World::start();
+/// modeld, npud (with `npud_extra`), powerd on a simulated RK3588, otad
+/// on a booted A/B box, and the dashboard, whose URL is returned; the
+/// board and the box live as long as the caller keeps them.
+fn start_daemons(w: &mut World, npud_extra: &str) -> (SimBoard, UpdateBox, String) {
     let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
     w.start_modeld();
-    w.start_npud("");
+    w.start_npud(npud_extra);
     w.start_powerd(board.root(), "");
     let os = Publisher::new(&w.tmp.path().join("os-publisher"));
     let mut updates = UpdateBox::new(&w.tmp.path().join("box"), Loader::Grub, &os, "");
     updates.boot(&w.bus);
     let url = w.start_webd("");
+    (board, updates, url)
+}
+
+/// Where screenshots go: `POCKET_SCREENSHOTS`, else target/screenshots.
+fn screenshots() -> String {
+    std::env::var("POCKET_SCREENSHOTS").unwrap_or_else(|_| {
+        workspace_root()
+            .join("target/screenshots")
+            .display()
+            .to_string()
+    })
+}
+
+#[test]
+fn a_person_installs_runs_and_switches_power_in_the_browser() {
+    let mut w = World::start();
+    let (_board, _updates, url) = start_daemons(&mut w, "");
     // Slow enough to watch: about two seconds for the model.
     w.http.throttle(2000);
 
@@ -27,12 +45,7 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
     let n = pack.len();
     pack[n - 64] ^= 0x20;
     std::fs::write(&tampered, pack).unwrap();
-    let shots = std::env::var("POCKET_SCREENSHOTS").unwrap_or_else(|_| {
-        workspace_root()
-            .join("target/screenshots")
-            .display()
-            .to_string()
-    });
+    let shots = screenshots();
 
     let seen = browse(
         &url,
@@ -131,20 +144,8 @@ fn a_person_installs_an_llm_and_chats_with_it_in_the_browser() {
     w.publisher
         .pack_folder(&w.packs, "smollm2-int4", &llm_folder("smollm2-int4"));
     w.republish(&w.packs.clone(), "2");
-    let board = SimBoard::rk3588(&w.tmp.path().join("sys"));
-    w.start_modeld();
-    w.start_npud("memory_budget_mb = 4096");
-    w.start_powerd(board.root(), "");
-    let os = Publisher::new(&w.tmp.path().join("os-publisher"));
-    let mut updates = UpdateBox::new(&w.tmp.path().join("box"), Loader::Grub, &os, "");
-    updates.boot(&w.bus);
-    let url = w.start_webd("");
-    let shots = std::env::var("POCKET_SCREENSHOTS").unwrap_or_else(|_| {
-        workspace_root()
-            .join("target/screenshots")
-            .display()
-            .to_string()
-    });
+    let (_board, _updates, url) = start_daemons(&mut w, "memory_budget_mb = 4096");
+    let shots = screenshots();
     let seen = browse(
         &url,
         &[

@@ -82,9 +82,10 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.name, "message": self.message });
+impl ApiError {
+    /// This error's status and `Retry-After` with `body`: each surface
+    /// (the page, OpenAI's, Ollama's) gives its own shape of body.
+    pub fn respond(&self, body: serde_json::Value) -> Response {
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(
@@ -93,5 +94,11 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.respond(serde_json::json!({ "error": self.name, "message": self.message }))
     }
 }

@@ -36,7 +36,6 @@ pub(super) struct Generation {
     pub load: Duration,
     pub started: Instant,
     last: Instant,
-    tokens: u64,
     first: bool,
     track: Tracked,
 }
@@ -51,21 +50,16 @@ impl Generation {
     pub async fn start(app: &Arc<App>, model: &str, req: &GenerateRequest) -> ApiResult<Self> {
         let started = Instant::now();
         let rt = npud(app).await?;
-        let was_loaded = rt
-            .loaded()
-            .await
-            .map(|l| l.iter().any(|m| m.name == model))
-            .unwrap_or(false);
-        let loading = (!was_loaded).then(|| app.metrics.loading(model));
+        // Until npud answers, the request may be waiting for a load:
+        // `/health` asks npud which of these models are not loaded yet.
+        let pending = app.metrics.pending(model);
         let request = serde_json::to_string(req).map_err(|e| {
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string())
         })?;
         let fd = rt.generate(model, &request).await.map_err(refused)?;
-        drop(loading);
+        drop(pending);
         let load = started.elapsed();
-        if !was_loaded {
-            app.metrics.observe_load(load);
-        }
+        app.metrics.load.observe(load);
         let pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(fd))
             .map_err(|e| {
                 ApiError::new(StatusCode::BAD_GATEWAY, "Io", format!("npud's stream: {e}"))
@@ -75,10 +69,20 @@ impl Generation {
             load,
             started,
             last: Instant::now(),
-            tokens: 0,
             first: true,
             track: Tracked::new(app.clone()),
         })
+    }
+
+    /// The whole answer, for a client that did not ask for a stream.
+    pub async fn collect(&mut self) -> ApiResult<(String, DoneEvent)> {
+        let mut text = String::new();
+        loop {
+            match self.next().await? {
+                Step::Text(t) => text.push_str(&t.text),
+                Step::Done(d) => return Ok((text, d)),
+            }
+        }
     }
 
     /// The next step; after `Done`, nothing.
@@ -122,7 +126,6 @@ impl Generation {
                     }
                 }
                 self.last = now;
-                self.tokens += n;
                 Step::Text(t)
             }
             GenEvent::Done(d) => {
@@ -217,7 +220,7 @@ pub(crate) struct Metrics {
     energy_mj: AtomicU64,
     active: AtomicU64,
     waiting: AtomicU64,
-    /// Models a request is waiting to load, by name.
+    /// Models whose requests wait for npud's answer, with their count.
     loading: std::sync::Mutex<HashMap<String, u32>>,
     ttft: Histogram,
     token_latency: Histogram,
@@ -246,13 +249,41 @@ impl Default for Metrics {
     }
 }
 
-/// A model being loaded for a request, until dropped.
-pub(super) struct Loading<'a> {
+/// How a finished generation ended, in the words both surfaces use
+/// (`stop`, `length`); a cancelled or failed one is an error, not a
+/// finish reason.
+pub(super) fn finish_reason(d: &DoneEvent) -> ApiResult<&'static str> {
+    use pocket_proto::generate::FinishReason;
+    match d.finish_reason {
+        FinishReason::Stop => Ok("stop"),
+        FinishReason::Length => Ok("length"),
+        FinishReason::Cancelled => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Cancelled",
+            "the generation was cancelled",
+        )),
+        FinishReason::Error => {
+            let (name, message) = d
+                .error
+                .as_ref()
+                .map(|e| (e.name.clone(), e.message.clone()))
+                .unwrap_or_else(|| ("Failed".into(), "the generation failed".into()));
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                pocket_proto::short_error_name(&name),
+                message,
+            ))
+        }
+    }
+}
+
+/// A model a request waits on npud's answer for, until dropped.
+pub(super) struct Pending<'a> {
     metrics: &'a Metrics,
     model: String,
 }
 
-impl Drop for Loading<'_> {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         let mut l = self.metrics.loading.lock().unwrap();
         if let Some(n) = l.get_mut(&self.model) {
@@ -274,26 +305,22 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    fn loading(&self, model: &str) -> Loading<'_> {
+    fn pending(&self, model: &str) -> Pending<'_> {
         *self
             .loading
             .lock()
             .unwrap()
             .entry(model.to_string())
             .or_default() += 1;
-        Loading {
+        Pending {
             metrics: self,
             model: model.to_string(),
         }
     }
 
-    /// Models a request waits for npud to load.
-    pub fn models_loading(&self) -> Vec<String> {
+    /// Models whose requests wait for npud's answer.
+    pub fn models_pending(&self) -> Vec<String> {
         self.loading.lock().unwrap().keys().cloned().collect()
-    }
-
-    fn observe_load(&self, d: Duration) {
-        self.load.observe(d);
     }
 
     fn finished(&self, d: &DoneEvent) {
@@ -322,52 +349,50 @@ impl Metrics {
                 "pocketos_llm_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
-        let counters = [
+        let energy = self.energy_mj.load(Relaxed) as f64 / 1000.0;
+        let load = |v: &AtomicU64| v.load(Relaxed) as f64;
+        let series = [
             (
                 "pocketos_llm_prompt_tokens_total",
+                "counter",
                 "Prompt tokens of finished generations.",
-                &self.prompt_tokens,
+                load(&self.prompt_tokens),
             ),
             (
                 "pocketos_llm_completion_tokens_total",
+                "counter",
                 "Tokens generated by finished generations.",
-                &self.completion_tokens,
+                load(&self.completion_tokens),
             ),
             (
                 "pocketos_llm_cached_tokens_total",
+                "counter",
                 "Prompt tokens whose KV cache was reused.",
-                &self.cached_tokens,
+                load(&self.cached_tokens),
             ),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP pocketos_llm_energy_joules_total Energy the box drew during generations, where a sensor measures it.\n# TYPE pocketos_llm_energy_joules_total counter\npocketos_llm_energy_joules_total {}",
-            self.energy_mj.load(Relaxed) as f64 / 1000.0
-        );
-        let gauges = [
+            (
+                "pocketos_llm_energy_joules_total",
+                "counter",
+                "Energy the box drew during generations, where a sensor measures it.",
+                energy,
+            ),
             (
                 "pocketos_llm_active_requests",
+                "gauge",
                 "Generations in flight.",
-                &self.active,
+                load(&self.active),
             ),
             (
                 "pocketos_llm_queue_depth",
+                "gauge",
                 "Generations waiting for their first token (queued or reading the prompt).",
-                &self.waiting,
+                load(&self.waiting),
             ),
         ];
-        for (name, help, v) in gauges {
+        for (name, kind, help, v) in series {
             let _ = writeln!(
                 out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
-                v.load(Relaxed)
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         }
         self.ttft.render(
@@ -383,7 +408,7 @@ impl Metrics {
         self.load.render(
             &mut out,
             "pocketos_llm_load_seconds",
-            "Time a request waited for its model to load.",
+            "Time npud took to take a request: loading its model when not loaded, templating, tokenizing.",
         );
         out
     }
@@ -481,23 +506,33 @@ pub(super) fn completion_id(prefix: &str) -> String {
 /// `GET /health`: 200 when npud answers and no request waits for a model
 /// to load; 503 otherwise.
 pub(super) async fn health(State(app): AppState) -> Response {
-    let loading = app.metrics.models_loading();
-    let npud_ok = match npud(&app).await {
-        Ok(rt) => rt.status().await.is_ok(),
-        Err(_) => false,
+    let loaded = match npud(&app).await {
+        Ok(rt) => rt.loaded().await.ok(),
+        Err(_) => None,
     };
-    let (code, body) = if !npud_ok {
-        (
+    let (code, body) = match loaded {
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"status": "unavailable", "message": "npud is not running"}),
-        )
-    } else if !loading.is_empty() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "loading", "loading": loading}),
-        )
-    } else {
-        (StatusCode::OK, json!({"status": "ok"}))
+        ),
+        Some(loaded) => {
+            // A request waiting on npud for a model it does not hold yet
+            // waits for a load.
+            let loading: Vec<String> = app
+                .metrics
+                .models_pending()
+                .into_iter()
+                .filter(|m| !loaded.iter().any(|l| &l.name == m))
+                .collect();
+            if loading.is_empty() {
+                (StatusCode::OK, json!({"status": "ok"}))
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    json!({"status": "loading", "loading": loading}),
+                )
+            }
+        }
     };
     (code, Json(body)).into_response()
 }

@@ -7,7 +7,6 @@ use crate::error::{ApiError, ApiResult};
 use crate::events::{self, job_id};
 use crate::App;
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Request, State};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -426,24 +425,37 @@ fn login_required() -> ApiError {
 }
 
 /// A JSON request body, with a clear error when it is not what was asked.
-/// An LLM API body within [`API_BODY_LIMIT`], or the reason it is not.
-fn api_body(bytes: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
-    bytes.map_err(|e| {
-        let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            "TooLarge"
-        } else {
-            "BadRequest"
-        };
-        ApiError::new(
-            e.status(),
-            code,
-            format!(
-                "{} (requests are limited to {} MiB)",
-                e.body_text(),
-                API_BODY_LIMIT >> 20
-            ),
-        )
-    })
+/// An LLM API request body: JSON of shape `T` within [`API_BODY_LIMIT`],
+/// or why not, in the error shape `E` of the surface called.
+struct ApiJson<T, E>(T, std::marker::PhantomData<E>);
+
+impl<T, E, S> axum::extract::FromRequest<S> for ApiJson<T, E>
+where
+    T: DeserializeOwned,
+    E: From<ApiError> + IntoResponse,
+    S: Send + Sync,
+{
+    type Rejection = E;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, E> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "TooLarge"
+            } else {
+                "BadRequest"
+            };
+            ApiError::new(
+                e.status(),
+                code,
+                format!(
+                    "{} (requests are limited to {} MiB)",
+                    e.body_text(),
+                    API_BODY_LIMIT >> 20
+                ),
+            )
+        })?;
+        Ok(ApiJson(body(&bytes)?, std::marker::PhantomData))
+    }
 }
 
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {

@@ -4,9 +4,9 @@
 //! durations in nanoseconds; see docs/api.md.
 
 use super::llm::{self, Generation, Step};
-use super::openai::{async_stream, streaming, with_retry_after};
+use super::openai::{async_stream, streaming};
 use super::*;
-use pocket_proto::generate::{DoneEvent, FinishReason, GenerateRequest, Message};
+use pocket_proto::generate::{DoneEvent, GenerateRequest, Message};
 use serde::Serialize;
 use std::time::Duration;
 
@@ -27,15 +27,8 @@ impl From<ApiError> for OllamaError {
 impl IntoResponse for OllamaError {
     fn into_response(self) -> Response {
         let e = self.0;
-        let message = if e.name == "Busy" {
-            BUSY.to_string()
-        } else {
-            e.message
-        };
-        with_retry_after(
-            (e.status, Json(json!({ "error": message }))).into_response(),
-            e.retry_after,
-        )
+        let message = if e.name == "Busy" { BUSY } else { &e.message };
+        e.respond(json!({ "error": message }))
     }
 }
 
@@ -164,7 +157,7 @@ struct ChatMessage {
 }
 
 #[derive(Deserialize)]
-struct ChatRequest {
+pub(super) struct ChatRequest {
     #[serde(default)]
     messages: Vec<ChatMessage>,
     #[serde(flatten)]
@@ -172,7 +165,7 @@ struct ChatRequest {
 }
 
 #[derive(Deserialize)]
-struct GenerateBody {
+pub(super) struct GenerateBody {
     #[serde(default)]
     prompt: String,
     #[serde(default)]
@@ -205,29 +198,7 @@ struct Stats {
 }
 
 fn stats(gen: &Generation, d: &DoneEvent) -> ApiResult<Stats> {
-    let done_reason = match d.finish_reason {
-        FinishReason::Stop => "stop",
-        FinishReason::Length => "length",
-        FinishReason::Cancelled => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Cancelled",
-                "the generation was cancelled",
-            ))
-        }
-        FinishReason::Error => {
-            let message = d
-                .error
-                .as_ref()
-                .map(|e| e.message.clone())
-                .unwrap_or_else(|| "the generation failed".into());
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Failed",
-                message,
-            ));
-        }
-    };
+    let done_reason = llm::finish_reason(d)?;
     Ok(Stats {
         done: true,
         done_reason,
@@ -281,10 +252,8 @@ fn line(v: &Value) -> Bytes {
 
 pub(super) async fn chat(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(req, _): ApiJson<ChatRequest, OllamaError>,
 ) -> OllamaResult<Response> {
-    let bytes = api_body(bytes)?;
-    let req: ChatRequest = body(&bytes)?;
     let model = llm::model_name(&req.common.model).to_string();
     if req.messages.is_empty() {
         // Ollama loads (or unloads) the model for an empty conversation.
@@ -314,10 +283,8 @@ pub(super) async fn chat(
 
 pub(super) async fn generate(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(req, _): ApiJson<GenerateBody, OllamaError>,
 ) -> OllamaResult<Response> {
-    let bytes = api_body(bytes)?;
-    let req: GenerateBody = body(&bytes)?;
     let model = llm::model_name(&req.common.model).to_string();
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request("suffix is not supported").into());
@@ -402,13 +369,7 @@ async fn answer(
         }
     };
     if !stream {
-        let mut text = String::new();
-        let done = loop {
-            match gen.next().await? {
-                Step::Text(t) => text.push_str(&t.text),
-                Step::Done(d) => break d,
-            }
-        };
+        let (text, done) = gen.collect().await?;
         let s = stats(&gen, &done)?;
         drop(gen);
         unload_later(app, model.clone()).await;
@@ -499,17 +460,15 @@ pub(super) async fn tags(State(app): AppState) -> OllamaResult<Json<Value>> {
 }
 
 #[derive(Deserialize)]
-struct ModelRef {
+pub(super) struct ModelRef {
     #[serde(alias = "name")]
     model: String,
 }
 
 pub(super) async fn show(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(r, _): ApiJson<ModelRef, OllamaError>,
 ) -> OllamaResult<Json<Value>> {
-    let bytes = api_body(bytes)?;
-    let r: ModelRef = body(&bytes)?;
     let m = llm::llm_model(&app, &r.model).await?;
     let genai = m.genai();
     let family = m.family();
@@ -596,7 +555,7 @@ pub(super) async fn running() -> &'static str {
 }
 
 #[derive(Deserialize)]
-struct PullRequest {
+pub(super) struct PullRequest {
     #[serde(alias = "name")]
     model: String,
     #[serde(default)]
@@ -609,10 +568,8 @@ struct PullRequest {
 /// Ollama's progress objects.
 pub(super) async fn pull(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(r, _): ApiJson<PullRequest, OllamaError>,
 ) -> OllamaResult<Response> {
-    let bytes = api_body(bytes)?;
-    let r: PullRequest = body(&bytes)?;
     if r.insecure {
         return Err(ApiError::bad_request(
             "insecure pulls are not offered: every model comes from a signed catalog",
@@ -698,10 +655,8 @@ pub(super) async fn pull(
 pub(super) async fn delete(
     _admin: ApiAdmin,
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(r, _): ApiJson<ModelRef, OllamaError>,
 ) -> OllamaResult<Response> {
-    let bytes = api_body(bytes)?;
-    let r: ModelRef = body(&bytes)?;
     let name = llm::model_name(&r.model);
     modeld(&app)
         .await?

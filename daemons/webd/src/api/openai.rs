@@ -4,7 +4,7 @@
 
 use super::llm::{self, completion_id, unix_now, Generation, Step};
 use super::*;
-use pocket_proto::generate::{DoneEvent, FinishReason, GenerateRequest, Message};
+use pocket_proto::generate::{DoneEvent, GenerateRequest, Message};
 use serde::Serialize;
 
 /// An error in OpenAI's shape.
@@ -27,30 +27,16 @@ impl IntoResponse for OpenAiError {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        let body = json!({"error": {
+        e.respond(json!({"error": {
             "message": e.message,
             "type": kind,
             "param": Value::Null,
             "code": e.name,
-        }});
-        with_retry_after((e.status, Json(body)).into_response(), e.retry_after)
+        }}))
     }
-}
-
-pub(super) fn with_retry_after(mut r: Response, secs: Option<u64>) -> Response {
-    if let Some(secs) = secs {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    }
-    r
 }
 
 type OpenAiResult<T> = Result<T, OpenAiError>;
-
-/// A body that is a JSON object of the given shape, or a 400 saying why.
-fn parse<T: DeserializeOwned>(bytes: &Bytes) -> OpenAiResult<T> {
-    Ok(body(bytes)?)
-}
 
 /// `content` as OpenAI sends it: a string, or text parts.
 #[derive(Deserialize)]
@@ -201,7 +187,7 @@ impl Common {
 }
 
 #[derive(Deserialize)]
-struct ChatRequest {
+pub(super) struct ChatRequest {
     messages: Vec<ChatMessage>,
     #[serde(flatten)]
     common: Common,
@@ -216,7 +202,7 @@ enum Prompt {
 }
 
 #[derive(Deserialize)]
-struct CompletionRequest {
+pub(super) struct CompletionRequest {
     prompt: Prompt,
     #[serde(default)]
     echo: bool,
@@ -252,32 +238,6 @@ impl UsageOut {
                 cached_tokens: u.cached_tokens,
             },
             energy_j: d.energy_j,
-        }
-    }
-}
-
-/// How a finished generation reads to an OpenAI client; an error is an
-/// error, not a finish reason.
-fn finish(d: &DoneEvent) -> ApiResult<&'static str> {
-    match d.finish_reason {
-        FinishReason::Stop => Ok("stop"),
-        FinishReason::Length => Ok("length"),
-        FinishReason::Cancelled => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Cancelled",
-            "the generation was cancelled",
-        )),
-        FinishReason::Error => {
-            let (name, message) = d
-                .error
-                .as_ref()
-                .map(|e| (e.name.clone(), e.message.clone()))
-                .unwrap_or_else(|| ("Failed".into(), "the generation failed".into()));
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                pocket_proto::short_error_name(&name),
-                message,
-            ))
         }
     }
 }
@@ -325,10 +285,8 @@ impl Kind {
 
 pub(super) async fn chat_completions(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(req, _): ApiJson<ChatRequest, OpenAiError>,
 ) -> OpenAiResult<Response> {
-    let bytes = api_body(bytes)?;
-    let req: ChatRequest = parse(&bytes)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages is empty").into());
     }
@@ -361,10 +319,8 @@ pub(super) async fn chat_completions(
 
 pub(super) async fn completions(
     State(app): AppState,
-    bytes: Result<Bytes, BytesRejection>,
+    ApiJson(req, _): ApiJson<CompletionRequest, OpenAiError>,
 ) -> OpenAiResult<Response> {
-    let bytes = api_body(bytes)?;
-    let req: CompletionRequest = parse(&bytes)?;
     if req.echo {
         return Err(ApiError::bad_request("echo is not supported").into());
     }
@@ -402,14 +358,8 @@ async fn answer(
     });
     let created = unix_now();
     if !stream {
-        let mut text = String::new();
-        let done = loop {
-            match gen.next().await? {
-                Step::Text(t) => text.push_str(&t.text),
-                Step::Done(d) => break d,
-            }
-        };
-        let reason = finish(&done)?;
+        let (text, done) = gen.collect().await?;
+        let reason = llm::finish_reason(&done)?;
         return Ok(Json(json!({
             "id": id,
             "object": kind.object(false),
@@ -456,7 +406,7 @@ async fn answer(
                     }
                 }
                 Step::Done(d) => {
-                    let reason = match finish(&d) {
+                    let reason = match llm::finish_reason(&d) {
                         Ok(r) => r,
                         Err(e) => {
                             let _ = tx.send(sse_error(e)).await;
