@@ -138,10 +138,11 @@ fi
 # loads; gguf to read GGUF files (models/llm/import_gguf.py); tokenizers,
 # jinja2 and onnxruntime-genai, which npud's tokenizer, chat templates and
 # generation are checked against; and the official openai and ollama
-# clients that the LLM API is tested with.
+# clients that the LLM API is tested with (httpx, which both bring, is
+# probed too: the tests use it to call from another address).
 python_pins=(onnx==1.23.2 numpy==2.3.5 onnxruntime==1.31.1 gguf==0.19.0 tokenizers==0.23.3
     jinja2==3.1.6 onnxruntime-genai==0.18.0 openai==3.51.0 ollama==0.6.3)
-python_probe="import sys, importlib.metadata as m, onnx, numpy, onnxruntime, gguf, tokenizers, jinja2, onnxruntime_genai, openai, ollama
+python_probe="import sys, importlib.metadata as m, onnx, numpy, onnxruntime, gguf, tokenizers, jinja2, onnxruntime_genai, openai, ollama, httpx
 wrong = [p for p in sys.argv[1:] if m.version(p.split('==')[0]) != p.split('==')[1]]
 assert not wrong, wrong"
 if ! python3 -c "$python_probe" "${python_pins[@]}" 2>/dev/null; then
