@@ -3,7 +3,9 @@
 # BOOT_ORDER with tries left in BOOT_<slot>_LEFT. One try is used and saved
 # before that slot boots; otad gives the tries back once the slot passes its
 # health check, so a slot that keeps failing runs out and the next one in
-# BOOT_ORDER boots.
+# BOOT_ORDER boots. When every slot has used its tries, the slot otad last
+# confirmed good (BOOT_LAST_GOOD) boots, without counting: never a slot
+# that an install left half-written, nor one that never passed its check.
 #
 # From the board or U-Boot's boot flow: devtype and devnum (the boot disk),
 # kernel_addr_r, ramdisk_addr_r, fdt_addr_r, and optionally fdtfile (a
@@ -13,6 +15,7 @@
 test -n "${BOOT_ORDER}" || setenv BOOT_ORDER "A B"
 test -n "${BOOT_A_LEFT}" || setenv BOOT_A_LEFT 3
 test -n "${BOOT_B_LEFT}" || setenv BOOT_B_LEFT 0
+test -n "${BOOT_LAST_GOOD}" || setenv BOOT_LAST_GOOD A
 
 setenv bootslot
 for s in ${BOOT_ORDER}; do
@@ -31,12 +34,18 @@ for s in ${BOOT_ORDER}; do
     fi
 done
 if test -z "${bootslot}"; then
-    # Every slot has used its tries: rather than stop, boot A without
-    # counting; otad's health check then decides again.
-    echo "PocketOS U-Boot: no slot left to try"
-    setenv bootslot A
-    setenv bootpart 2
-    setenv bootlabel rootfs-a
+    # Every slot has used its tries: boot the last one that passed its
+    # health check, without counting; the check then decides again.
+    echo "PocketOS U-Boot: no slot left to try; booting the last good slot ${BOOT_LAST_GOOD}"
+    if test "${BOOT_LAST_GOOD}" = B; then
+        setenv bootslot B
+        setenv bootpart 3
+        setenv bootlabel rootfs-b
+    else
+        setenv bootslot A
+        setenv bootpart 2
+        setenv bootlabel rootfs-a
+    fi
 fi
 saveenv
 echo "PocketOS U-Boot: booting slot ${bootslot}"

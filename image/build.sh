@@ -181,7 +181,7 @@ grub-mkimage -O arm64-efi -d "$work/grub/usr/lib/grub/arm64-efi" \
     -p '(hd0,gpt1)/EFI/pocketos' -o "$work/BOOTAA64.EFI" \
     part_gpt fat ext2 normal linux boot configfile loadenv test echo sleep reboot halt
 grub-editenv "$work/grubenv" create
-grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
+grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 LAST_GOOD=A
 cp image/grub.cfg "$work/grub.cfg"
 touch -d "@$SOURCE_DATE_EPOCH" "$work/BOOTAA64.EFI" "$work/grubenv" "$work/grub.cfg"
 export MTOOLS_SKIP_CHECK=1

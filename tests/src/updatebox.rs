@@ -87,8 +87,11 @@ impl UpdateBox {
                 )
                 .unwrap();
                 let defaults = dir.join("uboot-default-env");
-                std::fs::write(&defaults, "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\n")
-                    .unwrap();
+                std::fs::write(
+                    &defaults,
+                    "BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\nBOOT_LAST_GOOD=A\n",
+                )
+                .unwrap();
                 tool(
                     Command::new("fw_setenv")
                         .arg("-c")
@@ -112,6 +115,7 @@ impl UpdateBox {
                     "A_TRY=0",
                     "B_OK=0",
                     "B_TRY=0",
+                    "LAST_GOOD=A",
                 ]));
                 format!(
                     "[bootloader]\nbackend = \"grub\"\ngrubenv = \"{}\"\n",
@@ -229,6 +233,16 @@ impl UpdateBox {
             .find(|s| self.bootable(&env, s))
     }
 
+    /// The slot the boot scripts fall back to when every slot has used its
+    /// tries.
+    pub fn last_good(&self) -> Option<String> {
+        let key = match self.loader {
+            Loader::UBoot => "BOOT_LAST_GOOD",
+            Loader::Grub => "LAST_GOOD",
+        };
+        self.env().get(key).cloned()
+    }
+
     fn bootable(&self, env: &BTreeMap<String, String>, slot: &str) -> bool {
         let num = |k: String| env.get(&k).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
         match self.loader {
@@ -244,18 +258,26 @@ impl UpdateBox {
     pub fn boot(&mut self, bus: &DevBus) -> String {
         self.otad = None;
         let env = self.env();
-        let slot = self
+        let tried = self
             .order(&env)
             .into_iter()
-            .find(|s| self.bootable(&env, s))
-            .expect("the boot script finds a bootable slot");
-        match self.loader {
-            Loader::UBoot => {
-                let left: u32 = env[&format!("BOOT_{slot}_LEFT")].parse().unwrap();
-                self.set_env(&[(&format!("BOOT_{slot}_LEFT"), &(left - 1).to_string())]);
+            .find(|s| self.bootable(&env, s));
+        let slot = match tried {
+            Some(slot) => {
+                match self.loader {
+                    Loader::UBoot => {
+                        let left: u32 = env[&format!("BOOT_{slot}_LEFT")].parse().unwrap();
+                        self.set_env(&[(&format!("BOOT_{slot}_LEFT"), &(left - 1).to_string())]);
+                    }
+                    Loader::Grub => self.set_env(&[(&format!("{slot}_TRY"), "1")]),
+                }
+                slot
             }
-            Loader::Grub => self.set_env(&[(&format!("{slot}_TRY"), "1")]),
-        }
+            // Every slot has used its tries: the last good one, uncounted.
+            None => self
+                .last_good()
+                .expect("the environment records a last good slot"),
+        };
         self.set_cmdline(&slot);
         let _ = std::fs::remove_file(self.dir.join("reboot-requested"));
         self.start_otad(bus);

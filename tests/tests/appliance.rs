@@ -9,6 +9,7 @@ use pocket_tests::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 const COMPATIBLE: &str = "pocketos-qemu-aarch64";
@@ -522,6 +523,62 @@ fn real_u_boot_boots_the_slots_that_otads_environment_writer_chose() {
         .unwrap();
     assert_eq!(boot_once(&mut app), "A", "{}", app.console_tail(20));
     assert!(app.console().contains("PocketOS U-Boot: booting slot A"));
+
+    // B was the last slot to pass its health check; A is half-written and
+    // B has used its tries: U-Boot boots B, without counting, never A.
+    let seen = env.read().unwrap();
+    let spent = env.with_bad(&env.with_bad(&env.with_confirmed(&seen, "B"), "A"), "B");
+    env.plan(&spent).unwrap().apply().unwrap();
+    assert_eq!(boot_once(&mut app), "B", "{}", app.console_tail(20));
+    assert!(app
+        .console()
+        .contains("no slot left to try; booting the last good slot B"));
+    let seen = env.read().unwrap();
+    assert_eq!(
+        (seen["BOOT_A_LEFT"].as_str(), seen["BOOT_B_LEFT"].as_str()),
+        ("0", "0"),
+        "{seen:?}"
+    );
+}
+
+/// GRUB (`image/grub.cfg`) on the appliance's own disk: when every slot has
+/// had its try, it boots the slot otad last confirmed good, not the first
+/// slot in the order. Here A was installed and tried but never confirmed,
+/// and B, the last good slot, was then tried and lost power before its
+/// health check passed.
+#[test]
+fn real_grub_boots_the_last_good_slot_when_every_slot_has_had_its_try() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("pocketos.img");
+    tool(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image_file("pocketos.img"))
+            .arg(&disk),
+    );
+    let grubenv = tmp.path().join("grubenv");
+    tool(Command::new("grub-editenv").arg(&grubenv).arg("create"));
+    tool(Command::new("grub-editenv").arg(&grubenv).args([
+        "set",
+        "ORDER=A B",
+        "A_OK=1",
+        "A_TRY=1",
+        "B_OK=1",
+        "B_TRY=1",
+        "LAST_GOOD=B",
+    ]));
+    // The ESP is the disk's first partition, at 1 MiB.
+    tool(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-o")
+            .arg("-i")
+            .arg(format!("{}@@1M", disk.display()))
+            .arg(&grubenv)
+            .arg("::EFI/pocketos/grubenv"),
+    );
+    let mut app = Appliance::from_disk(&disk);
+    assert_eq!(boot_once(&mut app), "B", "{}", app.console_tail(20));
 }
 
 /// The box as an LLM appliance: SmolLM2 installed from the signed catalog

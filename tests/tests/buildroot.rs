@@ -144,6 +144,7 @@ fn the_qemu_board_makes_image_s_disk_and_it_boots_to_ready() {
     );
     let env = grub_editenv_list(&fat_file(&esp, "EFI/pocketos/grubenv", out.tmp.path()));
     assert_eq!(env["ORDER"], "A B");
+    assert_eq!(env["LAST_GOOD"], "A");
     assert_eq!(
         (&env["A_OK"], &env["A_TRY"], &env["B_OK"], &env["B_TRY"]),
         (

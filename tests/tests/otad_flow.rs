@@ -130,6 +130,123 @@ fn grub_install_boot_fallback_and_rollback() {
     flow(Loader::Grub);
 }
 
+/// A fresh slot that has not passed its health check is not the box's
+/// fallback yet: an install while it runs is refused before anything is
+/// written. (Before, a bundle with a corrupt chunk left the other slot,
+/// the only one known to work, half-written, and the boot script booted it
+/// once the fresh slot's tries ran out.) Once the slot is marked good, it
+/// is the last good slot and installs go ahead.
+fn unconfirmed_slot_refuses_installs(loader: Loader) {
+    let (bus, tmp, publisher, mut b) = booted_box(loader);
+    assert_eq!(b.last_good().as_deref(), Some("A"));
+    let v2 = publisher.bundle(&tmp.path().join("v2"), "2.0");
+    b.ctl(&bus, &["update", "install", v2.bundle.to_str().unwrap()])
+        .ok();
+    // B's health check waits for a service that is not there yet: B runs,
+    // unconfirmed, with tries left.
+    let cfg = std::fs::read_to_string(&b.otad_config).unwrap();
+    std::fs::write(
+        &b.otad_config,
+        cfg.replace(
+            "bus_names = [\"org.pocketos.Update1\"]",
+            "bus_names = [\"org.pocketos.Update1\", \"org.pocketos.Missing1\"]",
+        )
+        .replace("timeout_secs = 5", "timeout_secs = 120"),
+    )
+    .unwrap();
+    assert_eq!(b.boot(&bus), "B");
+    let v3 = publisher.bundle(&tmp.path().join("v3"), "3.0");
+    let mut bytes = std::fs::read(&v3.bundle).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let corrupt = tmp.path().join("v3-corrupt.bundle");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let env = b.env();
+    let slot_a = std::fs::read(b.slot_file("A", "rootfs")).unwrap();
+    for bundle in [&corrupt, &v3.bundle] {
+        b.ctl(&bus, &["update", "install", bundle.to_str().unwrap()])
+            .fails_with(
+                "the booted slot B has not passed its health check yet (the last good slot is A)",
+            );
+        assert_eq!(b.env(), env, "a refused install changed the environment");
+        assert!(
+            std::fs::read(b.slot_file("A", "rootfs")).unwrap() == slot_a,
+            "a refused install wrote slot A"
+        );
+    }
+    let st = b.status(&bus);
+    assert_eq!(st["health"], "checking", "{st:#}");
+    assert_eq!(st["slots"][0]["state"], "good", "{st:#}");
+    assert_eq!(st["operation"], "idle", "{st:#}");
+    assert_eq!(b.last_good().as_deref(), Some("A"));
+
+    // Marked good by hand, B is the last good slot and v3 goes into A.
+    b.ctl(&bus, &["update", "mark-good"]).ok();
+    assert_eq!(b.last_good().as_deref(), Some("B"));
+    b.ctl(&bus, &["update", "install", v3.bundle.to_str().unwrap()])
+        .ok();
+    assert_slot_holds(&b, "A", &v3);
+    assert_eq!(b.primary().as_deref(), Some("A"));
+    assert_eq!(b.last_good().as_deref(), Some("B"));
+}
+
+#[test]
+fn uboot_unconfirmed_slot_refuses_installs() {
+    unconfirmed_slot_refuses_installs(Loader::UBoot);
+}
+
+#[test]
+fn grub_unconfirmed_slot_refuses_installs() {
+    unconfirmed_slot_refuses_installs(Loader::Grub);
+}
+
+/// A fresh slot whose smoke inference cannot run because npud has no
+/// memory for the model is not broken: its health check passes as
+/// degraded, it stays good and primary, and the box does not restart into
+/// the old system. (Before, the resource error failed the check and rolled
+/// the good update back.)
+#[test]
+fn a_resource_shortage_in_the_health_check_keeps_the_update() {
+    let mut w = World::start();
+    w.start_modeld();
+    // A budget no model fits in: every Load is InsufficientMemory.
+    w.start_npud("memory_budget_mb = 0");
+    w.ctl(&["model", "install", "mlp"]).ok();
+    let publisher = Publisher::new(&w.tmp.path().join("os-publisher"));
+    let mut b = UpdateBox::new(
+        &w.tmp.path().join("box"),
+        Loader::UBoot,
+        &publisher,
+        "[health]\nbus_names = [\"org.pocketos.Update1\", \"org.pocketos.Models1\", \"org.pocketos.Runtime1\"]\ntimeout_secs = 20\nsmoke_inference = true\n",
+    );
+    assert_eq!(b.boot(&w.bus), "A");
+    let health = b.wait_health(&w.bus);
+    assert!(
+        health.starts_with("degraded: smoke inference of mlp"),
+        "{health}"
+    );
+    let v2 = publisher.bundle(&w.tmp.path().join("v2"), "2.0");
+    b.ctl(&w.bus, &["update", "install", v2.bundle.to_str().unwrap()])
+        .ok();
+    assert_eq!(b.boot(&w.bus), "B");
+    let health = b.wait_health(&w.bus);
+    assert!(
+        health.starts_with("degraded: smoke inference of mlp")
+            && health.contains("InsufficientMemory"),
+        "{health}"
+    );
+    assert!(
+        !b.reboot_requested(),
+        "a resource shortage restarted the box"
+    );
+    let st = b.status(&w.bus);
+    assert_eq!(st["slots"][1]["health"], "good", "{st:#}");
+    assert_eq!(st["slots"][1]["state"], "good", "{st:#}");
+    assert_eq!(b.primary().as_deref(), Some("B"));
+    assert_eq!(b.last_good().as_deref(), Some("B"));
+    assert_eq!(b.env()["BOOT_B_LEFT"], "3");
+}
+
 #[test]
 fn only_admins_install_mark_or_roll_back() {
     let bus = DevBus::start();

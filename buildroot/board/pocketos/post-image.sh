@@ -38,7 +38,7 @@ case "$BOOTLOADER" in
         editenv=$(tool grub-editenv)
         "$editenv" "$esp/EFI/pocketos/grubenv" create
         "$editenv" "$esp/EFI/pocketos/grubenv" set \
-            ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
+            ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 LAST_GOOD=A
         ;;
     uboot)
         # Zeroed environment copies: a freshly written card starts from

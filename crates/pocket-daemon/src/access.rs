@@ -38,32 +38,62 @@ pub async fn require_admin(
         .get_connection_credentials(BusName::Unique(sender.to_owned()))
         .await
         .map_err(|e| Denied(format!("{action}: cannot ask the bus who is calling: {e}")))?;
-    if creds.unix_user_id() == Some(0) {
-        return Ok(());
-    }
-    let Some(gid) = admin_gid else {
-        return Err(denied());
-    };
-    let groups: Vec<u32> = match creds.unix_group_ids() {
-        Some(g) => g.clone(),
-        None => creds.process_id().map(groups_of_pid).unwrap_or_default(),
-    };
-    if groups.contains(&gid) {
+    let primary = creds.unix_user_id().and_then(primary_gid);
+    if is_admin(
+        creds.unix_user_id(),
+        creds.unix_group_ids().map(Vec::as_slice),
+        primary,
+        admin_gid,
+    ) {
         Ok(())
     } else {
         Err(denied())
     }
 }
 
-fn groups_of_pid(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// The decision, from what the bus says of the caller: root, or a member
+/// of the admin group by its groups as the bus reports them or by the
+/// primary group of its user's account. A bus that reports no groups
+/// admits no one but root: the process behind a connection is not asked
+/// (its pid may be reused by then).
+fn is_admin(
+    uid: Option<u32>,
+    groups: Option<&[u32]>,
+    primary: Option<u32>,
+    admin_gid: Option<u32>,
+) -> bool {
+    if uid == Some(0) {
+        return true;
+    }
+    let (Some(admin), Some(groups)) = (admin_gid, groups) else {
+        return false;
+    };
+    groups.contains(&admin) || primary == Some(admin)
+}
+
+/// The primary group of the account `uid`, from the user database.
+fn primary_gid(uid: u32) -> Option<u32> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+        .flatten()
+        .map(|u| u.gid.as_raw())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_admin;
+
+    #[test]
+    fn root_and_members_only_and_no_groups_fails_closed() {
+        assert!(is_admin(Some(0), None, None, None));
+        assert!(is_admin(Some(1000), Some(&[5, 42]), Some(1000), Some(42)));
+        assert!(is_admin(Some(1000), Some(&[]), Some(42), Some(42)));
+        assert!(!is_admin(Some(1000), Some(&[5]), Some(1000), Some(42)));
+        // No admin group on this system: root only.
+        assert!(!is_admin(Some(1000), Some(&[42]), Some(42), None));
+        // The bus does not report groups: denied, even for an account whose
+        // primary group is the admin group.
+        assert!(!is_admin(Some(1000), None, Some(42), Some(42)));
+        assert!(!is_admin(None, None, None, Some(42)));
+    }
 }

@@ -229,6 +229,7 @@ impl Engine {
     /// bundle) on a worker thread; returns its job at once.
     pub fn install(self: &Arc<Self>, source: &str) -> Result<Arc<Job>, UpdateError> {
         let parsed = Source::parse(source)?;
+        self.booted_is_confirmed(&self.env.read()?)?;
         let job = {
             let mut cur = self.job.lock().expect("job");
             if let Some(j) = cur.as_ref() {
@@ -358,8 +359,12 @@ impl Engine {
                 self.state
                     .floors()
                     .check(BUNDLE_SUBJECT, vh.version(), &digest)?;
-                // Never leave a half-written slot bootable.
-                self.change_env(|v| Ok(self.env.with_bad(v, &target)))?;
+                // Never leave a half-written slot bootable, and never write
+                // over the slot the box falls back to.
+                self.change_env(|v| {
+                    self.booted_is_confirmed(v)?;
+                    Ok(self.env.with_bad(v, &target))
+                })?;
                 self.state.begin_install(&InstallRecord {
                     source: job.source.clone(),
                     slot: target.clone(),
@@ -402,6 +407,21 @@ impl Engine {
         let slots = self.system.slot_names();
         self.change_env(|v| Ok(self.env.with_primary(v, &slots, &target)))?;
         self.state.clear_install()
+    }
+
+    /// An install writes the slot that is not booted, so the booted one
+    /// must be the box's fallback: the last slot that passed its health
+    /// check. A fresh slot that has not passed it yet may fail and be
+    /// left; the other slot is then the only one known to work.
+    fn booted_is_confirmed(&self, vars: &Vars) -> Result<(), UpdateError> {
+        let booted = self.booted()?;
+        match self.env.last_good(vars, &self.system.slot_names()) {
+            Some(good) if good == booted => Ok(()),
+            last_good => Err(UpdateError::NotConfirmed {
+                booted: booted.to_string(),
+                last_good: last_good.unwrap_or_else(|| "none".into()),
+            }),
+        }
     }
 
     /// Gives up an install that cannot succeed: the slot stays unbootable.
@@ -448,7 +468,7 @@ impl Engine {
     /// the security floor rises to its bundle's.
     pub fn mark_good(&self) -> Result<String, UpdateError> {
         let slot = self.booted()?.to_string();
-        self.change_env(|v| Ok(self.env.with_good(v, &slot)))?;
+        self.change_env(|v| Ok(self.env.with_confirmed(v, &slot)))?;
         self.state.mark_good(&slot)?;
         *self.health.lock().expect("health") = "good".into();
         Ok(slot)
@@ -516,7 +536,13 @@ impl Engine {
         *self.health.lock().expect("health") = "checking".into();
         match crate::health::check(conn, &self.cfg.health).await {
             Ok(report) => match self.mark_good() {
-                Ok(_) => tracing::info!("slot {slot} is good: {report}"),
+                Ok(_) => match report.degraded {
+                    None => tracing::info!("slot {slot} is good: {}", report.passed),
+                    Some(why) => {
+                        tracing::warn!("slot {slot} is good, degraded: {why} ({})", report.passed);
+                        *self.health.lock().expect("health") = format!("degraded: {why}");
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(
                         "slot {slot} passed its health check but cannot be marked good: {e}"

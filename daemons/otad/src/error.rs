@@ -38,6 +38,8 @@ pub enum UpdateError {
     BootedUnknown(String),
     #[error("an update is already running ({0})")]
     Busy(String),
+    #[error("the booted slot {booted} has not passed its health check yet (the last good slot is {last_good}): an install would write over the slot the box falls back to; let the health check pass (pocketctl update mark-good) or boot slot {last_good} first")]
+    NotConfirmed { booted: String, last_good: String },
     #[error("slot {0} is not good; rolling back to it would not boot")]
     NotGood(String),
     #[error("no update URL is configured")]
@@ -87,9 +89,10 @@ impl UpdateError {
             UpdateError::TooLarge { .. } => "DiskFull",
             UpdateError::UnknownComponent(_) => "Incompatible",
             UpdateError::NoSuchSlot(..) | UpdateError::InvalidArgument(_) => "InvalidArgument",
-            UpdateError::BootedUnknown(_) | UpdateError::NotGood(_) | UpdateError::NoUpdateUrl => {
-                "State"
-            }
+            UpdateError::BootedUnknown(_)
+            | UpdateError::NotGood(_)
+            | UpdateError::NotConfirmed { .. }
+            | UpdateError::NoUpdateUrl => "State",
             UpdateError::Busy(_) => "Busy",
             UpdateError::Network(_) => "Network",
             UpdateError::Cancelled => "Cancelled",

@@ -2,6 +2,11 @@
 //! more than "Linux booted". Every configured daemon must own its name on
 //! the bus, an installed model must run one inference through npud, and an
 //! optional command must succeed, all within the configured time.
+//!
+//! Only a broken system fails the check. When npud is busy, has no memory
+//! left for the model, or does not finish the inference in time, the
+//! system is fine and the box merely short of resources: the check passes
+//! as degraded, and the update is kept.
 
 use crate::config::HealthConfig;
 use pocket_proto::runtime::{dtype_size, Runtime1Proxy, Tensor};
@@ -44,8 +49,22 @@ pub enum HealthError {
     CommandTimedOut { prog: String },
 }
 
-/// Runs the check; returns what passed, as a person reads it.
-pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String, HealthError> {
+/// What a passed check found, as a person reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub passed: String,
+    /// Why the smoke inference could not run for want of resources.
+    pub degraded: Option<String>,
+}
+
+/// npud's errors that say the box is short of something, not broken.
+const RESOURCE_ERRORS: [&str; 2] = [
+    "org.pocketos.Error.Busy",
+    "org.pocketos.Error.InsufficientMemory",
+];
+
+/// Runs the check.
+pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<Report, HealthError> {
     let deadline = Instant::now() + Duration::from_secs(cfg.timeout_secs);
     let dbus = zbus::fdo::DBusProxy::new(conn)
         .await
@@ -71,10 +90,27 @@ pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String
         }
     }
     let mut report = format!("{} daemon(s) up", cfg.bus_names.len());
+    let mut degraded = None;
     if cfg.smoke_inference {
-        if let Some(line) = smoke_inference(conn).await? {
-            report.push_str(", ");
-            report.push_str(&line);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match tokio::time::timeout(left, smoke_inference(conn)).await {
+            Ok(Ok(Some(line))) => {
+                report.push_str(", ");
+                report.push_str(&line);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(HealthError::Smoke { model, source })) if is_resource_error(&source) => {
+                degraded = Some(format!("smoke inference of {model}: {source}"));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                degraded = Some(format!(
+                    "the smoke inference did not finish within {} s",
+                    cfg.timeout_secs
+                ));
+            }
         }
     }
     if let Some((prog, args)) = cfg.command.split_first() {
@@ -93,10 +129,17 @@ pub async fn check(conn: &zbus::Connection, cfg: &HealthConfig) -> Result<String
             Err(_) => return Err(HealthError::CommandTimedOut { prog }),
         }
     }
-    Ok(report)
+    Ok(Report {
+        passed: report,
+        degraded,
+    })
 }
 
-/// One inference of the first installed model, on zero inputs of the
+fn is_resource_error(e: &zbus::Error) -> bool {
+    matches!(e, zbus::Error::MethodError(name, ..) if RESOURCE_ERRORS.contains(&name.as_str()))
+}
+
+/// One inference of the smallest installed model, on zero inputs of the
 /// model's own shapes (dynamic dimensions as 1). `None` when no model is
 /// installed.
 async fn smoke_inference(conn: &zbus::Connection) -> Result<Option<String>, HealthError> {
@@ -104,7 +147,7 @@ async fn smoke_inference(conn: &zbus::Connection) -> Result<Option<String>, Heal
         .await
         .map_err(HealthError::ModelManager)?;
     let list = models.list().await.map_err(HealthError::ModelManager)?;
-    let Some(model) = list.first() else {
+    let Some(model) = list.iter().min_by_key(|m| m.memory_bytes) else {
         return Ok(None);
     };
     let rt = Runtime1Proxy::new(conn)

@@ -8,6 +8,11 @@
 //! - GRUB: `ORDER="A B"`, `<slot>_OK`, `<slot>_TRY`; GRUB boots the first
 //!   slot with `OK=1` and `TRY=0`, setting `TRY=1` first.
 //!
+//! One variable of ours beside them: `BOOT_LAST_GOOD` (U-Boot) or
+//! `LAST_GOOD` (GRUB) names the last slot whose health check passed. When
+//! every slot has used its tries, the boot scripts boot that slot, never
+//! one that is half-written or untested.
+//!
 //! Marking a slot good restores its tries; every change is one
 //! [`WritePlan`] whose result is the old environment or the new one, even
 //! when the power goes in the middle of it.
@@ -92,6 +97,21 @@ impl BootEnv {
         }
     }
 
+    fn last_good_key(&self) -> &'static str {
+        match self {
+            BootEnv::UBoot { .. } => "BOOT_LAST_GOOD",
+            BootEnv::Grub { .. } => "LAST_GOOD",
+        }
+    }
+
+    /// The last slot whose health check passed, as the environment
+    /// records it.
+    pub fn last_good(&self, vars: &Vars, slots: &[String]) -> Option<String> {
+        vars.get(self.last_good_key())
+            .map(|s| s.trim().to_string())
+            .filter(|s| slots.contains(s))
+    }
+
     /// The boot order in `vars`, with slots not named there appended.
     pub fn order(&self, vars: &Vars, slots: &[String]) -> Vec<String> {
         let mut order: Vec<String> = vars
@@ -163,6 +183,14 @@ impl BootEnv {
         out
     }
 
+    /// `vars` with `slot` good and recorded as the last slot that passed
+    /// its health check: the one booted when every slot has used its tries.
+    pub fn with_confirmed(&self, vars: &Vars, slot: &str) -> Vars {
+        let mut out = self.with_good(vars, slot);
+        out.insert(self.last_good_key().into(), slot.to_string());
+        out
+    }
+
     /// `vars` with `slot` never to be booted.
     pub fn with_bad(&self, vars: &Vars, slot: &str) -> Vars {
         let mut out = vars.clone();
@@ -179,12 +207,14 @@ impl BootEnv {
     }
 
     /// What the bootloader's own script does at power-on: pick the first
-    /// slot with tries left and use one of them. Returns the slot and the
-    /// environment after that step. Used by tests and by the image's
-    /// host-side boot for the U-Boot flow; the real script lives in
-    /// `image/` and `buildroot/`.
+    /// slot with tries left and use one of them, or, when every slot has
+    /// used its tries, boot the last good slot without counting. Returns
+    /// the slot and the environment after that step. Used by tests; the
+    /// real scripts are `image/boot.cmd` and `image/grub.cfg`.
     pub fn boot_step(&self, vars: &Vars, slots: &[String]) -> Option<(String, Vars)> {
-        let slot = self.primary(vars, slots)?;
+        let Some(slot) = self.primary(vars, slots) else {
+            return self.last_good(vars, slots).map(|slot| (slot, vars.clone()));
+        };
         let mut out = vars.clone();
         match self {
             BootEnv::UBoot { .. } => {
@@ -266,5 +296,30 @@ mod tests {
         assert_eq!(env.primary(&good, &slots()).as_deref(), Some("B"));
         let bad = env.with_bad(&good, "B");
         assert_eq!(env.primary(&bad, &slots()).as_deref(), Some("A"));
+    }
+
+    #[test]
+    fn every_slot_spent_boots_the_last_good_slot_uncounted() {
+        let grub = BootEnv::Grub {
+            env: grub::GrubEnv::new(Path::new("/nonexistent")),
+        };
+        for env in [uboot(), grub] {
+            let vars = env.with_confirmed(&Vars::new(), "B");
+            assert_eq!(env.last_good(&vars, &slots()).as_deref(), Some("B"));
+            // A half-written, B out of tries: B, and nothing counted.
+            let spent = env.with_bad(&env.with_bad(&vars, "A"), "B");
+            assert_eq!(env.primary(&spent, &slots()), None);
+            assert_eq!(
+                env.boot_step(&spent, &slots()),
+                Some(("B".into(), spent.clone()))
+            );
+            // Making a slot primary does not make it the last good one.
+            let fresh = env.with_primary(&spent, &slots(), "A");
+            assert_eq!(env.last_good(&fresh, &slots()).as_deref(), Some("B"));
+            // No record of a good slot: nothing to fall back to.
+            let mut unknown = spent.clone();
+            unknown.remove(env.last_good_key());
+            assert_eq!(env.boot_step(&unknown, &slots()), None);
+        }
     }
 }
