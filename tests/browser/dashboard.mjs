@@ -7,6 +7,8 @@
 // Environment:
 //   DASHBOARD_URL   the page, e.g. http://localhost:8080
 //   PASSWORD        the admin password to set (first boot) or log in with
+//   SETUP_CODE      the box's setup code, for a first boot from another
+//                   computer (the page then asks for it)
 //   MODEL           the catalog model to install (default mlp)
 //   SCENARIO        "full" (everything), "install" (log in, install, run) or
 //                   "chat" (log in, install an LLM, chat: two turns, then Stop)
@@ -56,6 +58,12 @@ try {
   seen.login_title = await page.textContent("#login-title");
   await page.fill("#password", password);
   if (await page.isVisible("#password2")) await page.fill("#password2", password);
+  seen.setup_code_asked = await page.isVisible("#setup-code");
+  if (seen.setup_code_asked) {
+    if (!env.SETUP_CODE) throw new Error("the page asks for a setup code and SETUP_CODE is not set");
+    seen.login_hint = await page.textContent("#login-hint");
+    await page.fill("#setup-code", env.SETUP_CODE);
+  }
   await shot("login", dialog);
   await page.click("#login-submit");
   await page.waitForSelector("#logout-button", { state: "visible" });

@@ -154,6 +154,7 @@ impl World {
             format!("listen = \"{addr}\""),
             format!("api_listen = \"{api}\""),
             format!("data_dir = \"{}\"", self.webd_dir().display()),
+            format!("console = \"{}\"", self.webd_console().display()),
         ];
         self.webd_api = Some(format!("http://127.0.0.1:{}", api.port()));
         let path = self.tmp.path().join("webd.toml");
@@ -169,6 +170,11 @@ impl World {
 
     pub fn webd_dir(&self) -> PathBuf {
         self.tmp.path().join("webd")
+    }
+
+    /// What webd printed on "the console": the setup code at first start.
+    pub fn webd_console(&self) -> PathBuf {
+        self.tmp.path().join("console")
     }
 
     pub fn modeld(&mut self) -> &mut Daemon {

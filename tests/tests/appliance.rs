@@ -136,11 +136,21 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     // fast the install would be (on an idle machine it could finish before
     // the page has the job's id, and the page rightly shows no progress
     // for a finished job).
+    // The browser is another computer to the box: setting the first
+    // password needs the setup code that the box printed on its console.
+    let console = app.console();
+    let code = console
+        .split("PocketOS setup code: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no setup code on the serial console"))
+        .to_string();
     h.http.throttle(2 << 10);
     let seen = browse(
         &format!("http://localhost:{dashboard}"),
         &[
             ("PASSWORD", "appliance admin password"),
+            ("SETUP_CODE", code.as_str()),
             ("MODEL", "attention"),
             ("SCENARIO", "install"),
             ("STEP_TIMEOUT_MS", "180000"),
@@ -148,6 +158,14 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     );
     h.http.throttle(0);
     assert_eq!(seen["login_title"], "Set the admin password", "{seen:#}");
+    assert_eq!(seen["setup_code_asked"], true, "{seen:#}");
+    assert!(
+        seen["login_hint"]
+            .as_str()
+            .unwrap_or("")
+            .contains("console and serial log"),
+        "{seen:#}"
+    );
     assert_eq!(seen["store_state"], "Installed", "{seen:#}");
     assert!(
         seen["run_provider"]

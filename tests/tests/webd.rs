@@ -663,3 +663,155 @@ fn a_password_guesser_waits_and_the_admin_logs_in_meanwhile() {
         .unwrap();
     assert!((1..=300).contains(&secs), "{secs}");
 }
+
+/// Greedy clients: 1100 connections from one address, each sending half a
+/// request, and 20 event streams from another, while the page keeps
+/// answering everyone else. Each address gets its share of connections and
+/// streams, and a connection that does not finish its headers is closed
+/// after the deadline.
+#[test]
+fn half_sent_requests_and_open_streams_leave_the_page_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_w, _board, d) = world("");
+    // This process needs more descriptors than 1100 connections.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard.min(8192), hard).unwrap();
+    let server: std::net::SocketAddr = d
+        .base
+        .trim_start_matches("http://")
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let connect = |from: &str| {
+        let from: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+        async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind(from).unwrap();
+            s.connect(server).await.unwrap()
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..1100 {
+        let mut s = rt.block_on(connect("127.0.0.2"));
+        // The request line and one header, never the blank line.
+        let _ = rt.block_on(s.write_all(b"GET /api/session HTTP/1.1\r\nHost: 127.0.0.1\r\n"));
+        slow.push(s);
+    }
+    // Event streams: a bounded number per address.
+    let mut statuses = Vec::new();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut s = rt.block_on(connect("127.0.0.3"));
+        rt.block_on(s.write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+            .unwrap();
+        let mut head = [0u8; 12];
+        rt.block_on(s.read_exact(&mut head)).unwrap();
+        statuses.push(String::from_utf8_lossy(&head[9..12]).to_string());
+        streams.push(s);
+    }
+    let open = statuses.iter().filter(|s| *s == "200").count();
+    let refused = statuses.iter().filter(|s| *s == "429").count();
+    assert_eq!((open, refused), (8, 12), "{statuses:?}");
+    // Everyone else is served at once, event stream included.
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        assert_eq!(d.get("/api/session").ok()["setup_needed"], true);
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+    let mut page = rt.block_on(connect("127.0.0.1"));
+    rt.block_on(page.write_all(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+        .unwrap();
+    let mut head = [0u8; 12];
+    rt.block_on(page.read_exact(&mut head)).unwrap();
+    assert_eq!(&head[9..12], b"200");
+    // Every half-sent request is closed: most at once, the rest at the
+    // header deadline.
+    rt.block_on(async {
+        for (i, s) in slow.iter_mut().enumerate() {
+            let mut buf = [0u8; 512];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    // hyper answers an unfinished request with nothing; any
+                    // bytes are read past.
+                    Ok(Ok(_)) => continue,
+                    Err(_) => panic!(
+                        "half-sent connection {i} still open {:?} after it started",
+                        started.elapsed()
+                    ),
+                }
+            }
+        }
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// First-boot setup from another computer needs the one-time code that the
+/// box printed on its console: the first stranger on the network to find
+/// the page does not become its admin. Wrong codes count like wrong
+/// passwords; on the box itself no code is needed (every other test sets
+/// the password from 127.0.0.1).
+#[test]
+fn setup_from_another_computer_needs_the_console_code() {
+    let (w, _board, d) = world("");
+    let console = std::fs::read_to_string(w.webd_console()).unwrap();
+    let code = console
+        .split("PocketOS setup code: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no setup code on the console: {console:?}"))
+        .to_string();
+    let on_box = d.get("/api/session").ok();
+    assert_eq!(on_box["setup_code_needed"], false, "{on_box}");
+
+    let stranger = Dash::from_address(&d.base, "127.0.0.2".parse().unwrap());
+    let s = stranger.get("/api/session").ok();
+    assert_eq!(s["setup_needed"], true, "{s}");
+    assert_eq!(s["setup_code_needed"], true, "{s}");
+    assert!(s["setup_code_hint"].as_str().unwrap().contains("console"));
+    let msg = stranger
+        .post("/api/setup", json!({ "password": PASSWORD }))
+        .fails(403, "SetupCodeNeeded");
+    assert!(msg.contains("console and serial log"), "{msg}");
+    for guess in ["AAAA-AAAA", "BBBB-BBBB", "CCCC-CCCC"] {
+        stranger
+            .post(
+                "/api/setup",
+                json!({ "password": PASSWORD, "setup_code": guess }),
+            )
+            .fails(403, "WrongSetupCode");
+    }
+    // Guessing on: refused without a check, even with the right code.
+    stranger
+        .post(
+            "/api/setup",
+            json!({ "password": PASSWORD, "setup_code": code }),
+        )
+        .fails(429, "TooManyAttempts");
+    assert_eq!(d.get("/api/session").ok()["setup_needed"], true);
+
+    // The owner, on another computer, reads the code off the console.
+    let mut owner = Dash::from_address(&d.base, "127.0.0.3".parse().unwrap());
+    let r = owner.post(
+        "/api/setup",
+        json!({ "password": PASSWORD, "setup_code": code.to_lowercase().replace('-', " ") }),
+    );
+    assert!(r.set_cookie.is_some(), "{}", r.body);
+    r.ok();
+    assert_eq!(d.get("/api/session").ok()["setup_needed"], false);
+    // Set once: the code is spent.
+    stranger
+        .post(
+            "/api/setup",
+            json!({ "password": "another password", "setup_code": code }),
+        )
+        .fails(409, "AlreadySet");
+    owner.log_in(PASSWORD, false).ok();
+}

@@ -115,8 +115,12 @@ function askLogin() {
   $("#login-hint").textContent = setup
     ? `This box has no admin password yet. Choose one (at least ${state.session.min_password} characters); changing anything on the box will need it.`
     : "Changing anything on the box needs the admin password.";
+  const code = !!(setup && state.session.setup_code_needed);
+  if (code) $("#login-hint").textContent += " " + state.session.setup_code_hint;
   $("#confirm-row").hidden = !setup;
   $("#password2").required = !!setup;
+  $("#code-row").hidden = !code;
+  $("#setup-code").required = code;
   $("#login-submit").textContent = setup ? "Set password" : "Log in";
   $("#login-error").textContent = "";
   $("#password").value = "";
@@ -135,7 +139,9 @@ async function submitLogin(ev) {
     return;
   }
   try {
-    const r = await api("POST", setup ? "/api/setup" : "/api/login", { password });
+    const body = { password };
+    if (setup && state.session.setup_code_needed) body.setup_code = $("#setup-code").value;
+    const r = await api("POST", setup ? "/api/setup" : "/api/login", body);
     state.session = { ...state.session, logged_in: true, setup_needed: false, csrf: r.csrf };
     renderSession();
     $("#login").close();

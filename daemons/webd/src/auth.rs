@@ -1,7 +1,8 @@
 //! The admin credential and login sessions.
 //!
 //! The credential is set once, from the page, when none exists (the box's
-//! first boot); it is kept as a salted Argon2id hash in
+//! first boot), by a client on the box itself or one that gives the setup
+//! code the box printed on its console; it is kept as a salted Argon2id hash in
 //! `<data_dir>/admin.credential`, mode 0600. A login gives a random session
 //! token in an `HttpOnly`, `SameSite=Strict` cookie (`Secure` unless
 //! configured off) and a CSRF token that every change must echo in
@@ -46,6 +47,9 @@ pub struct Auth {
     clients: Mutex<HashMap<std::net::IpAddr, Client>>,
     idle: Duration,
     secure: bool,
+    /// The one-time code a client other than loopback needs to set the
+    /// first password (none once a password is set).
+    setup_code: Option<String>,
 }
 
 struct Session {
@@ -77,8 +81,8 @@ pub struct SessionKeys {
 }
 
 impl Auth {
-    pub fn open(cfg: &Config) -> anyhow::Result<Auth> {
-        let path = cfg.data_dir.join("admin.credential");
+    pub fn open(cfg: &Config, setup_code: Option<String>) -> anyhow::Result<Auth> {
+        let path = credential_path(cfg);
         let hash = match std::fs::read_to_string(&path) {
             Ok(text) => {
                 let text = text.trim().to_string();
@@ -98,6 +102,7 @@ impl Auth {
             clients: Mutex::default(),
             idle: Duration::from_secs(cfg.session_idle_minutes.max(1) * 60),
             secure: cfg.secure_cookies,
+            setup_code,
         })
     }
 
@@ -105,16 +110,45 @@ impl Auth {
         self.hash.lock().unwrap().is_some()
     }
 
-    /// Sets the admin password when none is set yet, and logs in.
-    pub async fn set_initial(&self, password: String) -> ApiResult<SessionKeys> {
+    /// Sets the admin password when none is set yet, and logs in. A client
+    /// other than the box itself (127.0.0.1 or ::1) must give the setup code that
+    /// the box printed on its console: the first stranger on the network to
+    /// find the page does not become its admin.
+    pub async fn set_initial(
+        &self,
+        from: std::net::IpAddr,
+        password: String,
+        code: Option<String>,
+    ) -> ApiResult<SessionKeys> {
         check_password_shape(&password)?;
+        if self.has_credential() {
+            return Err(already_set());
+        }
+        if !crate::net::on_box(from) {
+            let Some(code) = code.filter(|c| !c.trim().is_empty()) else {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "SetupCodeNeeded",
+                    SETUP_CODE_HINT,
+                ));
+            };
+            let expected = self.setup_code.clone();
+            self.attempt(
+                from,
+                async move { Ok(expected.as_deref().is_some_and(|e| same_code(e, &code))) },
+                || {
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "WrongSetupCode",
+                        format!("wrong setup code. {SETUP_CODE_HINT}"),
+                    )
+                },
+            )
+            .await?;
+        }
         let _gate = self.gate.lock().await;
         if self.has_credential() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "AlreadySet",
-                "the admin password is already set; log in with it",
-            ));
+            return Err(already_set());
         }
         let hash = tokio::task::spawn_blocking(move || hash_password(&password))
             .await
@@ -140,16 +174,31 @@ impl Auth {
         Ok(self.new_session())
     }
 
-    /// Checks the password from client `from` and starts a session. A
-    /// client that guessed wrong too often waits, doubling each time: its
-    /// attempts are refused (`TooManyAttempts`, with the wait) without a
-    /// check, one at a time, while everyone else logs in as usual.
+    /// Checks the password from client `from` and starts a session.
     pub async fn login(&self, from: std::net::IpAddr, password: String) -> ApiResult<SessionKeys> {
         if password.len() > MAX_PASSWORD {
             return Err(ApiError::bad_request(format!(
                 "the password is longer than {MAX_PASSWORD} bytes"
             )));
         }
+        self.attempt(from, self.check(password), || {
+            ApiError::new(StatusCode::UNAUTHORIZED, "WrongPassword", "wrong password")
+        })
+        .await?;
+        tracing::info!("admin logged in");
+        Ok(self.new_session())
+    }
+
+    /// Runs `check` (a password or setup code check) for client `from`. A
+    /// client that guessed wrong too often waits, doubling each time: its
+    /// attempts are refused (`TooManyAttempts`, with the wait) without a
+    /// check, one at a time, while everyone else goes on as usual.
+    async fn attempt(
+        &self,
+        from: std::net::IpAddr,
+        check: impl std::future::Future<Output = ApiResult<bool>>,
+        wrong: impl FnOnce() -> ApiError,
+    ) -> ApiResult<()> {
         {
             let mut clients = self.clients.lock().unwrap();
             let now = Instant::now();
@@ -163,7 +212,7 @@ impl Auth {
                 return Err(ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "TooManyAttempts",
-                    format!("too many wrong passwords from this address; try again in {wait} s"),
+                    format!("too many wrong attempts from this address; try again in {wait} s"),
                 )
                 .retry_after(wait));
             }
@@ -179,26 +228,21 @@ impl Auth {
                 }
             }
         }
-        let ok = self.check(password).await;
+        let ok = check.await;
         let mut clients = self.clients.lock().unwrap();
         match ok {
             Ok(true) => {
                 clients.remove(&from);
-                drop(clients);
-                tracing::info!("admin logged in");
-                Ok(self.new_session())
+                Ok(())
             }
             Ok(false) => {
                 let c = clients.get_mut(&from).expect("marked above");
                 c.checking = false;
                 c.failures = c.failures.saturating_add(1);
                 c.wait_until = Instant::now() + backoff(c.failures);
-                tracing::warn!("failed login");
-                Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "WrongPassword",
-                    "wrong password",
-                ))
+                let e = wrong();
+                tracing::warn!(%from, "{}", e.message);
+                Err(e)
             }
             Err(e) => {
                 if let Some(c) = clients.get_mut(&from) {
@@ -289,6 +333,50 @@ impl Auth {
     }
 }
 
+/// Where the admin credential is kept.
+pub fn credential_path(cfg: &Config) -> PathBuf {
+    cfg.data_dir.join("admin.credential")
+}
+
+fn already_set() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "AlreadySet",
+        "the admin password is already set; log in with it",
+    )
+}
+
+/// Where a person finds the setup code.
+pub const SETUP_CODE_HINT: &str = "Setting the admin password from another computer needs the setup code that the box prints on its console and serial log at start (or set it on the box itself, at http://127.0.0.1/).";
+
+/// Letters and digits that cannot be mistaken for one another.
+const CODE_ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+/// A fresh one-time setup code: eight characters from 32 (40 bits), as
+/// `XXXX-XXXX`.
+pub fn new_setup_code() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the kernel's random source is available");
+    let chars: String = bytes
+        .iter()
+        .map(|b| CODE_ALPHABET[usize::from(*b) % CODE_ALPHABET.len()] as char)
+        .collect();
+    format!("{}-{}", &chars[..4], &chars[4..])
+}
+
+/// Whether `given` is the setup code `expected`, ignoring case, spaces and
+/// dashes; in time independent of where they differ.
+fn same_code(expected: &str, given: &str) -> bool {
+    let norm = |s: &str| -> Vec<u8> {
+        s.bytes()
+            .filter(|b| !b.is_ascii_whitespace() && *b != b'-')
+            .map(|b| b.to_ascii_uppercase())
+            .collect()
+    };
+    let (a, b) = (norm(expected), norm(given));
+    a.len() == b.len() && a.iter().zip(&b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 fn check_password_shape(password: &str) -> ApiResult<()> {
     if password.chars().count() < MIN_PASSWORD {
         return Err(ApiError::bad_request(format!(
@@ -365,6 +453,22 @@ pub(crate) fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn setup_codes_are_fresh_and_compared_loosely() {
+        let a = new_setup_code();
+        assert_eq!(a.len(), 9);
+        assert!(
+            a.bytes().all(|b| b == b'-' || CODE_ALPHABET.contains(&b)),
+            "{a}"
+        );
+        assert_ne!(a, new_setup_code());
+        assert!(same_code("ABCD-EF23", "abcd ef23"));
+        assert!(same_code("ABCD-EF23", "ABCDEF23"));
+        assert!(!same_code("ABCD-EF23", "ABCD-EF24"));
+        assert!(!same_code("ABCD-EF23", "ABCD-EF2"));
+        assert!(!same_code("ABCD-EF23", ""));
+    }
 
     #[test]
     fn hashes_verify_and_differ() {

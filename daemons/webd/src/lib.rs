@@ -12,6 +12,7 @@ mod auth;
 mod error;
 mod events;
 mod net;
+mod serve;
 
 pub use net::is_local_peer;
 
@@ -53,6 +54,10 @@ pub struct Config {
     /// Clients on the local network may use the LLM API without a key.
     #[serde(default)]
     pub api_open_to_lan: bool,
+    /// Where the first boot's setup code is printed (besides the log):
+    /// the box's console, which its serial log shows.
+    #[serde(default = "default_console")]
+    pub console: PathBuf,
 }
 
 fn default_listen() -> String {
@@ -60,6 +65,9 @@ fn default_listen() -> String {
 }
 fn default_api_listen() -> String {
     "0.0.0.0:11434".into()
+}
+fn default_console() -> PathBuf {
+    "/dev/console".into()
 }
 fn default_data_dir() -> PathBuf {
     "/data/webd".into()
@@ -84,6 +92,24 @@ pub(crate) struct App {
     pub events: events::Events,
     pub keys: apikeys::ApiKeys,
     pub metrics: api::Metrics,
+    /// The page's event streams open, per client address.
+    pub event_streams: Arc<serve::Slots>,
+}
+
+fn announce_setup_code(console: &std::path::Path, code: &str) {
+    use std::io::Write;
+    tracing::info!("no admin password yet; setup code {code}");
+    let line = format!(
+        "\r\nPocketOS setup code: {code} (to set the admin password on the box's page)\r\n"
+    );
+    let written = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(console)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!("cannot print the setup code on {}: {e}", console.display());
+    }
 }
 
 /// Serves the dashboard until `shutdown` completes.
@@ -113,6 +139,14 @@ pub async fn serve(
             )
         }
     };
+    // With no admin password yet, a one-time code for setting it from
+    // another computer, printed on the console while webd may still open
+    // it.
+    let setup_code = (!auth::credential_path(&cfg).exists()).then(|| {
+        let code = auth::new_setup_code();
+        announce_setup_code(&cfg.console, &code);
+        code
+    });
     if let Some(user) = &cfg.user {
         pocket_daemon::run_as(user)?;
     }
@@ -123,12 +157,13 @@ pub async fn serve(
     let bus = pocket_proto::system_bus()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
-    let auth = auth::Auth::open(&cfg)?;
+    let auth = auth::Auth::open(&cfg, setup_code)?;
     let events = events::Events::start(&bus).await?;
     let keys = apikeys::ApiKeys::open(&cfg.data_dir)?;
     let app = Arc::new(App {
         keys,
         metrics: Default::default(),
+        event_streams: serve::Slots::new(serve::EVENT_STREAMS_PER_ADDRESS, serve::EVENT_STREAMS),
         host_names: net::host_names(&cfg.host_names),
         cfg,
         bus,
@@ -152,28 +187,20 @@ pub async fn serve(
         }
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let api = match api_listener {
         Some(l) => {
             tracing::info!("LLM API on http://{}/", l.local_addr()?);
-            let svc = api::api_router(app).into_make_service_with_connect_info::<SocketAddr>();
-            let stop = stopped(stop_rx.clone());
-            Some(tokio::spawn(async move {
-                axum::serve(l, svc).with_graceful_shutdown(stop).await
-            }))
+            Some(tokio::spawn(serve::serve(
+                l,
+                api::api_router(app),
+                stop_rx.clone(),
+            )))
         }
         None => None,
     };
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx))
-    .await?;
+    serve::serve(listener, router, stop_rx).await;
     if let Some(api) = api {
-        api.await??;
+        api.await?;
     }
     Ok(())
 }

@@ -19,6 +19,19 @@ pub fn is_local_peer(ip: IpAddr) -> bool {
     }
 }
 
+/// A client on the box itself: 127.0.0.1 or ::1. Other loopback
+/// addresses are the box too, but a client has to choose one on purpose,
+/// so they are treated as any other machine (and tests use them as one).
+pub fn on_box(ip: IpAddr) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => {
+            v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST)
+        }
+    }
+}
+
 /// Whether a request's `Host` header names this box: an IP address,
 /// `localhost`, or one of `names` (the box's host name and the names
 /// configured), with or without a port.

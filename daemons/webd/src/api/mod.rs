@@ -248,7 +248,7 @@ fn api_admit(app: &App, peer: SocketAddr, req: &Request) -> ApiResult<ApiCaller>
             .session(&token)
             .is_some_and(|csrf| auth::same_secret(sent, &csrf))
     };
-    if on_box(peer.ip()) || admin_page() {
+    if crate::net::on_box(peer.ip()) || admin_page() {
         return Ok(ApiCaller { admin: true });
     }
     let bearer = headers
@@ -267,19 +267,6 @@ fn api_admit(app: &App, peer: SocketAddr, req: &Request) -> ApiResult<ApiCaller>
             None => "clients outside the box need an API key: Authorization: Bearer <key> (make one on the dashboard or with pocketctl api-key create)",
         },
     ))
-}
-
-/// A client on the box itself: 127.0.0.1 or ::1. Other loopback
-/// addresses are the box too, but a client has to choose one on purpose,
-/// so they are treated as any other machine (and tests use them as one).
-fn on_box(ip: std::net::IpAddr) -> bool {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    match ip {
-        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
-        IpAddr::V6(v6) => {
-            v6 == Ipv6Addr::LOCALHOST || v6.to_ipv4_mapped() == Some(Ipv4Addr::LOCALHOST)
-        }
-    }
 }
 
 /// An LLM API caller allowed to change what is installed.

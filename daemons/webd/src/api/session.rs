@@ -9,11 +9,27 @@ struct Password {
     password: String,
 }
 
-pub(super) async fn session(State(app): AppState, headers: HeaderMap) -> Json<Value> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Setup {
+    password: String,
+    /// The code the box printed on its console; not needed on the box.
+    #[serde(default)]
+    setup_code: Option<String>,
+}
+
+pub(super) async fn session(
+    State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Json<Value> {
     let token = session_token(&headers).unwrap_or_default();
     let csrf = app.auth.session(&token);
+    let setup_needed = !app.auth.has_credential();
     Json(json!({
-        "setup_needed": !app.auth.has_credential(),
+        "setup_needed": setup_needed,
+        "setup_code_needed": setup_needed && !crate::net::on_box(peer.ip()),
+        "setup_code_hint": auth::SETUP_CODE_HINT,
         "logged_in": csrf.is_some(),
         "csrf": csrf,
         "login_to_read": app.cfg.login_to_read,
@@ -29,9 +45,16 @@ fn logged_in(app: &App, keys: SessionKeys) -> Response {
         .into_response()
 }
 
-pub(super) async fn setup(State(app): AppState, bytes: Bytes) -> ApiResult<Response> {
-    let p: Password = body(&bytes)?;
-    let keys = app.auth.set_initial(p.password).await?;
+pub(super) async fn setup(
+    State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let p: Setup = body(&bytes)?;
+    let keys = app
+        .auth
+        .set_initial(peer.ip(), p.password, p.setup_code)
+        .await?;
     Ok(logged_in(&app, keys))
 }
 
@@ -54,8 +77,19 @@ pub(super) async fn logout(State(app): AppState, admin: Admin) -> Response {
 pub(super) async fn events(
     _r: Reader,
     State(app): AppState,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-) -> Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>> {
+) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>> {
+    // Each stream holds a connection for good: a bounded number per
+    // address and in all, held until the stream ends.
+    let slot = app.event_streams.take(peer.ip()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TooManyStreams",
+            "too many event streams are open; close a page and reload",
+        )
+        .retry_after(5)
+    })?;
     let rx = app.events.subscribe();
     // Where reading needs a login, the stream ends with the session (it is
     // checked at every event; powerd's come every second).
@@ -63,8 +97,9 @@ pub(super) async fn events(
         .cfg
         .login_to_read
         .then(|| session_token(&headers).unwrap_or_default());
-    let stream =
-        futures_util::stream::unfold((rx, app, token), |(mut rx, app, token)| async move {
+    let stream = futures_util::stream::unfold(
+        (rx, app, token, slot),
+        |(mut rx, app, token, slot)| async move {
             use tokio::sync::broadcast::error::RecvError;
             let event = match rx.recv().await {
                 Ok(text) => Event::default().data(&*text),
@@ -75,7 +110,8 @@ pub(super) async fn events(
             if token.as_deref().is_some_and(|t| !app.auth.is_live(t)) {
                 return None;
             }
-            Some((Ok(event), (rx, app, token)))
-        });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+            Some((Ok(event), (rx, app, token, slot)))
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
