@@ -116,7 +116,11 @@ fn shipped_otad_introspection_matches_the_daemon() {
             let u = pocket_proto::update::Update1Proxy::new(&conn)
                 .await
                 .unwrap();
-            let path = u.install(v2.bundle.to_str().unwrap()).await.unwrap();
+            let file = std::fs::File::open(&v2.bundle).unwrap();
+            let path = u
+                .install_file(zbus::zvariant::Fd::from(&file))
+                .await
+                .unwrap();
             (
                 introspect(&conn, "org.pocketos.Update1", "/org/pocketos/Update1").await,
                 introspect(&conn, "org.pocketos.Update1", path.as_str()).await,

@@ -83,3 +83,103 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
         .fails_with("signed by 0 trusted models key(s)");
     assert_eq!(w.installed(), [("mlp".to_string(), "1.1".to_string())]);
 }
+
+/// A rotation that a catalog brings (new root, models and updates keys; the
+/// old ones revoked) reaches otad: modeld publishes the keyring in force,
+/// and otad, which checks that it chains from its own, uses it for the
+/// next install. A bundle signed by the revoked updates key is refused,
+/// one signed by the new key installs. (Before, otad trusted the revoked
+/// key until a new rootfs shipped.)
+#[test]
+fn a_rotation_that_revokes_an_updates_key_reaches_otad() {
+    let mut w = World::start();
+    w.start_modeld();
+    let p = &w.publisher;
+    let (new_root, new_root_pub) = p.new_key();
+    let (new_models, new_models_pub) = p.new_key();
+    let (new_updates, new_updates_pub) = p.new_key();
+    let rotated = w.tmp.path().join("rotated");
+    pocket_publish::keyring_create(
+        &[
+            (pocket_trust::Role::Root, vec![new_root_pub]),
+            (pocket_trust::Role::Models, vec![new_models_pub]),
+            (pocket_trust::Role::Updates, vec![new_updates_pub]),
+        ],
+        &[],
+        &[p.root_key.clone(), new_root],
+        "2",
+        None,
+        &rotated,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    std::fs::copy(rotated.join("keyring.json"), w.site.join("keyring.json")).unwrap();
+    w.publisher.catalog_with(
+        &w.packs,
+        &w.site,
+        "2",
+        "30d",
+        std::slice::from_ref(&new_models),
+    );
+
+    let mut b = UpdateBox::new(
+        &w.tmp.path().join("box"),
+        Loader::UBoot,
+        &w.publisher,
+        &format!(
+            "rotated_keyring = \"{}\"",
+            w.data.join("keyring.json").display()
+        ),
+    );
+    assert_eq!(b.boot(&w.bus), "A");
+    assert_eq!(b.wait_health(&w.bus), "good");
+    let bundle = |dir: &str, key: &std::path::Path| {
+        w.publisher
+            .bundle_with(
+                &w.tmp.path().join(dir),
+                "2.0",
+                1 << 20,
+                COMPATIBLE,
+                1,
+                64 << 10,
+                &[key.to_path_buf()],
+                None,
+            )
+            .bundle
+    };
+    let old_signed = bundle("old-key", &w.publisher.updates_key);
+    let new_signed = bundle("new-key", &new_updates);
+    // Before the rotation reaches the box, the new key is a stranger.
+    b.ctl(&w.bus, &["update", "install", new_signed.to_str().unwrap()])
+        .fails_with("signed by 0 trusted updates key(s)");
+
+    // modeld reads the catalog and rotates; otad follows at its next install.
+    w.ctl(&["model", "catalog"]).ok();
+    b.ctl(&w.bus, &["update", "install", old_signed.to_str().unwrap()])
+        .fails_with("signed by 0 trusted updates key(s)");
+    assert_eq!(b.primary().as_deref(), Some("A"));
+    b.ctl(&w.bus, &["update", "install", new_signed.to_str().unwrap()])
+        .ok();
+    assert_eq!(b.primary().as_deref(), Some("B"));
+
+    // otad keeps the rotation even when modeld's copy goes away or is
+    // replaced by something that does not chain.
+    std::fs::write(w.data.join("keyring.json"), b"{ not a keyring").unwrap();
+    b.boot(&w.bus);
+    b.wait_health(&w.bus);
+    let again = w
+        .publisher
+        .bundle_with(
+            &w.tmp.path().join("old-key-3"),
+            "3.0",
+            1 << 20,
+            COMPATIBLE,
+            1,
+            64 << 10,
+            std::slice::from_ref(&w.publisher.updates_key),
+            None,
+        )
+        .bundle;
+    b.ctl(&w.bus, &["update", "install", again.to_str().unwrap()])
+        .fails_with("signed by 0 trusted updates key(s)");
+}

@@ -240,3 +240,66 @@ fn too_few_signatures() {
         .ok();
     assert_eq!(b.primary().as_deref(), Some("B"));
 }
+
+/// otad runs as root and never opens a path a caller names: a FIFO named
+/// as a source (which used to leave the job waiting on it, `Busy` for
+/// everyone) or a device node is refused at once, and a FIFO passed as a
+/// descriptor too. A bundle passed as a descriptor installs even when its
+/// name is gone before otad reads it, as an upload's is when webd
+/// restarts.
+#[test]
+fn sources_are_open_files_never_paths() {
+    let bus = DevBus::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let p = Publisher::new(&t.join("publisher"));
+    let mut b = UpdateBox::new(&t.join("box"), Loader::Grub, &p, "");
+    b.boot(&bus);
+    assert_eq!(b.wait_health(&bus), "good");
+    let fifo = t.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let good = p.bundle(&t.join("good"), "2.0");
+    let env = b.env();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = bus.connect().await;
+        let u = pocket_proto::update::Update1Proxy::new(&conn)
+            .await
+            .unwrap();
+        for path in [fifo.to_str().unwrap(), "/dev/watchdog", "/dev/zero"] {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), u.install(path))
+                .await
+                .expect("answered at once")
+                .unwrap_err();
+            assert!(e.to_string().contains("is not an http(s):// URL"), "{e}");
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let fifo_fd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let e = u
+            .install_file(zbus::zvariant::Fd::from(&fifo_fd))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+
+        // The bundle's name goes before otad reads a byte of it.
+        let copy = t.join("upload.bundle");
+        std::fs::copy(&good.bundle, &copy).unwrap();
+        let file = std::fs::File::open(&copy).unwrap();
+        std::fs::remove_file(&copy).unwrap();
+        u.install_file(zbus::zvariant::Fd::from(&file))
+            .await
+            .unwrap();
+    });
+    assert_eq!(b.env()["ORDER"], env["ORDER"], "nothing was refused late");
+    wait_for("the install", std::time::Duration::from_secs(60), || {
+        (b.primary().as_deref() == Some("B")).then_some(())
+    });
+    let st = b.status(&bus);
+    assert_eq!(st["operation"], "idle", "{st:#}");
+    assert_eq!(st["slots"][1]["version"], "2.0", "{st:#}");
+}

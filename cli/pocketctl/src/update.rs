@@ -104,16 +104,16 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
             }
         }
         UpdateCmd::Install { source } => {
-            let source = if source.contains("://") {
-                source
-            } else {
-                std::fs::canonicalize(&source)
-                    .with_context(|| format!("cannot open {source}"))?
-                    .display()
-                    .to_string()
-            };
             let finished = u.receive_install_finished().await?;
-            let path = u.install(&source).await?;
+            let path = if source.contains("://") {
+                u.install(&source).await?
+            } else {
+                // otad reads the file through this descriptor, with this
+                // user's right to read it.
+                let file = std::fs::File::open(&source)
+                    .with_context(|| format!("cannot open {source}"))?;
+                u.install_file(zbus::zvariant::Fd::from(&file)).await?
+            };
             let job: UpdateJobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;

@@ -59,10 +59,13 @@ pub mod phase {
     default_path = "/org/pocketos/Update1"
 )]
 pub trait Update1 {
-    /// Installs a bundle (a path on the box or an `http(s)://` URL) into
-    /// the slot that is not booted; returns the job. Installing the same
-    /// bundle again after an interruption resumes it.
+    /// Installs a bundle from an `http(s)://` URL into the slot that is not
+    /// booted; returns the job. Installing the same bundle again after an
+    /// interruption resumes it.
     fn install(&self, source: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Installs a bundle file the caller opened (a USB stick, an upload):
+    /// a regular file, read through the descriptor and never by name.
+    fn install_file(&self, bundle: zbus::zvariant::Fd<'_>) -> zbus::Result<OwnedObjectPath>;
     fn slots(&self) -> zbus::Result<Vec<SlotStatus>>;
     /// Reads and verifies the header of the configured update URL.
     fn check(&self) -> zbus::Result<UpdateCheck>;

@@ -140,22 +140,43 @@ impl Engine {
             mem_total: crate::install::mem_total(&cfg.meminfo),
             reserve_bytes: cfg.reserve_bytes,
         };
-        Ok(Arc::new(Engine {
+        let engine = Arc::new(Engine {
             cfg,
             store,
             http,
             sources,
-            keyring: tokio::sync::Mutex::new(keyring),
+            keyring: tokio::sync::Mutex::new(keyring.clone()),
             start_problem: Mutex::new(problem.or(start_problem)),
             catalogs: tokio::sync::Mutex::new(Catalogs::default()),
             jobs: Mutex::new(HashMap::new()),
             limits,
             next_id: AtomicU64::new(1),
-        }))
+        });
+        if let Some(k) = &keyring {
+            engine.publish_keyring(k);
+        }
+        Ok(engine)
     }
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Leaves the keyring in force at `<data_dir>/keyring.json` for otad,
+    /// which checks that it chains from its own before it uses it (a
+    /// rotation that revokes an updates key reaches updates too).
+    fn publish_keyring(&self, keyring: &Keyring) {
+        let path = self.cfg.data_dir.join(pocket_trust::KEYRING_FILE);
+        let bytes = keyring.envelope().to_bytes();
+        if std::fs::read(&path).ok().as_deref() == Some(bytes.as_slice()) {
+            return;
+        }
+        match crate::store::write_atomic(&path, &bytes) {
+            Ok(()) => {
+                tracing::info!(version = %keyring.version(), "keyring published at {}", path.display())
+            }
+            Err(e) => tracing::warn!("cannot publish the keyring at {}: {e}", path.display()),
+        }
     }
 
     async fn keyring(&self) -> Result<Keyring, ModelError> {
@@ -187,7 +208,11 @@ impl Engine {
             drop(guard);
             return Err(self.keyring().await.unwrap_err());
         };
+        let before = keyring.version().clone();
         let loaded = catalog::load(&self.http, &self.sources, keyring, self.store.floors()).await;
+        if *keyring.version() != before {
+            self.publish_keyring(keyring);
+        }
         drop(guard);
         let n = loaded.entries.len();
         *self.catalogs.lock().await = loaded;

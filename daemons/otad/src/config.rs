@@ -14,6 +14,12 @@ pub struct Config {
     pub system: PathBuf,
     #[serde(default = "default_keyring_dir")]
     pub keyring_dir: PathBuf,
+    /// The keyring modeld publishes after a rotation from a catalog. Read
+    /// for each install and used when it chains from the keyring otad
+    /// trusts, so that a rotation which revokes an updates key reaches
+    /// updates too; empty for none.
+    #[serde(default = "default_rotated_keyring")]
+    pub rotated_keyring: PathBuf,
     /// Where the state database lives (on `/data`).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -134,6 +140,9 @@ impl System {
 
 fn default_system() -> PathBuf {
     "/etc/pocketos/system.toml".into()
+}
+fn default_rotated_keyring() -> PathBuf {
+    "/data/modeld/keyring.json".into()
 }
 fn default_keyring_dir() -> PathBuf {
     "/etc/pocketos/keyring".into()

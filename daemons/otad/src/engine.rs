@@ -40,6 +40,41 @@ pub struct Engine {
     health: Mutex<String>,
 }
 
+/// The most a keyring file may hold, as for catalogs.
+const KEYRING_LIMIT: u64 = 16 << 20;
+
+/// Reads the keyring modeld published: a regular file, not through a
+/// symbolic link, at most [`KEYRING_LIMIT`] bytes (modeld's user owns the
+/// directory; otad is root). `None` when there is none.
+fn read_rotated_keyring(path: &std::path::Path) -> std::io::Result<Option<pocket_trust::Envelope>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    if !file.metadata()?.is_file() {
+        return Err(invalid("not a regular file".into()));
+    }
+    let mut bytes = Vec::new();
+    file.take(KEYRING_LIMIT + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > KEYRING_LIMIT {
+        return Err(invalid(format!("larger than {KEYRING_LIMIT} bytes")));
+    }
+    pocket_trust::Envelope::from_bytes("rotated keyring", &bytes)
+        .map(Some)
+        .map_err(|e| invalid(e.to_string()))
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Engine")
@@ -184,10 +219,36 @@ impl Engine {
             .base_keyring
             .clone()
             .map_err(|e| UpdateError::InvalidArgument(format!("no trusted keyring: {e}")))?;
-        self.state
-            .floors()
-            .current_keyring(base, SystemTime::now())
-            .map_err(UpdateError::Keyring)
+        let now = SystemTime::now();
+        let floors = self.state.floors();
+        let current = floors
+            .current_keyring(base, now)
+            .map_err(UpdateError::Keyring)?;
+        let path = &self.cfg.rotated_keyring;
+        let offered = match read_rotated_keyring(path) {
+            Ok(Some(env)) => env,
+            Ok(None) => return Ok(current),
+            Err(e) => {
+                tracing::warn!("rotated keyring {}: {e}", path.display());
+                return Ok(current);
+            }
+        };
+        let newer = offered
+            .peek::<serde_json::Value>()
+            .is_ok_and(|s| s.version > *current.version());
+        if !newer {
+            return Ok(current);
+        }
+        match floors.rotate(&current, offered, now) {
+            Ok(k) => {
+                tracing::info!(version = %k.version(), "keyring rotated from {}", path.display());
+                Ok(k)
+            }
+            Err(e) => {
+                tracing::warn!("rotated keyring {} not used: {e}", path.display());
+                Ok(current)
+            }
+        }
     }
 
     pub fn slots(&self) -> Result<Vec<SlotStatus>, UpdateError> {
@@ -228,7 +289,17 @@ impl Engine {
     /// Starts an install (or resumes the interrupted install of the same
     /// bundle) on a worker thread; returns its job at once.
     pub fn install(self: &Arc<Self>, source: &str) -> Result<Arc<Job>, UpdateError> {
-        let parsed = Source::parse(source)?;
+        self.install_from(Source::parse(source)?)
+    }
+
+    /// Starts an install from a bundle file the caller opened.
+    pub fn install_file(self: &Arc<Self>, file: std::fs::File) -> Result<Arc<Job>, UpdateError> {
+        self.install_from(Source::file(file)?)
+    }
+
+    fn install_from(self: &Arc<Self>, parsed: Source) -> Result<Arc<Job>, UpdateError> {
+        let source = parsed.describe();
+        let source = source.as_str();
         self.booted_is_confirmed(&self.env.read()?)?;
         let job = {
             let mut cur = self.job.lock().expect("job");

@@ -281,8 +281,8 @@ impl Stream<'_> {
             let got = match pocket_ota::read_full(r, &mut buf) {
                 Ok(got) => got,
                 Err(e) => match self.source {
-                    Source::File(path) => {
-                        return Err(UpdateError::io(format!("reading {}", path.display()), e))
+                    Source::File { name, .. } => {
+                        return Err(UpdateError::io(format!("reading {name}"), e))
                     }
                     Source::Http { .. } => {
                         attempts_left -= 1;

@@ -102,6 +102,19 @@ impl Update {
         Ok(job_path(&job))
     }
 
+    async fn install_file(
+        &self,
+        bundle: zbus::zvariant::OwnedFd,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<OwnedObjectPath, Error> {
+        require_admin(conn, &hdr, self.admin_gid, "installing an update").await?;
+        let fd: std::os::fd::OwnedFd = bundle.into();
+        let job = self.engine.install_file(std::fs::File::from(fd))?;
+        track(conn, job.clone()).await?;
+        Ok(job_path(&job))
+    }
+
     async fn slots(&self) -> Result<Vec<SlotStatus>, Error> {
         let e = self.engine.clone();
         blocking(move || e.slots()).await

@@ -1,15 +1,25 @@
-//! Where a bundle comes from: a file on the box (a USB stick, an upload)
-//! or an HTTP(S) URL read with Range requests. Either way the installer
-//! asks for the header, the bundle's length, and a reader from any offset.
+//! Where a bundle comes from: a file on the box (a USB stick, an upload),
+//! which the caller opened and passes as a descriptor, or an HTTP(S) URL
+//! read with Range requests. Either way the installer asks for the header,
+//! the bundle's length, and a reader from any offset.
+//!
+//! otad never opens a path a caller names: it runs as root, and a path
+//! could name a device (`/dev/watchdog`) or a FIFO. A descriptor carries
+//! the caller's own right to read, and must be a regular file.
 
 use crate::error::UpdateError;
 use futures_util::TryStreamExt;
 use pocket_ota::BundleError;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 pub enum Source {
-    File(PathBuf),
+    /// A regular file the caller opened, and what it was called then.
+    File {
+        file: Arc<std::fs::File>,
+        name: String,
+    },
     Http {
         url: String,
         client: reqwest::Client,
@@ -43,18 +53,35 @@ impl Source {
                 rt: tokio::runtime::Handle::current(),
             });
         }
-        let path = PathBuf::from(source);
-        if !path.is_absolute() {
-            return Err(UpdateError::InvalidArgument(format!(
-                "{source:?} is neither an http(s):// URL nor an absolute path"
-            )));
+        Err(UpdateError::InvalidArgument(format!(
+            "{source:?} is not an http(s):// URL; a bundle on the box is passed as an open file (InstallFile), as `pocketctl update install PATH` does"
+        )))
+    }
+
+    /// A bundle file the caller opened: a regular file, read from where
+    /// the caller's descriptor points, never reopened by name.
+    pub fn file(file: std::fs::File) -> Result<Source, UpdateError> {
+        let meta = file
+            .metadata()
+            .map_err(|e| UpdateError::io("the bundle's descriptor", e))?;
+        if !meta.is_file() {
+            return Err(UpdateError::InvalidArgument(
+                "the bundle's descriptor is not a regular file".into(),
+            ));
         }
-        Ok(Source::File(path))
+        use std::os::fd::AsRawFd;
+        let name = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "an open file".into());
+        Ok(Source::File {
+            file: Arc::new(file),
+            name,
+        })
     }
 
     pub fn describe(&self) -> String {
         match self {
-            Source::File(p) => p.display().to_string(),
+            Source::File { name, .. } => format!("file {name}"),
             Source::Http { url, .. } => url.clone(),
         }
     }
@@ -63,12 +90,18 @@ impl Source {
     /// whole length.
     pub fn open_at(&self, offset: u64) -> Result<(Reader, u64), UpdateError> {
         match self {
-            Source::File(path) => {
-                let io = |e| UpdateError::io(format!("reading {}", path.display()), e);
-                let mut f = std::fs::File::open(path).map_err(io)?;
-                let len = f.metadata().map_err(io)?.len();
-                f.seek(SeekFrom::Start(offset)).map_err(io)?;
-                Ok((Box::new(f), len))
+            Source::File { file, name } => {
+                let len = file
+                    .metadata()
+                    .map_err(|e| UpdateError::io(format!("reading {name}"), e))?
+                    .len();
+                Ok((
+                    Box::new(FileAt {
+                        file: file.clone(),
+                        pos: offset,
+                    }),
+                    len,
+                ))
             }
             Source::Http { url, client, rt } => {
                 let resp = rt.block_on(
@@ -121,5 +154,20 @@ impl Source {
             (e, _) => e.into(),
         })?;
         Ok((header, len))
+    }
+}
+
+/// A reader of a shared file from its own offset (`pread`): readers of one
+/// descriptor never move each other's position.
+struct FileAt {
+    file: Arc<std::fs::File>,
+    pos: u64,
+}
+
+impl Read for FileAt {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }

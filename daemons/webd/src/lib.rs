@@ -98,7 +98,6 @@ pub(crate) struct App {
 
 fn announce_setup_code(console: &std::path::Path, code: &str) {
     use std::io::Write;
-    tracing::info!("no admin password yet; setup code {code}");
     let line = format!(
         "\r\nPocketOS setup code: {code} (to set the admin password on the box's page)\r\n"
     );
@@ -107,8 +106,16 @@ fn announce_setup_code(console: &std::path::Path, code: &str) {
         .create(true)
         .open(console)
         .and_then(|mut f| f.write_all(line.as_bytes()));
-    if let Err(e) = written {
-        tracing::warn!("cannot print the setup code on {}: {e}", console.display());
+    // The log holds no secrets: the code is on the console only.
+    match written {
+        Ok(()) => tracing::info!(
+            "no admin password yet: the setup code is on {}",
+            console.display()
+        ),
+        Err(e) => tracing::warn!(
+            "cannot print the setup code on {}: {e}; set the password from the box itself",
+            console.display()
+        ),
     }
 }
 

@@ -12,26 +12,16 @@ pub fn clear_uploads(data_dir: &std::path::Path) {
     }
 }
 
-/// An upload's file, removed when dropped unless kept: whatever ends the
-/// request (an error, the client hanging up mid-way), nothing is left.
+/// An upload's file, removed when dropped: whatever ends the request (an
+/// error, the client hanging up mid-way, or the daemon that reads it
+/// having its descriptor), nothing is left.
 struct Upload {
     path: std::path::PathBuf,
-    keep: bool,
-}
-
-impl Upload {
-    /// Hands the file over (to a task that removes it later).
-    fn keep(mut self) -> std::path::PathBuf {
-        self.keep = true;
-        self.path.clone()
-    }
 }
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -46,7 +36,7 @@ async fn receive_upload(app: &App, body: Body, ext: &str) -> ApiResult<Upload> {
         .data_dir
         .join("uploads")
         .join(format!("{}.{ext}", hex::encode(name)));
-    let upload = Upload { path, keep: false };
+    let upload = Upload { path };
     let mut stream = body.into_data_stream();
     match write_upload(app, &mut stream, &upload.path).await {
         Ok(n) => {
@@ -142,25 +132,17 @@ pub(super) async fn upload_update(
     body: Body,
 ) -> ApiResult<Json<Value>> {
     let upload = receive_upload(&app, body, "bundle").await?;
-    let u = otad(&app).await?;
-    let job = u
-        .install(&upload.path.to_string_lossy())
+    let file = std::fs::File::open(&upload.path);
+    // otad reads the bundle through the descriptor until its job ends, a
+    // restart of webd included; the name goes now.
+    drop(upload);
+    let file =
+        file.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Io", e.to_string()))?;
+    let job = otad(&app)
+        .await?
+        .install_file(zbus::zvariant::Fd::from(&file))
         .await
         .map_err(|e| ApiError::from_bus("otad", e))?;
-    let path = upload.keep();
-    // otad reads the bundle by its path; it goes once the job has ended.
-    let bus = app.bus.clone();
-    let job_for_cleanup = job.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-            match events::update_job(&bus, &job_for_cleanup).await {
-                Some(j) if !update_bus::phase::is_terminal(j["phase"].as_str().unwrap_or("")) => {}
-                _ => break,
-            }
-        }
-        let _ = tokio::fs::remove_file(&path).await;
-    });
     tracing::info!("update from an uploaded bundle started");
     Ok(Json(json!({ "job": job_id(&job) })))
 }
