@@ -49,6 +49,15 @@ probe_grub_editenv() {
         && grub-editenv "$probe_dir/grubenv" list | grep -qx 'a=1'
 }
 probe_chromium() { chromium --version | grep -q Chromium; }
+# libfaketime moves a daemon's wall clock (tests/tests/clock.rs).
+probe_faketime() {
+    local lib
+    for lib in /usr/lib/*/faketime/libfaketimeMT.so.1; do
+        [ -e "$lib" ] || return 1
+        [ "$(LD_PRELOAD=$lib FAKETIME='@2020-01-01 00:00:00' date -u +%Y)" = 2020 ]
+        return
+    done
+}
 
 # package | probe
 capabilities=(
@@ -63,6 +72,8 @@ capabilities=(
     # The real bootloader-environment tools otad's environments are checked against.
     "libubootenv-tool|probe_fw_printenv"
     "grub-common|probe_grub_editenv"
+    # A wrong clock for the real daemons.
+    "libfaketime|probe_faketime"
     # The appliance image (image/build.sh) and its QEMU runs.
     "gcc-aarch64-linux-gnu|has aarch64-linux-gnu-gcc"
     "libc6-dev-arm64-cross|probe_cross_headers"

@@ -491,14 +491,8 @@ mod catalog_tests {
             &Default::default(),
         )
         .unwrap();
-        let env = Keyring::create(
-            body,
-            "1".parse().unwrap(),
-            None,
-            std::slice::from_ref(&root),
-        )
-        .unwrap();
-        let keyring = Keyring::anchor(env, SystemTime::now()).unwrap();
+        let env = Keyring::create(body, "1".parse().unwrap(), std::slice::from_ref(&root)).unwrap();
+        let keyring = Keyring::anchor(env).unwrap();
         let entry = |sha: &str| CatalogEntry {
             name: "m".into(),
             version: "1".parse().unwrap(),

@@ -443,9 +443,8 @@ mod tests {
             (Role::Updates, vec![updates.public().clone()]),
         ];
         let body = KeyringBody::new(&members, &BTreeMap::new()).unwrap();
-        let env =
-            Keyring::create(body, "1".parse().unwrap(), None, std::slice::from_ref(root)).unwrap();
-        Keyring::anchor(env, SystemTime::now()).unwrap()
+        let env = Keyring::create(body, "1".parse().unwrap(), std::slice::from_ref(root)).unwrap();
+        Keyring::anchor(env).unwrap()
     }
 
     fn bundle(dir: &Path, rootfs_len: usize, key: &SecretKey) -> std::path::PathBuf {

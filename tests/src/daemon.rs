@@ -20,6 +20,20 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// libfaketime's multi-threaded library (package `libfaketime`), which
+/// gives a process a wall clock that is off by a set amount.
+fn libfaketime() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .find(|p| p.exists());
+    found.expect(
+        "libfaketimeMT.so.1 under /usr/lib/*/faketime (tests/install-deps.sh installs libfaketime)",
+    )
+}
+
 /// A process's resident memory in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -40,6 +54,9 @@ pub struct Daemon {
     args: Vec<String>,
     address: String,
     log: PathBuf,
+    /// How far the daemon's clock is off (libfaketime's `FAKETIME`, such
+    /// as `-365d`), when it runs with a wrong clock.
+    clock: Option<String>,
 }
 
 /// What says a daemon is up.
@@ -77,6 +94,7 @@ impl Daemon {
             args: vec!["--config".into(), config.display().to_string()],
             address: bus.address().into(),
             log: config.with_extension("log"),
+            clock: None,
         };
         d.spawn(bus);
         d
@@ -88,14 +106,20 @@ impl Daemon {
             .append(true)
             .open(&self.log)
             .expect("daemon log");
-        let child = Command::new(bin_path(&self.bin))
-            .args(&self.args)
+        let mut cmd = Command::new(bin_path(&self.bin));
+        cmd.args(&self.args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .env("RUST_LOG", "info,zbus=warn")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn daemon");
+            .stderr(log);
+        if let Some(offset) = &self.clock {
+            // The wall clock only: timers and timeouts run as usual.
+            cmd.env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                .env("FAKETIME_DONT_RESET", "1");
+        }
+        let child = cmd.spawn().expect("spawn daemon");
         self.child = Some(child);
         let ready = self.ready.clone();
         wait_for(
@@ -138,6 +162,13 @@ impl Daemon {
     pub fn restart(&mut self, bus: &DevBus) {
         self.kill9();
         self.spawn(bus);
+    }
+
+    /// Restarts the daemon with its wall clock `offset` off (`-365d`,
+    /// `+365d`; libfaketime's syntax), or right again with `None`.
+    pub fn restart_with_clock(&mut self, bus: &DevBus, offset: Option<&str>) {
+        self.clock = offset.map(str::to_string);
+        self.restart(bus);
     }
 }
 

@@ -79,9 +79,7 @@ impl Publisher {
             &[],
             std::slice::from_ref(&root_key),
             "1",
-            None,
             &keyring_dir,
-            SystemTime::now(),
         )
         .expect("keyring");
         Publisher {

@@ -20,9 +20,7 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
             &[],
             &keys,
             version,
-            None,
             out,
-            std::time::SystemTime::now(),
         )
     };
     // Signed only by the new root: not chained to the box's root, refused.
@@ -108,9 +106,7 @@ fn a_rotation_that_revokes_an_updates_key_reaches_otad() {
         &[],
         &[p.root_key.clone(), new_root],
         "2",
-        None,
         &rotated,
-        std::time::SystemTime::now(),
     )
     .unwrap();
     std::fs::copy(rotated.join("keyring.json"), w.site.join("keyring.json")).unwrap();

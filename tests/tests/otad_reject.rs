@@ -197,9 +197,7 @@ fn too_few_signatures() {
         &["updates=2".into()],
         &[root],
         "1",
-        None,
         &kr,
-        std::time::SystemTime::now(),
     )
     .unwrap();
     let mut b = UpdateBox::new(

@@ -29,9 +29,7 @@ pub fn keyring_create(
     thresholds: &[String],
     keys: &[PathBuf],
     version: &str,
-    expires: Option<&str>,
     out: &Path,
-    now: SystemTime,
 ) -> Result<()> {
     let members = members
         .iter()
@@ -51,14 +49,9 @@ pub fn keyring_create(
         th.insert(role.parse::<Role>()?, n.parse::<usize>()?);
     }
     let body = KeyringBody::new(&members, &th)?;
-    let env = Keyring::create(
-        body,
-        version.parse()?,
-        expiry(expires, now)?,
-        &load_keys(keys)?,
-    )?;
+    let env = Keyring::create(body, version.parse()?, &load_keys(keys)?)?;
     // Refuse to write a keyring that no box would accept as an anchor.
-    Keyring::anchor(env.clone(), now).context("the keyring is not signed by its own root keys")?;
+    Keyring::anchor(env.clone()).context("the keyring is not signed by its own root keys")?;
     std::fs::create_dir_all(out)?;
     write_atomic(&out.join(pocket_trust::KEYRING_FILE), &env.to_bytes())
 }
@@ -335,7 +328,7 @@ pub fn bundle_create(
 /// Verifies `file` (a keyring, a catalog, a model pack or an update
 /// bundle) and says what it is.
 pub fn verify(file: &Path, keyring_dir: &Path, now: SystemTime) -> Result<String> {
-    let keyring = Keyring::load_dir(keyring_dir, now)?;
+    let keyring = Keyring::load_dir(keyring_dir)?;
     let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let mut magic = [0u8; 8];
     let has_magic = f.read_exact(&mut magic).is_ok();
@@ -381,7 +374,7 @@ pub fn verify(file: &Path, keyring_dir: &Path, now: SystemTime) -> Result<String
                     keyring.version()
                 ));
             }
-            let next = keyring.rotate(env, now)?;
+            let next = keyring.rotate(env)?;
             Ok(format!(
                 "keyring version {}, a valid rotation",
                 next.version()

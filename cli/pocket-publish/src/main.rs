@@ -104,11 +104,10 @@ enum KeyringCmd {
         /// root keys and of the new ones
         #[arg(long, num_args = 1.., required = true)]
         key: Vec<PathBuf>,
-        /// Keyring version; must grow on every rotation
+        /// Keyring version; must grow on every rotation (keyrings never
+        /// expire: keys are revoked by rotation)
         #[arg(long, default_value = "1")]
         version: String,
-        #[arg(long)]
-        expires: Option<String>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -195,7 +194,6 @@ fn run(cli: Cli) -> Result<()> {
                     threshold,
                     key,
                     version,
-                    expires,
                     out,
                 },
         } => pocket_publish::keyring_create(
@@ -207,9 +205,7 @@ fn run(cli: Cli) -> Result<()> {
             &threshold,
             &key,
             &version,
-            expires.as_deref(),
             &out,
-            now,
         )?,
         Cmd::Model {
             cmd:

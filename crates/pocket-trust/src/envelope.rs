@@ -45,6 +45,7 @@ impl<T> Signed<T> {
             return Err(TrustError::Expired {
                 kind: self.kind.clone(),
                 expires: expires.clone(),
+                now: crate::format_time(now),
             });
         }
         Ok(())

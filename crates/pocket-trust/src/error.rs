@@ -25,8 +25,12 @@ pub enum TrustError {
     },
     #[error("expected {expected} metadata but found {found}")]
     WrongKind { expected: String, found: String },
-    #[error("{kind} metadata expired at {expires}")]
-    Expired { kind: String, expires: String },
+    #[error("{kind} metadata expired at {expires}; this box's clock says {now}: if the clock is wrong, set it and try again, otherwise the publisher has to sign it anew")]
+    Expired {
+        kind: String,
+        expires: String,
+        now: String,
+    },
     #[error("{what} version {offered} is older than the accepted version {floor} (downgrade or replay refused)")]
     Downgrade {
         what: String,

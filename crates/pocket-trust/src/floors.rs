@@ -1,7 +1,6 @@
 use crate::{Envelope, Keyring, TrustError, Version};
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// subject -> (highest accepted version, sha256 of the metadata accepted at
 /// that version)
@@ -106,7 +105,7 @@ impl VersionFloors {
 
     /// The keyring in force: the newest of the one on the read-only rootfs
     /// and the last one accepted by rotation.
-    pub fn current_keyring(&self, base: Keyring, now: SystemTime) -> Result<Keyring, TrustError> {
+    pub fn current_keyring(&self, base: Keyring) -> Result<Keyring, TrustError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let table = txn.open_table(KEYRINGS).map_err(store_err)?;
         let Some(stored) = table.get("current").map_err(store_err)? else {
@@ -120,17 +119,12 @@ impl VersionFloors {
         // The stored keyring was chain-verified when it was accepted. If it
         // no longer checks out (expired, damaged), falling back to the older
         // rootfs keyring would bring back keys the rotation revoked: refuse.
-        Keyring::anchor(env, now)
+        Keyring::anchor(env)
     }
 
     /// Rotates to `next` when it chains from `current`, and persists it.
-    pub fn rotate(
-        &self,
-        current: &Keyring,
-        next: Envelope,
-        now: SystemTime,
-    ) -> Result<Keyring, TrustError> {
-        let keyring = current.rotate(next, now)?;
+    pub fn rotate(&self, current: &Keyring, next: Envelope) -> Result<Keyring, TrustError> {
+        let keyring = current.rotate(next)?;
         let txn = self.db.begin_write().map_err(store_err)?;
         {
             let mut table = txn.open_table(KEYRINGS).map_err(store_err)?;

@@ -84,36 +84,37 @@ pub struct Keyring {
 impl Keyring {
     /// Signs a new keyring. For a first keyring `keys` are its own root keys;
     /// for a rotation they must also include a threshold of the current
-    /// root keys.
+    /// root keys. A keyring never expires: a box whose clock is wrong, or
+    /// that was off for a year, must still trust its root; keys are
+    /// revoked by rotation.
     pub fn create(
         body: KeyringBody,
         version: Version,
-        expires: Option<SystemTime>,
         keys: &[SecretKey],
     ) -> Result<Envelope, TrustError> {
-        Envelope::sign(KIND, version, expires, body, keys)
+        Envelope::sign(KIND, version, None, body, keys)
     }
 
     /// Accepts a keyring by placement (it came from the read-only rootfs),
     /// after checking that it is well formed and signed by a threshold of
     /// its own root keys.
-    pub fn anchor(envelope: Envelope, now: SystemTime) -> Result<Keyring, TrustError> {
+    pub fn anchor(envelope: Envelope) -> Result<Keyring, TrustError> {
         let signed: Signed<KeyringBody> = serde_json::from_str(&envelope.signed)
             .map_err(|e| TrustError::malformed("keyring", e))?;
         let keyring = Self::from_signed(envelope, signed)?;
         keyring.check_signatures(&keyring.envelope, KIND, Role::Root)?;
-        keyring.verify::<KeyringBody>(&keyring.envelope, KIND, Role::Root, now)?;
+        keyring.verify_signed::<KeyringBody>(&keyring.envelope, KIND, Role::Root)?;
         Ok(keyring)
     }
 
     /// Loads `dir/keyring.json` as the trust anchor.
-    pub fn load_dir(dir: &Path, now: SystemTime) -> Result<Keyring, TrustError> {
+    pub fn load_dir(dir: &Path) -> Result<Keyring, TrustError> {
         let path = dir.join(KEYRING_FILE);
         let bytes = std::fs::read(&path).map_err(|source| TrustError::Read {
             path: path.clone(),
             source,
         })?;
-        Self::anchor(Envelope::from_bytes("keyring", &bytes)?, now).map_err(|e| match e {
+        Self::anchor(Envelope::from_bytes("keyring", &bytes)?).map_err(|e| match e {
             TrustError::Malformed { detail, .. } => {
                 TrustError::malformed(path.display().to_string(), detail)
             }
@@ -187,6 +188,20 @@ impl Keyring {
         role: Role,
         now: SystemTime,
     ) -> Result<Signed<T>, TrustError> {
+        let signed = self.verify_signed::<T>(envelope, kind, role)?;
+        signed.expired(now)?;
+        Ok(signed)
+    }
+
+    /// [`Keyring::verify`] without the expiry: for keyrings, which never
+    /// expire (an expiry an earlier signer put in one is not enforced, so
+    /// a box holding such a keyring is never locked out by its clock).
+    fn verify_signed<T: DeserializeOwned>(
+        &self,
+        envelope: &Envelope,
+        kind: &str,
+        role: Role,
+    ) -> Result<Signed<T>, TrustError> {
         self.check_signatures(envelope, kind, role)?;
         let signed: Signed<T> = serde_json::from_str(&envelope.signed)
             .map_err(|e| TrustError::malformed(format!("{kind} metadata"), e))?;
@@ -196,7 +211,6 @@ impl Keyring {
                 found: signed.kind,
             });
         }
-        signed.expired(now)?;
         Ok(signed)
     }
 
@@ -237,8 +251,8 @@ impl Keyring {
     /// Accepts the next keyring: it must be newer, signed by a threshold of
     /// this keyring's root keys (the chain) and by a threshold of its own
     /// root keys (its new owners agree).
-    pub fn rotate(&self, next: Envelope, now: SystemTime) -> Result<Keyring, TrustError> {
-        let signed: Signed<KeyringBody> = self.verify(&next, KIND, Role::Root, now)?;
+    pub fn rotate(&self, next: Envelope) -> Result<Keyring, TrustError> {
+        let signed: Signed<KeyringBody> = self.verify_signed(&next, KIND, Role::Root)?;
         if signed.version <= self.version {
             return Err(TrustError::Downgrade {
                 what: "keyring".into(),
@@ -277,7 +291,7 @@ mod tests {
             &BTreeMap::from([(Role::Models, th)]),
         )
         .unwrap();
-        Keyring::create(body, version.parse().unwrap(), None, sign).unwrap()
+        Keyring::create(body, version.parse().unwrap(), sign).unwrap()
     }
 
     fn now() -> SystemTime {
@@ -287,7 +301,7 @@ mod tests {
     #[test]
     fn metadata_needs_threshold_of_role_keys() {
         let (r, m1, m2, other) = (key(1), key(2), key(3), key(4));
-        let kr = Keyring::anchor(ring(&[&r], &[&m1, &m2], 2, "1", &[key(1)]), now()).unwrap();
+        let kr = Keyring::anchor(ring(&[&r], &[&m1, &m2], 2, "1", &[key(1)])).unwrap();
         let one = Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2)]).unwrap();
         let err = kr
             .verify::<u32>(&one, "catalog", Role::Models, now())
@@ -346,7 +360,7 @@ mod tests {
     #[test]
     fn tampered_text_and_wrong_kind_are_refused() {
         let r = key(1);
-        let kr = Keyring::anchor(ring(&[&r], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
+        let kr = Keyring::anchor(ring(&[&r], &[&key(2)], 1, "1", &[key(1)])).unwrap();
         let mut env =
             Envelope::sign("catalog", "1".parse().unwrap(), None, 5u32, &[key(2)]).unwrap();
         assert!(kr
@@ -361,7 +375,7 @@ mod tests {
 
     #[test]
     fn expired_metadata_is_refused() {
-        let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
+        let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)])).unwrap();
         let past = now() - std::time::Duration::from_secs(10);
         let env =
             Envelope::sign("catalog", "1".parse().unwrap(), Some(past), 5u32, &[key(2)]).unwrap();
@@ -373,30 +387,24 @@ mod tests {
 
     #[test]
     fn rotation_needs_old_and_new_root_threshold() {
-        let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)]), now()).unwrap();
+        let kr = Keyring::anchor(ring(&[&key(1)], &[&key(2)], 1, "1", &[key(1)])).unwrap();
         // New root key 9 signs alone: not chained to the current root.
         let alone = ring(&[&key(9)], &[&key(8)], 1, "2", &[key(9)]);
         assert!(matches!(
-            kr.rotate(alone, now()),
+            kr.rotate(alone),
             Err(TrustError::Threshold { .. })
         ));
         // Old root signs but the new root does not agree.
         let unagreed = ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1)]);
         assert!(matches!(
-            kr.rotate(unagreed, now()),
+            kr.rotate(unagreed),
             Err(TrustError::Threshold { .. })
         ));
         // Both sign, but the version does not move forward.
         let same = ring(&[&key(9)], &[&key(8)], 1, "1", &[key(1), key(9)]);
-        assert!(matches!(
-            kr.rotate(same, now()),
-            Err(TrustError::Downgrade { .. })
-        ));
+        assert!(matches!(kr.rotate(same), Err(TrustError::Downgrade { .. })));
         let next = kr
-            .rotate(
-                ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1), key(9)]),
-                now(),
-            )
+            .rotate(ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1), key(9)]))
             .unwrap();
         let by_new = Envelope::sign("catalog", "1".parse().unwrap(), None, 1u8, &[key(8)]).unwrap();
         assert!(next
@@ -407,11 +415,39 @@ mod tests {
             .is_err());
     }
 
+    /// A keyring that an earlier signer gave an expiry still anchors and
+    /// rotates once that date is past: a box is never locked out of its
+    /// own root by the calendar or a wrong clock.
+    #[test]
+    fn keyrings_never_expire() {
+        let body = KeyringBody::new(
+            &[
+                (Role::Root, vec![key(1).public().clone()]),
+                (Role::Models, vec![key(2).public().clone()]),
+                (Role::Updates, vec![key(2).public().clone()]),
+            ],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let past = now() - std::time::Duration::from_secs(365 * 86400);
+        let old = Envelope::sign(KIND, "1".parse().unwrap(), Some(past), body, &[key(1)]).unwrap();
+        let kr = Keyring::anchor(old).unwrap();
+        let next = kr
+            .rotate(ring(&[&key(9)], &[&key(8)], 1, "2", &[key(1), key(9)]))
+            .unwrap();
+        assert_eq!(next.version().to_string(), "2");
+        assert!(
+            next.envelope().signed.contains("\"expires\":null"),
+            "{}",
+            next.envelope().signed
+        );
+    }
+
     #[test]
     fn anchor_must_be_self_signed() {
         let env = ring(&[&key(1)], &[&key(2)], 1, "1", &[key(2)]);
         assert!(matches!(
-            Keyring::anchor(env, now()),
+            Keyring::anchor(env),
             Err(TrustError::Threshold { .. })
         ));
     }

@@ -337,7 +337,7 @@ async fn load_one(
         let env = Envelope::from_bytes("keyring", &bytes)?;
         let offered = env.peek::<serde_json::Value>()?.version;
         if offered > *keyring.version() {
-            *keyring = floors.rotate(keyring, env, now)?;
+            *keyring = floors.rotate(keyring, env)?;
             tracing::info!(version = %keyring.version(), "keyring rotated");
         }
     }

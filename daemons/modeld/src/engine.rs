@@ -121,9 +121,8 @@ impl Engine {
             .iter()
             .map(|s| Source::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let now = SystemTime::now();
-        let keyring = Keyring::load_dir(&cfg.keyring_dir, now)
-            .and_then(|base| store.floors().current_keyring(base, now));
+        let keyring = Keyring::load_dir(&cfg.keyring_dir)
+            .and_then(|base| store.floors().current_keyring(base));
         let (keyring, problem) = match keyring {
             Ok(k) => (Some(k), None),
             Err(e) => {

@@ -94,7 +94,7 @@ impl Engine {
             },
         };
         let state = State::open(&cfg.state_dir)?;
-        let base_keyring = Keyring::load_dir(&cfg.keyring_dir, SystemTime::now()).map_err(Arc::new);
+        let base_keyring = Keyring::load_dir(&cfg.keyring_dir).map_err(Arc::new);
         let booted = match std::fs::read_to_string(&cfg.cmdline) {
             Ok(text) => crate::slots::booted_from_cmdline(&text)
                 .filter(|s| system.slots.contains_key(s))
@@ -219,11 +219,8 @@ impl Engine {
             .base_keyring
             .clone()
             .map_err(|e| UpdateError::InvalidArgument(format!("no trusted keyring: {e}")))?;
-        let now = SystemTime::now();
         let floors = self.state.floors();
-        let current = floors
-            .current_keyring(base, now)
-            .map_err(UpdateError::Keyring)?;
+        let current = floors.current_keyring(base).map_err(UpdateError::Keyring)?;
         let path = &self.cfg.rotated_keyring;
         let offered = match read_rotated_keyring(path) {
             Ok(Some(env)) => env,
@@ -239,7 +236,7 @@ impl Engine {
         if !newer {
             return Ok(current);
         }
-        match floors.rotate(&current, offered, now) {
+        match floors.rotate(&current, offered) {
             Ok(k) => {
                 tracing::info!(version = %k.version(), "keyring rotated from {}", path.display());
                 Ok(k)
