@@ -66,6 +66,30 @@ bench: deps
     image/build.sh
     cargo bench -p pocket-tests --bench boot
 
+# Every fuzz target (crates/pocket-fuzz) under libFuzzer for SECS seconds
+# each: cargo-fuzz on the nightly toolchain, from the seeds the stable run
+# (tests/tests/fuzz_parsers.rs) leaves in target/fuzz-seeds. Without a
+# nightly toolchain, the stable run alone, for SECS seconds per target.
+fuzz SECS="60":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+        echo "no nightly toolchain: the targets run as bounded random tests on stable"
+        POCKET_FUZZ_SECS={{SECS}} cargo test -p pocket-tests --test fuzz_parsers -- --nocapture
+        exit 0
+    fi
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz@0.13.2
+    POCKET_FUZZ_SECS=1 cargo test -p pocket-tests --test fuzz_parsers
+    root=$PWD
+    cd fuzz
+    for target in $(cargo +nightly fuzz list); do
+        corpus=$root/target/fuzz-corpus/$target
+        mkdir -p "$corpus" "$root/target/fuzz-artifacts"
+        cargo +nightly fuzz run -O "$target" "$corpus" "$root/target/fuzz-seeds/$target" -- \
+            -max_total_time={{SECS}} -rss_limit_mb=2048 -print_final_stats=1 \
+            -artifact_prefix="$root/target/fuzz-artifacts/$target-"
+    done
+
 # Turn a llama-architecture GGUF file into an onnxruntime-genai folder that
 # `pocket-publish model pack --dir` accepts (LAYOUT: int4 or fp32).
 import-gguf FILE OUTDIR LAYOUT="int4":

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 fn world(npud_extra: &str) -> World {
     let mut w = World::start();
     let fx = onnx_fixtures();
-    for m in ["wide", "typed", "scaled", "doubled", "gathered"] {
+    for m in ["wide", "typed", "scaled", "doubled", "gathered", "named"] {
         w.publisher.pack(
             &w.packs,
             m,
@@ -34,6 +34,7 @@ fn world(npud_extra: &str) -> World {
         "scaled",
         "doubled",
         "gathered",
+        "named",
     ] {
         w.ctl(&["model", "install", m]).ok();
     }
@@ -941,5 +942,45 @@ fn npud_serves_only_the_bus_and_closes_what_callers_send() {
     );
     w.ctl(&["runtime", "unload", "mlp"]).ok();
     w.ctl(&["runtime", "load", "mlp"]).ok();
+    run_mlp(&w).ok();
+}
+
+/// A model input of a type npud cannot carry (a string) is reported as
+/// `unsupported`; a caller naming that type for it gets a clear error, and
+/// npud keeps serving. (Before, the size lookup behind the type check
+/// panicked: found by the `tensor_request` fuzz target.)
+#[test]
+fn an_input_of_a_type_npud_cannot_carry_is_refused_not_a_crash() {
+    let w = world("");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let conn = w.bus.connect().await;
+        let npu = pocket_proto::runtime::Runtime1Proxy::new(&conn)
+            .await
+            .unwrap();
+        npu.load("named", "").await.unwrap();
+        let loaded = npu.loaded().await.unwrap();
+        let spec = loaded.iter().find(|m| m.name == "named").unwrap();
+        assert_eq!(spec.inputs[0].dtype, "unsupported", "{spec:?}");
+        for _ in 0..3 {
+            let inputs = HashMap::from([(
+                "names".to_string(),
+                pocket_proto::runtime::Tensor {
+                    dtype: "unsupported".into(),
+                    shape: vec![1],
+                    data: vec![0; 8],
+                },
+            )]);
+            let e = tokio::time::timeout(Duration::from_secs(10), npu.infer("named", inputs))
+                .await
+                .expect("npud answers")
+                .unwrap_err();
+            assert!(
+                e.to_string()
+                    .contains("inputs of type unsupported cannot be given"),
+                "{e}"
+            );
+        }
+    });
     run_mlp(&w).ok();
 }

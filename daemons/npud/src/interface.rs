@@ -244,35 +244,13 @@ impl RuntimeIface {
         // Check every input against the model before a byte is read, so a
         // request cannot make npud allocate more than the model takes.
         let model = self.ensure_loaded(name, "").await?;
-        for (n, r) in &inputs {
-            let spec = model.inputs.iter().find(|s| &s.name == n).ok_or_else(|| {
-                Error::InvalidArgument(format!("model {name:?} has no input {n:?}"))
-            })?;
-            crate::tensor::check(spec, &r.dtype, &r.shape, r.len as usize)?;
-        }
-        let needed = inputs
-            .values()
-            .map(|r| r.offset.saturating_add(r.len))
-            .max()
-            .unwrap_or(0);
-        if needed > size {
-            let (n, r) = (inputs.iter())
-                .find(|(_, r)| r.offset.saturating_add(r.len) > size)
-                .expect("one input ends past the file");
-            return Err(Error::InvalidArgument(format!(
-                "input {n:?}: bytes {}..+{} lie outside the file ({size} bytes)",
-                r.offset, r.len
-            )));
-        }
-        let limit = self.rt.request_limit();
-        // Saturating: lengths near 2^64 (a sparse file can be that large)
-        // must not wrap around to a small total.
-        let total = inputs.values().fold(0u64, |t, r| t.saturating_add(r.len));
-        if total > limit {
-            return Err(Error::InvalidArgument(format!(
-                "the inputs take {total} bytes, over npud's limit of {limit} (max_request_mb)"
-            )));
-        }
+        let total = crate::tensor::check_requests(
+            name,
+            &model.inputs,
+            &inputs,
+            size,
+            self.rt.request_limit(),
+        )?;
         // The caller can write its file at any time: its inputs are copied
         // out, once the model's turn has come, and ONNX Runtime reads only
         // the copies. Nothing of the file is mapped, and it never grows.

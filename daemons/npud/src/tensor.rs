@@ -76,7 +76,11 @@ pub fn check(
     if !shape_ok {
         return bad(format!("expected shape {:?}, got {:?}", spec.shape, shape));
     }
-    let size = dtype_size(dtype).expect("dtype checked against the model");
+    // A model input of a type npud cannot carry (strings, say) is named
+    // "unsupported": a caller naming that type too must not get further.
+    let Some(size) = dtype_size(dtype) else {
+        return bad(format!("inputs of type {dtype} cannot be given"));
+    };
     let needed = shape
         .iter()
         .try_fold(size, |acc, d| acc.checked_mul(*d as usize));
@@ -87,6 +91,47 @@ pub fn check(
         )),
         None => bad(format!("shape {shape:?} is too large")),
     }
+}
+
+/// Checks an `InferFd` request before a byte of its file is read: every
+/// input is one of the model's, of its type and shape, with as many bytes
+/// as that shape takes; every span lies inside the file (`file_size`);
+/// and all of them together take at most `limit` bytes. Returns that total.
+pub fn check_requests(
+    model: &str,
+    specs: &[TensorSpec],
+    inputs: &std::collections::HashMap<String, pocket_proto::runtime::TensorRef>,
+    file_size: u64,
+    limit: u64,
+) -> Result<u64, RuntimeError> {
+    for (n, r) in inputs {
+        let spec = specs.iter().find(|s| &s.name == n).ok_or_else(|| {
+            RuntimeError::InvalidInput(format!("model {model:?} has no input {n:?}"))
+        })?;
+        let len = usize::try_from(r.len).map_err(|_| {
+            RuntimeError::InvalidInput(format!("input {n:?}: {} bytes is too large", r.len))
+        })?;
+        check(spec, &r.dtype, &r.shape, len)?;
+    }
+    if let Some((n, r)) = inputs.iter().find(|(_, r)| {
+        r.offset
+            .checked_add(r.len)
+            .is_none_or(|end| end > file_size)
+    }) {
+        return Err(RuntimeError::InvalidInput(format!(
+            "input {n:?}: bytes {}..+{} lie outside the file ({file_size} bytes)",
+            r.offset, r.len
+        )));
+    }
+    // Saturating: lengths near 2^64 (a sparse file can be that large) must
+    // not wrap around to a small total.
+    let total = inputs.values().fold(0u64, |t, r| t.saturating_add(r.len));
+    if total > limit {
+        return Err(RuntimeError::InvalidInput(format!(
+            "the inputs take {total} bytes, over npud's limit of {limit} (max_request_mb)"
+        )));
+    }
+    Ok(total)
 }
 
 macro_rules! from_le {

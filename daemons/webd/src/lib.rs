@@ -14,6 +14,7 @@ mod events;
 mod net;
 mod serve;
 
+pub use api::parse_request_bodies;
 pub use net::is_local_peer;
 
 use serde::Deserialize;

@@ -445,6 +445,18 @@ where
     }
 }
 
+/// Parses `data` as every JSON body the API takes, as a request would,
+/// and makes npud's requests of the LLM ones, answering nothing: what a
+/// LAN peer's bytes reach before any daemon is asked. Errors are the
+/// expected outcome; a panic is a bug (the fuzz target for webd).
+#[doc(hidden)]
+pub fn parse_request_bodies(data: &[u8]) {
+    let bytes = Bytes::copy_from_slice(data);
+    openai::parse_bodies(&bytes);
+    ollama::parse_bodies(&bytes);
+    session::parse_bodies(&bytes);
+}
+
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad_request(format!("bad request body: {e}")))

@@ -259,26 +259,32 @@ pub(super) async fn chat(
         // Ollama loads (or unloads) the model for an empty conversation.
         return load_only(&app, &model, &req.common, Kind::Chat).await;
     }
+    let g = chat_request(&req)?;
+    answer(app, Kind::Chat, model, &req.common, g).await
+}
+
+/// The npud request for a chat with messages; a 400 for what the box does
+/// not do.
+fn chat_request(req: &ChatRequest) -> ApiResult<GenerateRequest> {
     let mut messages = Vec::with_capacity(req.messages.len());
-    for m in req.messages {
+    for m in &req.messages {
         if m.images.as_ref().is_some_and(|i| !i.is_empty()) {
-            return Err(ApiError::bad_request("images are not supported").into());
+            return Err(ApiError::bad_request("images are not supported"));
         }
         if !["system", "user", "assistant"].contains(&m.role.as_str()) {
             return Err(ApiError::bad_request(format!(
                 "messages with role {:?} are not supported (system, user, assistant)",
                 m.role
-            ))
-            .into());
+            )));
         }
         messages.push(Message {
-            role: m.role,
-            content: m.content,
+            role: m.role.clone(),
+            content: m.content.clone(),
         });
     }
     let mut g = req.common.request()?;
     g.messages = Some(messages);
-    answer(app, Kind::Chat, model, &req.common, g).await
+    Ok(g)
 }
 
 pub(super) async fn generate(
@@ -286,45 +292,67 @@ pub(super) async fn generate(
     ApiJson(req, _): ApiJson<GenerateBody, OllamaError>,
 ) -> OllamaResult<Response> {
     let model = llm::model_name(&req.common.model).to_string();
+    unsupported_generate(&req)?;
+    if req.prompt.is_empty() {
+        return load_only(&app, &model, &req.common, Kind::Generate).await;
+    }
+    let g = generate_request(&req)?;
+    answer(app, Kind::Generate, model, &req.common, g).await
+}
+
+/// What `/api/generate` refuses whatever the prompt.
+fn unsupported_generate(req: &GenerateBody) -> ApiResult<()> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad_request("suffix is not supported").into());
+        return Err(ApiError::bad_request("suffix is not supported"));
     }
     if req.template.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request(
             "template is not supported: the model's own chat template is used",
-        )
-        .into());
+        ));
     }
     if req.images.as_ref().is_some_and(|i| !i.is_empty()) {
-        return Err(ApiError::bad_request("images are not supported").into());
+        return Err(ApiError::bad_request("images are not supported"));
     }
-    if req.prompt.is_empty() {
-        return load_only(&app, &model, &req.common, Kind::Generate).await;
-    }
+    Ok(())
+}
+
+/// The npud request for a prompt.
+fn generate_request(req: &GenerateBody) -> ApiResult<GenerateRequest> {
     let mut g = req.common.request()?;
-    match (req.raw, req.system) {
-        (true, Some(_)) => {
-            return Err(ApiError::bad_request("system cannot be used with raw").into())
-        }
+    match (req.raw, &req.system) {
+        (true, Some(_)) => return Err(ApiError::bad_request("system cannot be used with raw")),
         (true, None) => {
-            g.prompt = Some(req.prompt);
+            g.prompt = Some(req.prompt.clone());
             g.raw = true;
         }
         (false, Some(system)) => {
             g.messages = Some(vec![
                 Message {
                     role: "system".into(),
-                    content: system,
+                    content: system.clone(),
                 },
                 Message {
                     role: "user".into(),
-                    content: req.prompt,
+                    content: req.prompt.clone(),
                 },
             ])
         }
-        (false, None) => g.prompt = Some(req.prompt),
+        (false, None) => g.prompt = Some(req.prompt.clone()),
     }
-    answer(app, Kind::Generate, model, &req.common, g).await
+    Ok(g)
+}
+
+/// What the Ollama surface makes of a request body, without answering it
+/// (the fuzz target's view).
+pub(super) fn parse_bodies(bytes: &Bytes) {
+    if let Ok(req) = body::<ChatRequest>(bytes) {
+        let _ = chat_request(&req);
+    }
+    if let Ok(req) = body::<GenerateBody>(bytes) {
+        let _ = unsupported_generate(&req).and_then(|()| generate_request(&req));
+    }
+    let _ = body::<PullRequest>(bytes);
+    let _ = body::<ModelRef>(bytes);
 }
 
 /// A request with nothing to answer: loads the model, or unloads it when

@@ -287,8 +287,15 @@ pub(super) async fn chat_completions(
     State(app): AppState,
     ApiJson(req, _): ApiJson<ChatRequest, OpenAiError>,
 ) -> OpenAiResult<Response> {
+    let (model, stream, usage, g) = chat_request(req)?;
+    answer(app, Kind::Chat, model, stream, usage, g).await
+}
+
+/// The npud request for a chat completion: model, stream, include_usage
+/// and the generation; a 400 for what the box does not do.
+fn chat_request(req: ChatRequest) -> ApiResult<(String, bool, bool, GenerateRequest)> {
     if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages is empty").into());
+        return Err(ApiError::bad_request("messages is empty"));
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in req.messages {
@@ -299,8 +306,7 @@ pub(super) async fn chat_completions(
             other => {
                 return Err(ApiError::bad_request(format!(
                     "messages with role {other:?} are not supported (system, user, assistant)"
-                ))
-                .into())
+                )))
             }
         };
         let content = match m.content {
@@ -314,18 +320,24 @@ pub(super) async fn chat_completions(
     }
     let (model, stream, usage, mut g) = req.common.request()?;
     g.messages = Some(messages);
-    answer(app, Kind::Chat, model, stream, usage, g).await
+    Ok((model, stream, usage, g))
 }
 
 pub(super) async fn completions(
     State(app): AppState,
     ApiJson(req, _): ApiJson<CompletionRequest, OpenAiError>,
 ) -> OpenAiResult<Response> {
+    let (model, stream, usage, g) = completion_request(req)?;
+    answer(app, Kind::Text, model, stream, usage, g).await
+}
+
+/// The npud request for a plain completion.
+fn completion_request(req: CompletionRequest) -> ApiResult<(String, bool, bool, GenerateRequest)> {
     if req.echo {
-        return Err(ApiError::bad_request("echo is not supported").into());
+        return Err(ApiError::bad_request("echo is not supported"));
     }
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::bad_request("suffix is not supported").into());
+        return Err(ApiError::bad_request("suffix is not supported"));
     }
     let prompt = match req.prompt {
         Prompt::One(p) => p,
@@ -333,14 +345,24 @@ pub(super) async fn completions(
         Prompt::Many(_) => {
             return Err(ApiError::bad_request(
                 "prompt must be one string: one completion per request",
-            )
-            .into())
+            ))
         }
     };
     let (model, stream, usage, mut g) = req.common.request()?;
     g.prompt = Some(prompt);
     g.raw = true;
-    answer(app, Kind::Text, model, stream, usage, g).await
+    Ok((model, stream, usage, g))
+}
+
+/// What the OpenAI surface makes of a request body, without answering it
+/// (the fuzz target's view).
+pub(super) fn parse_bodies(bytes: &Bytes) {
+    if let Ok(req) = body::<ChatRequest>(bytes) {
+        let _ = chat_request(req);
+    }
+    if let Ok(req) = body::<CompletionRequest>(bytes) {
+        let _ = completion_request(req);
+    }
 }
 
 async fn answer(

@@ -18,6 +18,13 @@ struct Setup {
     setup_code: Option<String>,
 }
 
+/// The session bodies, parsed as a request would be (the fuzz target's
+/// view).
+pub(super) fn parse_bodies(bytes: &Bytes) {
+    let _ = body::<Password>(bytes);
+    let _ = body::<Setup>(bytes);
+}
+
 pub(super) async fn session(
     State(app): AppState,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
