@@ -537,3 +537,53 @@ fn a_full_box_says_busy_and_a_client_that_leaves_frees_its_sequence() {
         assert_eq!(status, 200, "{body}");
     }
 }
+
+/// `/health` tells a load balancer or a client's readiness probe what it
+/// needs: 503 `loading` (naming the model) while a request waits for its
+/// model to load, 200 `ok` once it is loaded, and 503 `unavailable` while
+/// npud is not running.
+#[test]
+fn health_says_loading_while_a_model_loads_and_unavailable_without_npud() {
+    let (mut w, api, _) = world("");
+    let c = http();
+    let h = c.get(format!("{api}/health")).send().unwrap();
+    assert_eq!(h.status(), 200);
+    let chat = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            http()
+                .post(format!("{api}/v1/chat/completions"))
+                .json(&json!({
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 4,
+                }))
+                .send()
+                .unwrap()
+                .status()
+        })
+    };
+    let mut seen = Vec::new();
+    while !chat.is_finished() {
+        let r = c.get(format!("{api}/health")).send().unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().unwrap();
+        if seen.last() != Some(&(status, body.clone())) {
+            seen.push((status, body));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(chat.join().unwrap(), 200);
+    assert!(
+        seen.contains(&(503, json!({"status": "loading", "loading": [MODEL]}))),
+        "{seen:?}"
+    );
+    let r = c.get(format!("{api}/health")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap(), json!({"status": "ok"}));
+
+    w.npud.as_mut().unwrap().kill9();
+    let r = c.get(format!("{api}/health")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().unwrap()["status"], "unavailable");
+}
