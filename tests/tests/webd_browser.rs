@@ -65,6 +65,8 @@ fn a_person_installs_runs_and_switches_power_in_the_browser() {
     };
 
     assert_eq!(text("login_title"), "Set the admin password");
+    // On the box itself the page asks for no setup code.
+    assert_eq!(seen["setup_code_asked"], false, "{seen:#}");
     assert_eq!(text("who"), "admin");
     assert_eq!(text("fits"), "yes");
     // Progress showed bytes moving before the end.
