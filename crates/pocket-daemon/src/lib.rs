@@ -3,6 +3,7 @@
 //! SIGTERM or Ctrl-C.
 
 pub mod access;
+pub mod files;
 mod user;
 
 pub use user::{run_as, RunAsError};

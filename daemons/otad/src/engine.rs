@@ -47,29 +47,16 @@ const KEYRING_LIMIT: u64 = 16 << 20;
 /// symbolic link, at most [`KEYRING_LIMIT`] bytes (modeld's user owns the
 /// directory; otad is root). `None` when there is none.
 fn read_rotated_keyring(path: &std::path::Path) -> std::io::Result<Option<pocket_trust::Envelope>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    if path.as_os_str().is_empty() {
+    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(None);
-    }
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
-        .open(path)
-    {
+    };
+    let file = match pocket_daemon::files::open_regular(dir, &name.to_string_lossy()) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
-    if !file.metadata()?.is_file() {
-        return Err(invalid("not a regular file".into()));
-    }
-    let mut bytes = Vec::new();
-    file.take(KEYRING_LIMIT + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > KEYRING_LIMIT {
-        return Err(invalid(format!("larger than {KEYRING_LIMIT} bytes")));
-    }
+    let bytes = pocket_daemon::files::read_capped(file, KEYRING_LIMIT)?;
     pocket_trust::Envelope::from_bytes("rotated keyring", &bytes)
         .map(Some)
         .map_err(|e| invalid(e.to_string()))
