@@ -48,6 +48,16 @@ impl Reply {
     }
 }
 
+/// The first-boot setup code that webd printed on `console`.
+pub fn setup_code(console: &str) -> String {
+    console
+        .split("PocketOS setup code: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no setup code on the console: {console:?}"))
+        .to_string()
+}
+
 impl Dash {
     pub fn new(base: &str) -> Dash {
         Self::with_client(base, reqwest::blocking::Client::builder())

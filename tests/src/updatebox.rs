@@ -389,6 +389,28 @@ impl Publisher {
         }
     }
 
+    /// A bundle for the test device (1 MiB rootfs, 64 KiB chunks) signed
+    /// by `keys`, expiring at `expires` or never.
+    pub fn bundle_signed(
+        &self,
+        dir: &Path,
+        version: &str,
+        keys: &[PathBuf],
+        expires: Option<&str>,
+    ) -> PathBuf {
+        self.bundle_with(
+            dir,
+            version,
+            1 << 20,
+            COMPATIBLE,
+            1,
+            64 << 10,
+            keys,
+            expires,
+        )
+        .bundle
+    }
+
     /// A valid bundle for the test device: 4 MiB rootfs, 64 KiB chunks.
     pub fn bundle(&self, dir: &Path, version: &str) -> BundleFiles {
         self.bundle_with(

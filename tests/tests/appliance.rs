@@ -138,13 +138,7 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     // for a finished job).
     // The browser is another computer to the box: setting the first
     // password needs the setup code that the box printed on its console.
-    let console = app.console();
-    let code = console
-        .split("PocketOS setup code: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no setup code on the serial console"))
-        .to_string();
+    let code = setup_code(&app.console());
     h.http.throttle(2 << 10);
     let seen = browse(
         &format!("http://localhost:{dashboard}"),

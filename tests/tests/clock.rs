@@ -6,20 +6,6 @@
 
 use pocket_tests::*;
 
-fn without_expiry(p: &Publisher, dir: &std::path::Path, version: &str) -> std::path::PathBuf {
-    p.bundle_with(
-        dir,
-        version,
-        1 << 20,
-        COMPATIBLE,
-        1,
-        64 << 10,
-        std::slice::from_ref(&p.updates_key),
-        None,
-    )
-    .bundle
-}
-
 #[test]
 fn a_year_early_or_late_the_box_installs_or_says_the_clock_may_be_wrong() {
     let mut w = World::start();
@@ -59,12 +45,17 @@ fn a_year_early_or_late_the_box_installs_or_says_the_clock_may_be_wrong() {
     out.fails_with("update-bundle metadata expired at");
     out.fails_with("if the clock is wrong, set it and try again");
     assert_eq!(b.primary().as_deref(), Some("A"));
-    let lasting = without_expiry(&w.publisher, &t.join("lasting"), "2.1");
+    let updates = std::slice::from_ref(&w.publisher.updates_key);
+    let lasting = w
+        .publisher
+        .bundle_signed(&t.join("lasting"), "2.1", updates, None);
     b.ctl(&w.bus, &["update", "install", lasting.to_str().unwrap()])
         .ok();
     assert_eq!(b.primary().as_deref(), Some("B"));
     b.otad().restart_with_clock(&w.bus, Some("-365d"));
-    let next = without_expiry(&w.publisher, &t.join("next"), "2.2");
+    let next = w
+        .publisher
+        .bundle_signed(&t.join("next"), "2.2", updates, None);
     b.ctl(&w.bus, &["update", "install", next.to_str().unwrap()])
         .ok();
     // The clock set right: the bundle refused a year late installs now.

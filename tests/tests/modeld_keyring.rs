@@ -2,6 +2,14 @@
 
 use pocket_tests::*;
 
+/// Puts the keyring in `dir` on the catalog site, with the catalog signed
+/// anew (version 2) by `models_key`.
+fn offer_keyring(w: &World, dir: &std::path::Path, models_key: &std::path::Path) {
+    std::fs::copy(dir.join("keyring.json"), w.site.join("keyring.json")).unwrap();
+    w.publisher
+        .catalog_with(&w.packs, &w.site, "2", "30d", &[models_key.to_path_buf()]);
+}
+
 #[test]
 fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
     let mut w = World::start();
@@ -26,14 +34,7 @@ fn keyring_rotation_from_a_catalog_source_is_chained_and_persists() {
     // Signed only by the new root: not chained to the box's root, refused.
     let unchained = w.tmp.path().join("unchained");
     rotate(vec![new_root.clone()], "2", &unchained).unwrap();
-    std::fs::copy(unchained.join("keyring.json"), w.site.join("keyring.json")).unwrap();
-    w.publisher.catalog_with(
-        &w.packs,
-        &w.site,
-        "2",
-        "30d",
-        std::slice::from_ref(&new_models),
-    );
+    offer_keyring(&w, &unchained, &new_models);
     w.ctl(&["model", "install", "mlp"])
         .fails_with("keyring metadata is signed by 0 trusted root key(s)");
     w.assert_nothing_installed();
@@ -109,14 +110,7 @@ fn a_rotation_that_revokes_an_updates_key_reaches_otad() {
         &rotated,
     )
     .unwrap();
-    std::fs::copy(rotated.join("keyring.json"), w.site.join("keyring.json")).unwrap();
-    w.publisher.catalog_with(
-        &w.packs,
-        &w.site,
-        "2",
-        "30d",
-        std::slice::from_ref(&new_models),
-    );
+    offer_keyring(&w, &rotated, &new_models);
 
     let mut b = UpdateBox::new(
         &w.tmp.path().join("box"),
@@ -131,17 +125,7 @@ fn a_rotation_that_revokes_an_updates_key_reaches_otad() {
     assert_eq!(b.wait_health(&w.bus), "good");
     let bundle = |dir: &str, key: &std::path::Path| {
         w.publisher
-            .bundle_with(
-                &w.tmp.path().join(dir),
-                "2.0",
-                1 << 20,
-                COMPATIBLE,
-                1,
-                64 << 10,
-                &[key.to_path_buf()],
-                None,
-            )
-            .bundle
+            .bundle_signed(&w.tmp.path().join(dir), "2.0", &[key.to_path_buf()], None)
     };
     let old_signed = bundle("old-key", &w.publisher.updates_key);
     let new_signed = bundle("new-key", &new_updates);
@@ -163,19 +147,12 @@ fn a_rotation_that_revokes_an_updates_key_reaches_otad() {
     std::fs::write(w.data.join("keyring.json"), b"{ not a keyring").unwrap();
     b.boot(&w.bus);
     b.wait_health(&w.bus);
-    let again = w
-        .publisher
-        .bundle_with(
-            &w.tmp.path().join("old-key-3"),
-            "3.0",
-            1 << 20,
-            COMPATIBLE,
-            1,
-            64 << 10,
-            std::slice::from_ref(&w.publisher.updates_key),
-            None,
-        )
-        .bundle;
+    let again = w.publisher.bundle_signed(
+        &w.tmp.path().join("old-key-3"),
+        "3.0",
+        std::slice::from_ref(&w.publisher.updates_key),
+        None,
+    );
     b.ctl(&w.bus, &["update", "install", again.to_str().unwrap()])
         .fails_with("signed by 0 trusted updates key(s)");
 }

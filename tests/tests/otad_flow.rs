@@ -29,6 +29,25 @@ fn booted_box(loader: Loader) -> (DevBus, tempfile::TempDir, Publisher, UpdateBo
     (bus, tmp, publisher, b)
 }
 
+/// Makes the next boot's health check wait up to `timeout_secs` for a
+/// service that never comes; returns otad's config as it was.
+fn wait_for_a_missing_service(b: &UpdateBox, timeout_secs: u64) -> String {
+    let cfg = std::fs::read_to_string(&b.otad_config).unwrap();
+    std::fs::write(
+        &b.otad_config,
+        cfg.replace(
+            "bus_names = [\"org.pocketos.Update1\"]",
+            "bus_names = [\"org.pocketos.Update1\", \"org.pocketos.Missing1\"]",
+        )
+        .replace(
+            "timeout_secs = 5",
+            &format!("timeout_secs = {timeout_secs}"),
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
 fn flow(loader: Loader) {
     let (bus, tmp, publisher, mut b) = booted_box(loader);
     let st = b.status(&bus);
@@ -87,16 +106,7 @@ fn flow(loader: Loader) {
     b.ctl(&bus, &["update", "install", v3.bundle.to_str().unwrap()])
         .ok();
     assert_eq!(b.primary().as_deref(), Some("A"));
-    let cfg = std::fs::read_to_string(&b.otad_config).unwrap();
-    std::fs::write(
-        &b.otad_config,
-        cfg.replace(
-            "bus_names = [\"org.pocketos.Update1\"]",
-            "bus_names = [\"org.pocketos.Update1\", \"org.pocketos.Missing1\"]",
-        )
-        .replace("timeout_secs = 5", "timeout_secs = 1"),
-    )
-    .unwrap();
+    let cfg = wait_for_a_missing_service(&b, 1);
     assert_eq!(b.boot(&bus), "A");
     let health = b.wait_health(&bus);
     assert!(
@@ -144,16 +154,7 @@ fn unconfirmed_slot_refuses_installs(loader: Loader) {
         .ok();
     // B's health check waits for a service that is not there yet: B runs,
     // unconfirmed, with tries left.
-    let cfg = std::fs::read_to_string(&b.otad_config).unwrap();
-    std::fs::write(
-        &b.otad_config,
-        cfg.replace(
-            "bus_names = [\"org.pocketos.Update1\"]",
-            "bus_names = [\"org.pocketos.Update1\", \"org.pocketos.Missing1\"]",
-        )
-        .replace("timeout_secs = 5", "timeout_secs = 120"),
-    )
-    .unwrap();
+    wait_for_a_missing_service(&b, 120);
     assert_eq!(b.boot(&bus), "B");
     let v3 = publisher.bundle(&tmp.path().join("v3"), "3.0");
     let mut bytes = std::fs::read(&v3.bundle).unwrap();

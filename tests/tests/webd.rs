@@ -767,13 +767,7 @@ fn half_sent_requests_and_open_streams_leave_the_page_answering() {
 #[test]
 fn setup_from_another_computer_needs_the_console_code() {
     let (w, _board, d) = world("");
-    let console = std::fs::read_to_string(w.webd_console()).unwrap();
-    let code = console
-        .split("PocketOS setup code: ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no setup code on the console: {console:?}"))
-        .to_string();
+    let code = setup_code(&std::fs::read_to_string(w.webd_console()).unwrap());
     let on_box = d.get("/api/session").ok();
     assert_eq!(on_box["setup_code_needed"], false, "{on_box}");
 

@@ -106,17 +106,22 @@ async fn write_upload(
     Ok(n)
 }
 
+/// Receives an upload and opens it for the daemon that reads it through
+/// the descriptor (until its job ends, a restart of webd included); the
+/// name goes now.
+async fn receive_open(app: &App, body: Body, ext: &str) -> ApiResult<std::fs::File> {
+    let upload = receive_upload(app, body, ext).await?;
+    let file = std::fs::File::open(&upload.path);
+    drop(upload);
+    file.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Io", e.to_string()))
+}
+
 pub(super) async fn upload_model(
     _a: Admin,
     State(app): AppState,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let upload = receive_upload(&app, body, "pack").await?;
-    let file = std::fs::File::open(&upload.path);
-    // modeld reads the pack through the descriptor; the name goes now.
-    drop(upload);
-    let file =
-        file.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Io", e.to_string()))?;
+    let file = receive_open(&app, body, "pack").await?;
     let job = modeld(&app)
         .await?
         .install_file(zbus::zvariant::Fd::from(&file))
@@ -131,13 +136,7 @@ pub(super) async fn upload_update(
     State(app): AppState,
     body: Body,
 ) -> ApiResult<Json<Value>> {
-    let upload = receive_upload(&app, body, "bundle").await?;
-    let file = std::fs::File::open(&upload.path);
-    // otad reads the bundle through the descriptor until its job ends, a
-    // restart of webd included; the name goes now.
-    drop(upload);
-    let file =
-        file.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Io", e.to_string()))?;
+    let file = receive_open(&app, body, "bundle").await?;
     let job = otad(&app)
         .await?
         .install_file(zbus::zvariant::Fd::from(&file))
