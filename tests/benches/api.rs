@@ -5,9 +5,8 @@
 //! - decode tokens/s, as the client sees it (tokens after the first over
 //!   the time from the first to the last).
 
-use pocket_proto::generate::Event;
 use pocket_proto::runtime::Runtime1Proxy;
-use pocket_tests::bench::{median, npud_client, smollm2_world};
+use pocket_tests::bench::{generate, median, npud_client, smollm2_world};
 use serde_json::{json, Value};
 use std::io::BufRead;
 use std::time::Instant;
@@ -25,29 +24,12 @@ struct Run {
 fn direct(rt: &tokio::runtime::Runtime, npud: &Runtime1Proxy<'_>) -> Run {
     let req = json!({"messages": [{"role": "user", "content": QUESTION}], "temperature": 0,
         "max_tokens": NEW, "stop": ["\u{0}"]});
-    let start = Instant::now();
-    let fd = rt
-        .block_on(npud.generate("smollm2", &req.to_string()))
-        .expect("Generate");
-    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
-    let mut first = None;
-    for line in std::io::BufReader::new(file).lines() {
-        match serde_json::from_str(&line.unwrap()).unwrap() {
-            Event::Text(t) if !t.text.is_empty() => {
-                first.get_or_insert_with(|| start.elapsed().as_secs_f64());
-            }
-            Event::Text(_) => {}
-            Event::Done(d) => {
-                let first = first.expect("text before the end");
-                let end = start.elapsed().as_secs_f64();
-                return Run {
-                    first,
-                    tps: (d.usage.completion_tokens - 1) as f64 / (end - first),
-                };
-            }
-        }
+    let g = generate(rt, npud, &req);
+    let first = g.first_text.expect("text before the end").as_secs_f64();
+    Run {
+        first,
+        tps: (g.done.usage.completion_tokens - 1) as f64 / (g.end.as_secs_f64() - first),
     }
-    panic!("no last event");
 }
 
 fn through_api(http: &reqwest::blocking::Client, api: &str) -> Run {

@@ -12,12 +12,11 @@
 //!   over the weight bytes each token reads);
 //! - peak RSS of npud and of the onnxruntime-genai process.
 
-use pocket_proto::generate::{DoneEvent, Event};
+use pocket_proto::generate::DoneEvent;
 use pocket_proto::runtime::Runtime1Proxy;
 use pocket_tests::bench::{median, npud_client, smollm2_world};
 use pocket_tests::*;
 use serde_json::{json, Value};
-use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,22 +30,8 @@ fn generate(
     npud: &Runtime1Proxy<'_>,
     req: &Value,
 ) -> (Duration, DoneEvent, String) {
-    let start = Instant::now();
-    let fd = rt
-        .block_on(npud.generate("smollm2", &req.to_string()))
-        .expect("Generate");
-    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
-    let mut first = None;
-    let mut text = String::new();
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line.unwrap();
-        first.get_or_insert_with(|| start.elapsed());
-        match serde_json::from_str(&line).unwrap() {
-            Event::Text(t) => text.push_str(&t.text),
-            Event::Done(d) => return (first.unwrap(), d, text),
-        }
-    }
-    panic!("no last event");
+    let g = pocket_tests::bench::generate(rt, npud, req);
+    (g.first_event, g.done, g.text)
 }
 
 /// The best of a few copies of a 256 MiB buffer, in GB/s (read + write).

@@ -51,6 +51,58 @@ pub fn smollm2_world(npud_extra: &str) -> crate::World {
     w
 }
 
+/// One `Generate` call read to its end, timed as the client sees it.
+#[derive(Debug)]
+pub struct Generated {
+    /// To the first event on the stream.
+    pub first_event: Duration,
+    /// To the first event that carries text.
+    pub first_text: Option<Duration>,
+    /// To the last event.
+    pub end: Duration,
+    pub done: pocket_proto::generate::DoneEvent,
+    pub text: String,
+}
+
+/// Calls npud's `Generate` for `smollm2` with `req` and reads the stream
+/// to its last event.
+pub fn generate(
+    rt: &tokio::runtime::Runtime,
+    npud: &pocket_proto::runtime::Runtime1Proxy<'_>,
+    req: &serde_json::Value,
+) -> Generated {
+    use pocket_proto::generate::Event;
+    use std::io::BufRead;
+    let start = Instant::now();
+    let fd = rt
+        .block_on(npud.generate("smollm2", &req.to_string()))
+        .expect("Generate");
+    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let (mut first_event, mut first_text, mut text) = (None, None, String::new());
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.unwrap();
+        first_event.get_or_insert_with(|| start.elapsed());
+        match serde_json::from_str(&line).unwrap() {
+            Event::Text(t) => {
+                if !t.text.is_empty() {
+                    first_text.get_or_insert_with(|| start.elapsed());
+                }
+                text.push_str(&t.text);
+            }
+            Event::Done(done) => {
+                return Generated {
+                    first_event: first_event.expect("an event"),
+                    first_text,
+                    end: start.elapsed(),
+                    done,
+                    text,
+                }
+            }
+        }
+    }
+    panic!("no last event");
+}
+
 pub fn time(mut f: impl FnMut()) -> Duration {
     let t = Instant::now();
     f();
