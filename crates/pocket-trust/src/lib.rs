@@ -25,6 +25,10 @@ pub use keys::{KeyId, PublicKey, SecretKey};
 pub use stream::PayloadVerifier;
 pub use version::Version;
 
+/// The most bytes of a catalog or keyring file a daemon reads, from a
+/// server, a USB stick or another daemon's directory alike.
+pub const METADATA_LIMIT: u64 = 16 << 20;
+
 use std::time::SystemTime;
 
 /// Who may sign a kind of metadata.

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use pocket_daemon::files::{open_regular, read_capped};
 use pocket_models::{Catalog, CatalogEntry, CATALOG_FILE};
-use pocket_trust::{Envelope, Keyring, VersionFloors, KEYRING_FILE};
+use pocket_trust::{Envelope, Keyring, VersionFloors, KEYRING_FILE, METADATA_LIMIT};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::SystemTime;
@@ -41,14 +41,14 @@ impl Source {
             .map_err(|e| ModelError::InvalidArgument(format!("{rel:?}: {e}")))
     }
 
-    /// Reads a small file (at most [`SMALL_LIMIT`] bytes); `None` when the
+    /// Reads a small file (at most [`METADATA_LIMIT`] bytes); `None` when the
     /// source does not have it.
     pub async fn read_small(
         &self,
         http: &reqwest::Client,
         rel: &str,
     ) -> Result<Option<Vec<u8>>, ModelError> {
-        const LIMIT: u64 = SMALL_LIMIT;
+        const LIMIT: u64 = METADATA_LIMIT;
         match self {
             Source::Http(base) => {
                 let url = self.url(base, rel)?;
@@ -176,10 +176,6 @@ impl Source {
         }
     }
 }
-
-/// The most bytes of a catalog's or keyring's file that modeld reads, from
-/// a server or a directory alike.
-pub const SMALL_LIMIT: u64 = 16 << 20;
 
 /// Streams a file in large chunks.
 pub fn file_stream(f: tokio::fs::File, path: PathBuf) -> ByteStream {

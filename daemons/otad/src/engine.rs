@@ -40,11 +40,8 @@ pub struct Engine {
     health: Mutex<String>,
 }
 
-/// The most a keyring file may hold, as for catalogs.
-const KEYRING_LIMIT: u64 = 16 << 20;
-
 /// Reads the keyring modeld published: a regular file, not through a
-/// symbolic link, at most [`KEYRING_LIMIT`] bytes (modeld's user owns the
+/// symbolic link, at most [`pocket_trust::METADATA_LIMIT`] bytes (modeld's user owns the
 /// directory; otad is root). `None` when there is none.
 fn read_rotated_keyring(path: &std::path::Path) -> std::io::Result<Option<pocket_trust::Envelope>> {
     let invalid = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
@@ -56,7 +53,7 @@ fn read_rotated_keyring(path: &std::path::Path) -> std::io::Result<Option<pocket
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let bytes = pocket_daemon::files::read_capped(file, KEYRING_LIMIT)?;
+    let bytes = pocket_daemon::files::read_capped(file, pocket_trust::METADATA_LIMIT)?;
     pocket_trust::Envelope::from_bytes("rotated keyring", &bytes)
         .map(Some)
         .map_err(|e| invalid(e.to_string()))
