@@ -282,8 +282,12 @@ fn bad_requests_get_a_4xx_in_each_surfaces_shape() {
         ),
     ];
     for (what, req, status) in openai_cases {
-        let r = req.send().unwrap();
+        let r = req.send().unwrap_or_else(|e| panic!("{what}: {e:?}"));
         assert_eq!(r.status().as_u16(), status, "{what}");
+        if what == "10 MB body" {
+            // Answered unread: the connection ends, and the answer says so.
+            assert_eq!(r.headers()["connection"], "close", "{what}");
+        }
         let e: Value = r.json().unwrap();
         let msg = e["error"]["message"]
             .as_str()
@@ -334,8 +338,12 @@ fn bad_requests_get_a_4xx_in_each_surfaces_shape() {
         ),
     ];
     for (what, req, status) in ollama_cases {
-        let r = req.send().unwrap();
+        let r = req.send().unwrap_or_else(|e| panic!("{what}: {e:?}"));
         assert_eq!(r.status().as_u16(), status, "{what}");
+        if what == "10 MB body" {
+            // Answered unread: the connection ends, and the answer says so.
+            assert_eq!(r.headers()["connection"], "close", "{what}");
+        }
         let e: Value = r.json().unwrap();
         assert!(
             e["error"].as_str().is_some_and(|m| !m.is_empty()),

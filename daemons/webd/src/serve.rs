@@ -8,6 +8,7 @@ use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +25,10 @@ pub const EVENT_STREAMS_PER_ADDRESS: usize = 8;
 pub const EVENT_STREAMS: usize = 64;
 /// How long a stop waits for open connections to finish.
 const DRAIN: Duration = Duration::from_secs(5);
+/// How long, and for how many bytes, a closed connection's late input is
+/// read and dropped (see [`Lingering`]).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 << 20;
 
 /// A bounded count of something held per client address: an IPv4 address,
 /// or an IPv6 /64 (one host can hold a whole /64).
@@ -85,6 +90,139 @@ impl Drop for Slot {
     }
 }
 
+/// A request body that records whether it was read to its end.
+struct ReadToEnd {
+    inner: hyper::body::Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl ReadToEnd {
+    fn wrap(
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> (hyper::Request<ReadToEnd>, Arc<AtomicBool>) {
+        use http_body::Body;
+        let read = Arc::new(AtomicBool::new(req.body().is_end_stream()));
+        let flag = read.clone();
+        (req.map(|inner| ReadToEnd { inner, read: flag }), read)
+    }
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let frame = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(frame, std::task::Poll::Ready(None)) || this.inner.is_end_stream() {
+            this.read.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A client's connection, closed the way clients expect after an early
+/// answer (a 413 to a body never read): once hyper is done with it, the
+/// answer is out and the sending side is shut, and what the client still
+/// sends is read and dropped for a moment. Closed at once instead, the
+/// unread input makes the kernel reset the connection, and a reset makes
+/// the client's kernel drop the answer it had not read yet. The slot stays
+/// held until then.
+struct Lingering {
+    stream: Option<tokio::net::TcpStream>,
+    slot: Option<Slot>,
+}
+
+impl Lingering {
+    fn stream(self: std::pin::Pin<&mut Self>) -> std::pin::Pin<&mut tokio::net::TcpStream> {
+        std::pin::Pin::new(self.get_mut().stream.as_mut().expect("open until dropped"))
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let (Some(mut stream), slot) = (self.stream.take(), self.slot.take()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.shutdown().await;
+            let mut buf = vec![0u8; 16 << 10];
+            let mut left = LINGER_BYTES;
+            let _ = tokio::time::timeout(LINGER, async {
+                while left > 0 {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            })
+            .await;
+            drop(slot);
+        });
+    }
+}
+
 fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
@@ -128,18 +266,35 @@ pub async fn serve(
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            tower_service::Service::call(&mut router.clone(), req)
+            let (req, read) = ReadToEnd::wrap(req);
+            let answer = tower_service::Service::call(&mut router.clone(), req);
+            async move {
+                let mut resp = answer.await?;
+                // An answer given before the body was read (a 413, a
+                // refusal) ends the connection: say so, or the client
+                // would send its next request on it.
+                if !read.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }
         });
+        let io = Lingering {
+            stream: Some(tcp),
+            slot: Some(slot),
+        };
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(tcp), service);
+            .serve_connection(TokioIo::new(io), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, "connection: {e}");
             }
-            drop(slot);
         });
     }
     drop(listener);
