@@ -133,8 +133,16 @@ impl SimBoard {
         let frozen = board.frozen.clone();
         std::thread::spawn(move || {
             let start = Instant::now();
-            let dt = Duration::from_millis(20);
+            let period = Duration::from_millis(20);
+            // The plant integrates over the time that really passed: on a
+            // loaded machine this thread runs late, and an energy counter
+            // that counted nominal steps would fall behind the watts it
+            // reports.
+            let mut last = Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                let dt = now.duration_since(last).max(period);
+                last = now;
                 let s = step(
                     &root,
                     &plant,
@@ -146,7 +154,7 @@ impl SimBoard {
                     watts: s.0,
                     temp: s.1,
                 });
-                std::thread::sleep(dt);
+                std::thread::sleep(period);
             }
         });
         board
