@@ -88,6 +88,10 @@ fn shipped_introspection_matches_the_daemons() {
         ],
     );
     check_shipped(
+        "crates/pocket-daemon/data/org.pocketos.Job1.xml",
+        &[interface_block(&job, "org.pocketos.Job1")],
+    );
+    check_shipped(
         "daemons/npud/data/org.pocketos.Runtime1.xml",
         &[interface_block(&runtime, "org.pocketos.Runtime1")],
     );
@@ -135,5 +139,10 @@ fn shipped_otad_introspection_matches_the_daemon() {
             interface_block(&main, "org.pocketos.Update1"),
             interface_block(&job, "org.pocketos.Update1.Job"),
         ],
+    );
+    // Every daemon's jobs serve the one common interface.
+    check_shipped(
+        "crates/pocket-daemon/data/org.pocketos.Job1.xml",
+        &[interface_block(&job, "org.pocketos.Job1")],
     );
 }

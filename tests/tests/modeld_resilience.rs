@@ -125,13 +125,16 @@ fn two_requests_share_one_download_and_cancel_gives_space_back() {
             let p1 = m.install("big").await.unwrap();
             let p2 = m.install("big").await.unwrap();
             assert_eq!(p1, p2, "the same model gave two jobs");
-            let job = JobProxy::builder(&conn)
-                .path(p1)
+            let install = JobProxy::builder(&conn)
+                .path(p1.clone())
                 .unwrap()
                 .build()
                 .await
                 .unwrap();
-            assert_eq!(job.name().await.unwrap(), "big");
+            assert_eq!(install.name().await.unwrap(), "big");
+            let job = pocket_proto::job::proxy(&conn, "org.pocketos.Models1", &p1)
+                .await
+                .unwrap();
             while job.bytes_done().await.unwrap() == 0 {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

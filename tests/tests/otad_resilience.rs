@@ -2,7 +2,8 @@
 //! install, interrupted downloads that resume instead of starting over,
 //! cancel. After each, the box still boots a good slot.
 
-use pocket_proto::update::{phase, Update1Proxy, UpdateJobProxy};
+use pocket_proto::job::Phase;
+use pocket_proto::update::Update1Proxy;
 use pocket_tests::*;
 use std::time::{Duration, Instant};
 use zbus::proxy::CacheProperties;
@@ -71,11 +72,7 @@ impl Rig {
             if path.as_str() == "/" {
                 return None;
             }
-            let j = UpdateJobProxy::builder(&self.conn)
-                .path(path)
-                .ok()?
-                .cache_properties(CacheProperties::No)
-                .build()
+            let j = pocket_proto::job::proxy(&self.conn, "org.pocketos.Update1", &path)
                 .await
                 .ok()?;
             Some((
@@ -90,10 +87,7 @@ impl Rig {
         let u = self.update();
         self.rt.block_on(async {
             let path = u.job().await.unwrap();
-            let j = UpdateJobProxy::builder(&self.conn)
-                .path(path)
-                .unwrap()
-                .build()
+            let j = pocket_proto::job::proxy(&self.conn, "org.pocketos.Update1", &path)
                 .await
                 .unwrap();
             j.cancel().await.unwrap();
@@ -102,7 +96,9 @@ impl Rig {
 
     fn wait_done(&self) -> String {
         wait_for("the install to finish", Duration::from_secs(60), || {
-            self.job().filter(|j| phase::is_terminal(&j.2)).map(|j| j.2)
+            self.job()
+                .filter(|j| j.2.parse().is_ok_and(Phase::is_terminal))
+                .map(|j| j.2)
         })
     }
 
@@ -139,7 +135,11 @@ fn killed_at_fifty_points_still_boots_and_finishes() {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match r.job() {
-                Some((done, _, ph)) if done >= threshold || phase::is_terminal(&ph) => break,
+                Some((done, _, ph))
+                    if done >= threshold || ph.parse().is_ok_and(Phase::is_terminal) =>
+                {
+                    break
+                }
                 _ => {}
             }
             assert!(
@@ -163,7 +163,7 @@ fn killed_at_fifty_points_still_boots_and_finishes() {
             r.install();
         }
     }
-    assert_eq!(r.wait_done(), phase::DONE);
+    assert_eq!(r.wait_done(), Phase::Done.as_str());
     r.assert_b_holds_v2();
     assert!(reissued < 10, "{reissued} of 50 kills lost the install");
 }
@@ -181,7 +181,7 @@ fn interrupted_http_install_fetches_less_than_all_again() {
     let before = r.served();
     let requests_before = r.http.served(".bundle").len();
     r.b.boot(&r.bus);
-    assert_eq!(r.wait_done(), phase::DONE);
+    assert_eq!(r.wait_done(), Phase::Done.as_str());
     let again = r.served() - before;
     assert!(
         again < bundle_len,
@@ -201,7 +201,7 @@ fn broken_connection_resumes_at_the_last_verified_chunk() {
     r.http.drop_next_body_after("pocketos-2.0.bundle", 1 << 20);
     // The first request reads the header only; break the payload's.
     r.install();
-    assert_eq!(r.wait_done(), phase::DONE);
+    assert_eq!(r.wait_done(), Phase::Done.as_str());
     let log = r.http.served(".bundle");
     assert!(
         log.iter().any(|s| s.start > 0 && s.status == 206),
@@ -220,7 +220,7 @@ fn cancel_leaves_the_box_as_it_was() {
         r.job().filter(|j| j.0 > 0).map(|_| ())
     });
     r.cancel();
-    assert_eq!(r.wait_done(), phase::FAILED);
+    assert_eq!(r.wait_done(), Phase::Failed.as_str());
     assert_eq!(r.b.primary().as_deref(), Some("A"));
     let st = r.b.status(&r.bus);
     assert!(

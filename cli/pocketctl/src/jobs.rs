@@ -5,15 +5,8 @@
 use crate::progress_bar;
 use anyhow::{anyhow, bail, Result};
 use futures_util::{Stream, StreamExt};
+use pocket_proto::job::{Job1Proxy, Phase};
 use std::time::Duration;
-
-/// What a waiting client reads from a job object.
-pub(crate) trait JobView {
-    async fn phase(&self) -> zbus::Result<String>;
-    async fn progress(&self) -> zbus::Result<(u64, u64)>;
-    async fn error(&self) -> zbus::Result<(String, String)>;
-    async fn cancel(&self) -> zbus::Result<()>;
-}
 
 /// A completion signal: (job path, success, error name, error message).
 pub(crate) type Finished = (String, bool, String, String);
@@ -21,29 +14,27 @@ pub(crate) type Finished = (String, bool, String, String);
 /// Waits for the job at `path` to finish; `Err` carries the daemon's
 /// error as one line. `daemon` names who left when the bus goes away.
 pub(crate) async fn wait(
-    job: &impl JobView,
+    job: &Job1Proxy<'_>,
     path: &str,
     mut finished: impl Stream<Item = Finished> + Unpin,
-    is_terminal: fn(&str) -> bool,
     daemon: &str,
     json: bool,
 ) -> Result<()> {
     let bar = progress_bar(json);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let result: Result<(), (String, String)> = loop {
-        let ph = job.phase().await?;
-        if is_terminal(&ph) {
-            break if ph == "done" {
+        let ph = job.current_phase().await?;
+        if ph.is_terminal() {
+            break if ph == Phase::Done {
                 Ok(())
             } else {
-                Err(job.error().await?)
+                Err((job.error_name().await?, job.error_message().await?))
             };
         }
         if let Some(bar) = &bar {
-            let (done, total) = job.progress().await?;
-            bar.set_length(total);
-            bar.set_position(done);
-            bar.set_message(ph);
+            bar.set_length(job.bytes_total().await?);
+            bar.set_position(job.bytes_done().await?);
+            bar.set_message(ph.as_str());
         }
         tokio::select! {
             sig = finished.next() => {
@@ -62,34 +53,4 @@ pub(crate) async fn wait(
         bar.finish_and_clear();
     }
     result.map_err(|(name, msg)| anyhow!("{msg} ({})", pocket_proto::short_error_name(&name)))
-}
-
-impl JobView for pocket_proto::models::JobProxy<'_> {
-    async fn phase(&self) -> zbus::Result<String> {
-        pocket_proto::models::JobProxy::phase(self).await
-    }
-    async fn progress(&self) -> zbus::Result<(u64, u64)> {
-        Ok((self.bytes_done().await?, self.bytes_total().await?))
-    }
-    async fn error(&self) -> zbus::Result<(String, String)> {
-        Ok((self.error_name().await?, self.error_message().await?))
-    }
-    async fn cancel(&self) -> zbus::Result<()> {
-        pocket_proto::models::JobProxy::cancel(self).await
-    }
-}
-
-impl JobView for pocket_proto::update::UpdateJobProxy<'_> {
-    async fn phase(&self) -> zbus::Result<String> {
-        pocket_proto::update::UpdateJobProxy::phase(self).await
-    }
-    async fn progress(&self) -> zbus::Result<(u64, u64)> {
-        Ok((self.bytes_done().await?, self.bytes_total().await?))
-    }
-    async fn error(&self) -> zbus::Result<(String, String)> {
-        Ok((self.error_name().await?, self.error_message().await?))
-    }
-    async fn cancel(&self) -> zbus::Result<()> {
-        pocket_proto::update::UpdateJobProxy::cancel(self).await
-    }
 }

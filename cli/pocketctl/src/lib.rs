@@ -9,7 +9,7 @@ mod update;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use pocket_proto::models::{phase, JobProxy, Models1Proxy};
+use pocket_proto::models::{JobProxy, Models1Proxy};
 use pocket_proto::runtime::Runtime1Proxy;
 use serde_json::json;
 use std::io::IsTerminal;
@@ -376,7 +376,7 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 }
                 (None, None) => bail!("name a model or give --file"),
             };
-            let job: JobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
+            let job = pocket_proto::job::proxy(conn, pocket_proto::models::BUS_NAME, &path).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((
@@ -386,18 +386,13 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                     a.error_message.to_string(),
                 ))
             });
-            jobs::wait(
-                &job,
-                path.as_str(),
-                Box::pin(signals),
-                phase::is_terminal,
-                "modeld",
-                json,
-            )
-            .await?;
+            jobs::wait(&job, path.as_str(), Box::pin(signals), "modeld", json).await?;
             let model_name = match name {
                 Some(n) => n,
-                None => job.name().await?,
+                None => {
+                    let install: JobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
+                    install.name().await?
+                }
             };
             let info = m.info(&model_name).await?;
             if json {

@@ -4,7 +4,7 @@ use crate::print_json;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use futures_util::StreamExt;
-use pocket_proto::update::{phase, Update1Proxy, UpdateJobProxy};
+use pocket_proto::update::{Update1Proxy, UpdateJobProxy};
 use serde_json::json;
 
 #[derive(Subcommand)]
@@ -114,7 +114,7 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
                     .with_context(|| format!("cannot open {source}"))?;
                 u.install_file(zbus::zvariant::Fd::from(&file)).await?
             };
-            let job: UpdateJobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
+            let job = pocket_proto::job::proxy(conn, pocket_proto::update::BUS_NAME, &path).await?;
             let signals = finished.filter_map(|sig| async move {
                 let a = sig.args().ok()?;
                 Some((
@@ -124,16 +124,9 @@ pub async fn update(conn: &zbus::Connection, cmd: UpdateCmd, json: bool) -> Resu
                     a.error_message.to_string(),
                 ))
             });
-            crate::jobs::wait(
-                &job,
-                path.as_str(),
-                Box::pin(signals),
-                phase::is_terminal,
-                "otad",
-                json,
-            )
-            .await?;
-            let (version, slot) = (job.version().await?, job.slot().await?);
+            crate::jobs::wait(&job, path.as_str(), Box::pin(signals), "otad", json).await?;
+            let update: UpdateJobProxy = pocket_proto::fresh_proxy(conn, Some(&path)).await?;
+            let (version, slot) = (update.version().await?, update.slot().await?);
             if json {
                 return print_json(
                     &json!({ "version": version, "slot": slot, "installed": true, "reboot_required": true }),

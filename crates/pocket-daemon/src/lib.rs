@@ -1,11 +1,15 @@
-//! What every PocketOS daemon's `main` does alike, so that each `main.rs`
-//! stays a few lines: logging to stderr, strict TOML config, and waiting for
-//! SIGTERM or Ctrl-C.
+//! What every PocketOS daemon does alike: its whole `main` ([`run`]:
+//! command line, logging to stderr, strict TOML config, waiting for SIGTERM
+//! or Ctrl-C), the admin check, opening files others placed, and the one
+//! job object of long operations.
 
 pub mod access;
 pub mod files;
+pub mod job;
+mod main_loop;
 mod user;
 
+pub use main_loop::{run, Daemon, Running};
 pub use user::{run_as, RunAsError};
 
 use serde::de::DeserializeOwned;

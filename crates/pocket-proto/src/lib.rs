@@ -3,6 +3,7 @@
 //! daemon.
 
 pub mod generate;
+pub mod job;
 pub mod models;
 pub mod power;
 pub mod runtime;

@@ -49,19 +49,6 @@ pub struct CatalogModel {
     pub source: String,
 }
 
-/// Phases of an install job, as carried by the job's `Phase` property.
-pub mod phase {
-    pub const QUEUED: &str = "queued";
-    pub const DOWNLOADING: &str = "downloading";
-    pub const PUBLISHING: &str = "publishing";
-    pub const DONE: &str = "done";
-    pub const FAILED: &str = "failed";
-
-    pub fn is_terminal(phase: &str) -> bool {
-        phase == DONE || phase == FAILED
-    }
-}
-
 #[zbus::proxy(
     interface = "org.pocketos.Models1",
     default_service = "org.pocketos.Models1",
@@ -107,22 +94,14 @@ pub trait Models1 {
     fn version(&self) -> zbus::Result<String>;
 }
 
+/// What only a model install job has; its progress, phase, outcome and
+/// `Cancel` are on [`crate::job::Job1Proxy`] at the same path.
 #[zbus::proxy(
     interface = "org.pocketos.Models1.Job",
     default_service = "org.pocketos.Models1"
 )]
 pub trait Job {
-    fn cancel(&self) -> zbus::Result<()>;
+    /// The model's name; for a pack file, empty until its metadata is read.
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn phase(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn bytes_done(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn bytes_total(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn error_name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn error_message(&self) -> zbus::Result<String>;
 }

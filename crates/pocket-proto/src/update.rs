@@ -40,19 +40,6 @@ pub struct UpdateCheck {
     pub current_version: String,
 }
 
-/// Phases of an install job.
-pub mod phase {
-    pub const VERIFYING: &str = "verifying";
-    pub const WRITING: &str = "writing";
-    pub const FINISHING: &str = "finishing";
-    pub const DONE: &str = "done";
-    pub const FAILED: &str = "failed";
-
-    pub fn is_terminal(phase: &str) -> bool {
-        phase == DONE || phase == FAILED
-    }
-}
-
 #[zbus::proxy(
     interface = "org.pocketos.Update1",
     default_service = "org.pocketos.Update1",
@@ -114,29 +101,19 @@ pub trait Update1 {
     fn status(&self) -> zbus::Result<String>;
 }
 
+/// What only a system update job has; its progress, phase, outcome and
+/// `Cancel` are on [`crate::job::Job1Proxy`] at the same path.
 #[zbus::proxy(
     interface = "org.pocketos.Update1.Job",
     default_service = "org.pocketos.Update1"
 )]
 pub trait UpdateJob {
-    fn cancel(&self) -> zbus::Result<()>;
     #[zbus(property)]
     fn source(&self) -> zbus::Result<String>;
+    /// The bundle's version, once its header is verified.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
+    /// The slot being written, once chosen.
     #[zbus(property)]
     fn slot(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn phase(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn bytes_done(&self) -> zbus::Result<u64>;
-    #[zbus(property)]
-    fn bytes_total(&self) -> zbus::Result<u64>;
-    /// Seconds left at the current rate; -1 when not known yet.
-    #[zbus(property)]
-    fn eta_seconds(&self) -> zbus::Result<i64>;
-    #[zbus(property)]
-    fn error_name(&self) -> zbus::Result<String>;
-    #[zbus(property)]
-    fn error_message(&self) -> zbus::Result<String>;
 }

@@ -7,67 +7,34 @@ use crate::error::ModelError;
 use crate::install::{Limits, PackWriter};
 use crate::store::{InstalledModel, Pending, Store};
 use futures_util::StreamExt;
+use pocket_daemon::job::Failure;
 use pocket_models::CatalogEntry;
-use pocket_proto::models::{phase, CatalogModel, ModelFile, ModelInfo};
+use pocket_proto::job::Phase;
+use pocket_proto::models::{CatalogModel, ModelFile, ModelInfo};
 use pocket_trust::Keyring;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
-/// How a job ended: `Ok` or the error's short D-Bus name and message.
-pub type JobOutcome = Result<(), (String, String)>;
-
-/// One install in progress, shared by everyone who asked for it.
-#[derive(Debug)]
-pub struct Job {
-    pub id: u64,
+/// What only a model install has beside the common job.
+#[derive(Debug, Default)]
+pub struct Install {
+    /// The model's name; for a pack file, empty until it is published.
     name: Mutex<String>,
-    phase: Mutex<&'static str>,
-    pub done: Arc<AtomicU64>,
-    pub total: AtomicU64,
-    cancel: CancellationToken,
-    outcome: watch::Sender<Option<JobOutcome>>,
+    /// The partial download it is writing, which GC must leave alone.
     partial: Mutex<Option<PathBuf>>,
 }
 
-impl Job {
-    fn new(id: u64, name: &str) -> Arc<Job> {
-        Arc::new(Job {
-            id,
-            name: Mutex::new(name.to_string()),
-            phase: Mutex::new(phase::QUEUED),
-            done: Arc::new(AtomicU64::new(0)),
-            total: AtomicU64::new(0),
-            cancel: CancellationToken::new(),
-            outcome: watch::channel(None).0,
-            partial: Mutex::new(None),
-        })
-    }
-
+impl Install {
     pub fn name(&self) -> String {
         self.name.lock().expect("not poisoned").clone()
     }
-
-    pub fn phase(&self) -> &'static str {
-        *self.phase.lock().expect("not poisoned")
-    }
-
-    fn set_phase(&self, p: &'static str) {
-        *self.phase.lock().expect("not poisoned") = p;
-    }
-
-    pub fn cancel(&self) {
-        self.cancel.cancel();
-    }
-
-    pub fn outcome(&self) -> watch::Receiver<Option<JobOutcome>> {
-        self.outcome.subscribe()
-    }
 }
+
+/// One install in progress, shared by everyone who asked for it.
+pub type Job = pocket_daemon::job::Job<Install>;
 
 pub struct Engine {
     cfg: Config,
@@ -304,7 +271,12 @@ impl Engine {
     }
 
     fn new_job(&self, name: &str) -> Arc<Job> {
-        Job::new(self.next_id.fetch_add(1, Ordering::Relaxed), name)
+        let install = Install {
+            name: Mutex::new(name.to_string()),
+            partial: Mutex::new(None),
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Job::new(id, Phase::Queued, install))
     }
 
     /// Starts the install of a catalog model, or joins the one under way.
@@ -340,13 +312,13 @@ impl Engine {
             jobs.insert(name.to_string(), job.clone());
             job
         };
-        job.total.store(entry.pack.size, Ordering::Relaxed);
+        job.set_total(entry.pack.size);
         let up_to_date = self
             .store
             .get(name)?
             .is_some_and(|m| m.version == entry.version);
         if up_to_date {
-            job.done.store(entry.pack.size, Ordering::Relaxed);
+            job.set_done(entry.pack.size);
             self.finish(&job, Ok(()));
             return Ok((job, true));
         }
@@ -402,7 +374,7 @@ impl Engine {
                 jobs.insert(p.entry.name.clone(), job.clone());
                 job
             };
-            job.total.store(p.entry.pack.size, Ordering::Relaxed);
+            job.set_total(p.entry.pack.size);
             tracing::info!(model = %p.entry.name, "resuming interrupted install");
             self.spawn_catalog_job(job.clone(), source, p.entry);
             started.push(job);
@@ -416,7 +388,7 @@ impl Engine {
             let dir = this
                 .store
                 .partial_dir(&entry.name, &entry.pack.header_sha256);
-            *job.partial.lock().expect("not poisoned") = Some(dir.clone());
+            *job.detail.partial.lock().expect("not poisoned") = Some(dir.clone());
             let result = this.run_catalog(&job, &source, &entry, dir.clone()).await;
             if let Err(e) = &result {
                 if !e.keeps_partial() {
@@ -453,10 +425,10 @@ impl Engine {
             })
         };
         let mut writer = open_writer().await?;
-        job.set_phase(phase::DOWNLOADING);
+        job.begin(Phase::Downloading, writer.pos(), entry.pack.size);
         let mut failures = 0;
         while writer.pos() < entry.pack.size {
-            job.done.store(writer.pos(), Ordering::Relaxed);
+            job.set_done(writer.pos());
             let interrupted = match source
                 .open(&self.http, &entry.pack.path, writer.pos(), entry.pack.size)
                 .await
@@ -494,7 +466,7 @@ impl Engine {
             }
             tracing::warn!(model = %entry.name, "download interrupted ({interrupted}), resuming");
             tokio::select! {
-                _ = job.cancel.cancelled() => return Err(ModelError::Cancelled(entry.name.clone())),
+                _ = job.cancelled() => return Err(ModelError::Cancelled(entry.name.clone())),
                 _ = tokio::time::sleep(Duration::from_millis(250 << failures.min(5))) => {}
             }
         }
@@ -502,8 +474,8 @@ impl Engine {
     }
 
     async fn publish(&self, job: &Job, writer: PackWriter, source: &str) -> Result<(), ModelError> {
-        job.set_phase(phase::PUBLISHING);
-        job.done.store(writer.pos(), Ordering::Relaxed);
+        job.set_done(writer.pos());
+        job.set_phase(Phase::Publishing);
         let store = self.store.clone();
         let source = source.to_string();
         let dir = writer.dir().to_path_buf();
@@ -527,7 +499,7 @@ impl Engine {
             Ok(model.name)
         })
         .await?;
-        *job.name.lock().expect("not poisoned") = name;
+        *job.detail.name.lock().expect("not poisoned") = name;
         Ok(())
     }
 
@@ -542,9 +514,9 @@ impl Engine {
             .map_err(|e| ModelError::io("reading the pack", self.store.root(), e))?
             .len();
         let job = self.new_job("");
-        job.total.store(size, Ordering::Relaxed);
+        job.set_total(size);
         let dir = self.store.file_partial_dir(job.id);
-        *job.partial.lock().expect("not poisoned") = Some(dir.clone());
+        *job.detail.partial.lock().expect("not poisoned") = Some(dir.clone());
         self.jobs
             .lock()
             .expect("not poisoned")
@@ -571,7 +543,7 @@ impl Engine {
     ) -> Result<(), ModelError> {
         let (store, limits) = (self.store.clone(), self.limits);
         let writer = blocking(move || PackWriter::new(store, dir, keyring, None, limits)).await?;
-        job.set_phase(phase::DOWNLOADING);
+        job.begin(Phase::Downloading, 0, job.total());
         let stream = catalog::file_stream(tokio::fs::File::from_std(file), "pack".into());
         match pump(writer, stream, job).await {
             PumpEnd::Ended(w) => self.publish(job, w, "file").await,
@@ -580,27 +552,21 @@ impl Engine {
     }
 
     fn finish(&self, job: &Job, result: Result<(), ModelError>) {
-        let (outcome, terminal) = match result {
-            Ok(()) => (Ok(()), phase::DONE),
-            Err(e) => {
-                tracing::warn!(job = job.id, model = %job.name(), "install failed: {e}");
-                (Err((e.name().to_string(), e.to_string())), phase::FAILED)
-            }
-        };
+        let outcome = result.map_err(|e| {
+            tracing::warn!(job = job.id, model = %job.detail.name(), "install failed: {e}");
+            Failure::new(e.name(), e.to_string())
+        });
         self.jobs
             .lock()
             .expect("not poisoned")
             .retain(|_, j| j.id != job.id);
-        // The outcome before the terminal phase: a client that sees the
-        // phase reads the error right after it.
-        job.outcome.send_replace(Some(outcome));
-        job.set_phase(terminal);
+        job.finish(outcome);
     }
 
     fn active_partials(&self) -> Vec<PathBuf> {
         self.jobs()
             .iter()
-            .filter_map(|j| j.partial.lock().expect("not poisoned").clone())
+            .filter_map(|j| j.detail.partial.lock().expect("not poisoned").clone())
             .collect()
     }
 
@@ -647,7 +613,7 @@ impl Engine {
 /// receiving from the network and hashing plus writing overlap.
 async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> PumpEnd {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
-    let done = job.done.clone();
+    let done = job.done_counter();
     let handle = tokio::task::spawn_blocking(move || {
         while let Some(chunk) = rx.blocking_recv() {
             writer.feed(&chunk)?;
@@ -660,8 +626,8 @@ async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> Pump
     loop {
         tokio::select! {
             biased;
-            _ = job.cancel.cancelled() => {
-                broke = Some(ModelError::Cancelled(job.name()));
+            _ = job.cancelled() => {
+                broke = Some(ModelError::Cancelled(job.detail.name()));
                 break;
             }
             item = stream.next() => match item {

@@ -1,13 +1,12 @@
 //! The D-Bus surface: `org.pocketos.Models1` and one
 //! `org.pocketos.Models1.Job` object per install.
 
-use crate::engine::{Engine, Job};
+use crate::engine::{Engine, Install, Job};
 use crate::error::ModelError;
 use pocket_daemon::access::require_admin;
+use pocket_daemon::job::Detail;
 use pocket_proto::models::{CatalogModel, ModelInfo, JOB_PATH_PREFIX, PATH};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
@@ -70,10 +69,6 @@ impl Models {
     }
 }
 
-pub fn job_path(job: &Job) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(format!("{JOB_PATH_PREFIX}/{}", job.id)).expect("valid path")
-}
-
 #[zbus::interface(name = "org.pocketos.Models1")]
 impl Models {
     async fn catalog(&self) -> Result<Vec<CatalogModel>, Error> {
@@ -100,8 +95,7 @@ impl Models {
     ) -> Result<OwnedObjectPath, Error> {
         require_admin(conn, &hdr, self.admin_gid, "installing a model").await?;
         let (job, _) = self.engine.install(name).await?;
-        track(conn, job.clone()).await?;
-        Ok(job_path(&job))
+        Ok(pocket_daemon::job::export(conn, &job, self.admin_gid).await?)
     }
 
     async fn install_file(
@@ -113,8 +107,7 @@ impl Models {
         require_admin(conn, &hdr, self.admin_gid, "installing a model").await?;
         let fd: std::os::fd::OwnedFd = pack.into();
         let job = self.engine.install_file(std::fs::File::from(fd)).await?;
-        track(conn, job.clone()).await?;
-        Ok(job_path(&job))
+        Ok(pocket_daemon::job::export(conn, &job, self.admin_gid).await?)
     }
 
     async fn remove(
@@ -160,7 +153,7 @@ impl Models {
 
     #[zbus(property)]
     async fn jobs(&self) -> Vec<OwnedObjectPath> {
-        self.engine.jobs().iter().map(|j| job_path(j)).collect()
+        self.engine.jobs().iter().map(|j| j.path()).collect()
     }
 
     #[zbus(property)]
@@ -200,142 +193,42 @@ async fn unload_from_runtime(conn: &zbus::Connection, name: &str) -> Result<(), 
     }
 }
 
-pub struct JobObject {
+/// `org.pocketos.Models1.Job`: what only a model install shows.
+pub struct InstallJob {
     job: Arc<Job>,
-    admin_gid: Option<u32>,
-}
-
-impl JobObject {
-    fn outcome_error(&self) -> (String, String) {
-        match self.job.outcome().borrow().clone() {
-            Some(Err((n, m))) => (format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),
-            _ => (String::new(), String::new()),
-        }
-    }
 }
 
 #[zbus::interface(name = "org.pocketos.Models1.Job")]
-impl JobObject {
-    async fn cancel(
-        &self,
-        #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &zbus::Connection,
-    ) -> Result<(), Error> {
-        require_admin(conn, &hdr, self.admin_gid, "cancelling an install").await?;
-        self.job.cancel();
-        Ok(())
-    }
-
+impl InstallJob {
     #[zbus(property)]
     fn name(&self) -> String {
-        self.job.name()
-    }
-
-    #[zbus(property)]
-    fn phase(&self) -> String {
-        self.job.phase().to_string()
-    }
-
-    #[zbus(property)]
-    fn bytes_done(&self) -> u64 {
-        self.job.done.load(Ordering::Relaxed)
-    }
-
-    #[zbus(property)]
-    fn bytes_total(&self) -> u64 {
-        self.job.total.load(Ordering::Relaxed)
-    }
-
-    #[zbus(property)]
-    fn error_name(&self) -> String {
-        self.outcome_error().0
-    }
-
-    #[zbus(property)]
-    fn error_message(&self) -> String {
-        self.outcome_error().1
+        self.job.detail.name()
     }
 }
 
-/// How long a finished job's object stays on the bus for late readers.
-const KEEP_FINISHED: Duration = Duration::from_secs(300);
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+impl Detail for Install {
+    const PATH_PREFIX: &'static str = JOB_PATH_PREFIX;
+    const CANCELLING: &'static str = "cancelling an install";
+    type Iface = InstallJob;
 
-/// Exports a job's object (once) and forwards its progress and completion
-/// to the bus.
-pub async fn track(conn: &zbus::Connection, job: Arc<Job>) -> zbus::Result<()> {
-    let path = job_path(&job);
-    let admin_gid = conn
-        .object_server()
-        .interface::<_, Models>(PATH)
-        .await?
-        .get()
-        .await
-        .admin_gid;
-    let obj = JobObject {
-        job: job.clone(),
-        admin_gid,
-    };
-    if !conn.object_server().at(&path, obj).await? {
-        return Ok(()); // already tracked
+    fn iface(job: &Arc<Job>) -> InstallJob {
+        InstallJob { job: job.clone() }
     }
-    emit_jobs_changed(conn).await;
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        if let Err(e) = forward(&conn, &job, &path).await {
-            tracing::warn!(job = job.id, "progress forwarding stopped: {e}");
-        }
-        tokio::time::sleep(KEEP_FINISHED).await;
-        let _ = conn.object_server().remove::<JobObject, _>(&path).await;
-    });
-    Ok(())
-}
 
-async fn emit_jobs_changed(conn: &zbus::Connection) {
-    if let Ok(iface) = conn.object_server().interface::<_, Models>(PATH).await {
-        let _ = iface.get().await.jobs_changed(iface.signal_emitter()).await;
+    async fn owner_changed(conn: &zbus::Connection) {
+        if let Ok(iface) = conn.object_server().interface::<_, Models>(PATH).await {
+            let _ = iface.get().await.jobs_changed(iface.signal_emitter()).await;
+        }
     }
-}
 
-async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> zbus::Result<()> {
-    let iface = conn.object_server().interface::<_, JobObject>(path).await?;
-    let mut outcome = job.outcome();
-    let (mut last_done, mut last_phase) = (u64::MAX, String::new());
-    loop {
-        let finished = outcome.borrow().clone();
-        let emitter = iface.signal_emitter();
-        let obj = iface.get().await;
-        // The error first: a client that sees the final phase can read why
-        // at once (otad keeps the same order).
-        if finished.is_some() {
-            obj.error_name_changed(emitter).await?;
-            obj.error_message_changed(emitter).await?;
-        }
-        let done = job.done.load(Ordering::Relaxed);
-        if done != last_done {
-            obj.bytes_done_changed(emitter).await?;
-            last_done = done;
-        }
-        if job.phase() != last_phase {
-            last_phase = job.phase().to_string();
-            obj.phase_changed(emitter).await?;
-            obj.name_changed(emitter).await?;
-            obj.bytes_total_changed(emitter).await?;
-        }
-        drop(obj);
-        if let Some(result) = finished {
-            let (ok, en, em) = match result {
-                Ok(()) => (true, String::new(), String::new()),
-                Err((n, m)) => (false, format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),
-            };
-            let main = SignalEmitter::new(conn, PATH)?;
-            Models::install_finished(&main, path.as_ref(), &job.name(), ok, &en, &em).await?;
-            emit_jobs_changed(conn).await;
-            return Ok(());
-        }
-        tokio::select! {
-            _ = outcome.changed() => {}
-            _ = tokio::time::sleep(PROGRESS_EVERY) => {}
-        }
+    async fn finished(
+        conn: &zbus::Connection,
+        job: &Job,
+        path: ObjectPath<'_>,
+        (error, message): (&str, &str),
+    ) -> zbus::Result<()> {
+        let main = SignalEmitter::new(conn, PATH)?;
+        let (name, ok) = (job.detail.name(), error.is_empty());
+        Models::install_finished(&main, path, &name, ok, error, message).await
     }
 }

@@ -41,7 +41,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         tracing::warn!("catalogs not loaded: {e}");
     }
     for job in resumed {
-        interface::track(&conn, job).await?;
+        pocket_daemon::job::export(&conn, &job, admin_gid).await?;
     }
     Ok(conn)
 }

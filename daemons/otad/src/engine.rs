@@ -12,11 +12,12 @@
 use crate::bootenv::{uboot::UBootEnv, BootEnv, Vars};
 use crate::config::{Bootloader, Config, System};
 use crate::error::UpdateError;
-use crate::install::{Job, Stream};
+use crate::install::{Job, Stream, Update};
 use crate::source::Source;
 use crate::state::{InstallRecord, SlotRecord, State, BUNDLE_SUBJECT};
 use pocket_ota::{BundleError, VerifiedHeader};
-use pocket_proto::update::{phase, SlotStatus, UpdateCheck};
+use pocket_proto::job::Phase;
+use pocket_proto::update::{SlotStatus, UpdateCheck};
 use pocket_trust::{Keyring, Version};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -159,7 +160,7 @@ impl Engine {
 
     pub fn operation(&self) -> String {
         match self.job() {
-            Some(j) if !phase::is_terminal(j.phase()) => j.phase().to_string(),
+            Some(j) if !j.phase().is_terminal() => j.phase().to_string(),
             _ => "idle".into(),
         }
     }
@@ -285,13 +286,14 @@ impl Engine {
         let job = {
             let mut cur = self.job.lock().expect("job");
             if let Some(j) = cur.as_ref() {
-                if !phase::is_terminal(j.phase()) {
-                    return Err(UpdateError::Busy(format!("installing {}", j.source)));
+                if !j.phase().is_terminal() {
+                    return Err(UpdateError::Busy(format!("installing {}", j.detail.source)));
                 }
             }
             let job = Arc::new(Job::new(
                 self.next_id.fetch_add(1, Ordering::Relaxed),
-                source,
+                Phase::Verifying,
+                Update::new(source),
             ));
             *cur = Some(job.clone());
             job
@@ -301,15 +303,15 @@ impl Engine {
             let result = engine.run_install(&j, &parsed);
             match &result {
                 Ok(()) => {
-                    tracing::info!(source = %j.source, "installed into slot {}", j.slot.lock().expect("slot"));
+                    tracing::info!(source = %j.detail.source, "installed into slot {}", j.detail.slot.lock().expect("slot"));
                     engine.last_error.lock().expect("last_error").clear();
                 }
                 Err(e) => {
-                    tracing::warn!(source = %j.source, "install failed: {e}");
+                    tracing::warn!(source = %j.detail.source, "install failed: {e}");
                     *engine.last_error.lock().expect("last_error") = e.to_string();
                 }
             }
-            j.finish(result.as_ref().map(|_| ()));
+            crate::install::finish(&j, result.as_ref().map(|_| ()));
         });
         Ok(job)
     }
@@ -380,8 +382,8 @@ impl Engine {
         let (header, len) = source.header()?;
         let (vh, target) = self.admit(&header, len)?;
         let m = vh.manifest();
-        *job.version.lock().expect("version") = vh.version().to_string();
-        *job.slot.lock().expect("slot") = target.clone();
+        *job.detail.version.lock().expect("version") = vh.version().to_string();
+        *job.detail.slot.lock().expect("slot") = target.clone();
         let devices = m
             .payloads
             .iter()
@@ -418,7 +420,7 @@ impl Engine {
                     Ok(self.env.with_bad(v, &target))
                 })?;
                 self.state.begin_install(&InstallRecord {
-                    source: job.source.clone(),
+                    source: job.detail.source.clone(),
                     slot: target.clone(),
                     header: header.clone(),
                     digest: digest.clone(),
@@ -445,7 +447,7 @@ impl Engine {
             }
             return Err(e);
         }
-        job.set_phase(phase::FINISHING);
+        job.set_phase(Phase::Finishing);
         self.state.set_slot(
             &target,
             &SlotRecord {

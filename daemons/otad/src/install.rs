@@ -11,104 +11,37 @@ use pocket_ota::{BundleError, BundleManifest};
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
-use std::time::Instant;
-use tokio::sync::watch;
 
-/// The outcome of a job: `Err((short error name, message))`.
-pub type Outcome = Option<Result<(), (String, String)>>;
-
-/// One install, as the bus sees it.
-pub struct Job {
-    pub id: u64,
+/// What only a system update has beside the common job.
+#[derive(Debug)]
+pub struct Update {
+    /// Where the bundle comes from, as the bus shows it.
     pub source: String,
+    /// The bundle's version, once its header is verified.
     pub version: Mutex<String>,
+    /// The slot being written, once chosen.
     pub slot: Mutex<String>,
-    phase: Mutex<&'static str>,
-    pub done: AtomicU64,
-    pub total: AtomicU64,
-    started: Mutex<(Instant, u64)>,
-    cancel: AtomicBool,
-    outcome: watch::Sender<Outcome>,
 }
 
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Job({}, {})", self.id, self.source)
-    }
-}
-
-impl Job {
-    pub fn new(id: u64, source: &str) -> Job {
-        Job {
-            id,
+impl Update {
+    pub fn new(source: &str) -> Update {
+        Update {
             source: source.to_string(),
             version: Mutex::new(String::new()),
             slot: Mutex::new(String::new()),
-            phase: Mutex::new(pocket_proto::update::phase::VERIFYING),
-            done: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-            started: Mutex::new((Instant::now(), 0)),
-            cancel: AtomicBool::new(false),
-            outcome: watch::channel(None).0,
         }
     }
+}
 
-    pub fn phase(&self) -> &'static str {
-        *self.phase.lock().expect("phase")
-    }
+/// One install, as the bus sees it.
+pub type Job = pocket_daemon::job::Job<Update>;
 
-    pub fn set_phase(&self, p: &'static str) {
-        *self.phase.lock().expect("phase") = p;
-    }
-
-    /// Starts the rate clock at `done` bytes (after a resume, bytes already
-    /// there do not count towards the rate).
-    pub fn start_writing(&self, done: u64, total: u64) {
-        self.done.store(done, Ordering::Relaxed);
-        self.total.store(total, Ordering::Relaxed);
-        *self.started.lock().expect("started") = (Instant::now(), done);
-        self.set_phase(pocket_proto::update::phase::WRITING);
-    }
-
-    /// Seconds left at the rate so far; -1 until there is a rate.
-    pub fn eta_seconds(&self) -> i64 {
-        let (at, base) = *self.started.lock().expect("started");
-        let done = self.done.load(Ordering::Relaxed);
-        let total = self.total.load(Ordering::Relaxed);
-        let secs = at.elapsed().as_secs_f64();
-        if done <= base || secs < 0.2 || total == 0 {
-            return -1;
-        }
-        let rate = (done - base) as f64 / secs;
-        ((total.saturating_sub(done)) as f64 / rate).ceil() as i64
-    }
-
-    pub fn cancel(&self) {
-        self.cancel.store(true, Ordering::Relaxed);
-    }
-
-    pub fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::Relaxed)
-    }
-
-    pub fn outcome(&self) -> watch::Receiver<Outcome> {
-        self.outcome.subscribe()
-    }
-
-    pub fn finish(&self, result: Result<(), &UpdateError>) {
-        let phase = match result {
-            Ok(()) => pocket_proto::update::phase::DONE,
-            Err(_) => pocket_proto::update::phase::FAILED,
-        };
-        // The outcome first: a client that sees the terminal phase reads
-        // the error right after it.
-        let outcome = result.map_err(|e| (e.name().to_string(), e.to_string()));
-        self.outcome.send_replace(Some(outcome));
-        self.set_phase(phase);
-    }
+/// Ends a job with the outcome of its install.
+pub fn finish(job: &Job, result: Result<(), &UpdateError>) {
+    job.finish(result.map_err(|e| pocket_daemon::job::Failure::new(e.name(), e.to_string())));
 }
 
 /// Which chunks of the payload being written are on the slot: everything
@@ -139,7 +72,8 @@ impl Stream<'_> {
         let m = self.manifest;
         let done: u64 = m.payloads[..payload].iter().map(|p| p.size).sum::<u64>()
             + (chunk * m.chunk_size).min(m.payloads.get(payload).map_or(0, |p| p.size));
-        self.job.start_writing(done, m.total_bytes());
+        self.job
+            .begin(pocket_proto::job::Phase::Writing, done, m.total_bytes());
         let spans = m.spans(self.header_len);
         for (pi, (p, span)) in m.payloads.iter().zip(&spans).enumerate().skip(payload) {
             let first = if pi == payload { chunk } else { 0 };
@@ -228,7 +162,7 @@ impl Stream<'_> {
             // Writeback starts now, so a checkpoint's sync (and the last
             // one) waits only for what is still in flight.
             pocket_daemon::start_writeback(dev, idx * m.chunk_size, buf.len() as u64);
-            self.job.done.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.job.add_done(buf.len() as u64);
             let mut pr = progress.lock().expect("progress");
             pr.finished.insert(idx);
             loop {
@@ -265,7 +199,7 @@ impl Stream<'_> {
         let mut reader: Option<Reader> = None;
         let mut idx = first;
         while idx < n {
-            if self.job.cancelled() {
+            if self.job.is_cancelled() {
                 return Err(UpdateError::Cancelled);
             }
             if failed.load(Ordering::Relaxed) {

@@ -5,10 +5,9 @@ use crate::engine::Engine;
 use crate::error::UpdateError;
 use crate::install::Job;
 use pocket_daemon::access::require_admin;
+use pocket_daemon::job::Detail;
 use pocket_proto::update::{SlotStatus, UpdateCheck, JOB_PATH_PREFIX, PATH};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath};
@@ -73,10 +72,6 @@ impl Update {
     }
 }
 
-pub fn job_path(job: &Job) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(format!("{JOB_PATH_PREFIX}/{}", job.id)).expect("valid path")
-}
-
 /// Runs blocking engine work (file and environment I/O, HTTP through the
 /// runtime) off the bus's executor.
 async fn blocking<T: Send + 'static>(
@@ -98,8 +93,7 @@ impl Update {
     ) -> Result<OwnedObjectPath, Error> {
         require_admin(conn, &hdr, self.admin_gid, "installing an update").await?;
         let job = self.engine.install(source)?;
-        track(conn, job.clone()).await?;
-        Ok(job_path(&job))
+        Ok(pocket_daemon::job::export(conn, &job, self.admin_gid).await?)
     }
 
     async fn install_file(
@@ -111,8 +105,7 @@ impl Update {
         require_admin(conn, &hdr, self.admin_gid, "installing an update").await?;
         let fd: std::os::fd::OwnedFd = bundle.into();
         let job = self.engine.install_file(std::fs::File::from(fd))?;
-        track(conn, job.clone()).await?;
-        Ok(job_path(&job))
+        Ok(pocket_daemon::job::export(conn, &job, self.admin_gid).await?)
     }
 
     async fn slots(&self) -> Result<Vec<SlotStatus>, Error> {
@@ -189,7 +182,7 @@ impl Update {
     #[zbus(property)]
     fn job(&self) -> OwnedObjectPath {
         match self.engine.job() {
-            Some(j) => job_path(&j),
+            Some(j) => j.path(),
             None => OwnedObjectPath::try_from("/").expect("root path"),
         }
     }
@@ -225,110 +218,51 @@ impl Update {
     }
 }
 
-pub struct JobObject {
+/// `org.pocketos.Update1.Job`: what only a system update shows.
+pub struct UpdateJob {
     job: Arc<Job>,
-    admin_gid: Option<u32>,
-}
-
-impl JobObject {
-    fn outcome_error(&self) -> (String, String) {
-        match self.job.outcome().borrow().clone() {
-            Some(Err((n, m))) => (format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),
-            _ => (String::new(), String::new()),
-        }
-    }
 }
 
 #[zbus::interface(name = "org.pocketos.Update1.Job")]
-impl JobObject {
-    async fn cancel(
-        &self,
-        #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &zbus::Connection,
-    ) -> Result<(), Error> {
-        require_admin(conn, &hdr, self.admin_gid, "cancelling an update").await?;
-        self.job.cancel();
-        Ok(())
-    }
-
+impl UpdateJob {
     #[zbus(property)]
     fn source(&self) -> String {
-        self.job.source.clone()
+        self.job.detail.source.clone()
     }
 
     #[zbus(property)]
     fn version(&self) -> String {
-        self.job.version.lock().expect("version").clone()
+        self.job.detail.version.lock().expect("version").clone()
     }
 
     #[zbus(property)]
     fn slot(&self) -> String {
-        self.job.slot.lock().expect("slot").clone()
-    }
-
-    #[zbus(property)]
-    fn phase(&self) -> String {
-        self.job.phase().to_string()
-    }
-
-    #[zbus(property)]
-    fn bytes_done(&self) -> u64 {
-        self.job.done.load(Ordering::Relaxed)
-    }
-
-    #[zbus(property)]
-    fn bytes_total(&self) -> u64 {
-        self.job.total.load(Ordering::Relaxed)
-    }
-
-    #[zbus(property)]
-    fn eta_seconds(&self) -> i64 {
-        self.job.eta_seconds()
-    }
-
-    #[zbus(property)]
-    fn error_name(&self) -> String {
-        self.outcome_error().0
-    }
-
-    #[zbus(property)]
-    fn error_message(&self) -> String {
-        self.outcome_error().1
+        self.job.detail.slot.lock().expect("slot").clone()
     }
 }
 
-/// How long a finished job's object stays on the bus for late readers.
-const KEEP_FINISHED: Duration = Duration::from_secs(300);
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+impl Detail for crate::install::Update {
+    const PATH_PREFIX: &'static str = JOB_PATH_PREFIX;
+    const CANCELLING: &'static str = "cancelling an update";
+    type Iface = UpdateJob;
 
-/// Exports a job's object and forwards its progress and completion to the
-/// bus.
-pub async fn track(conn: &zbus::Connection, job: Arc<Job>) -> zbus::Result<()> {
-    let path = job_path(&job);
-    let admin_gid = conn
-        .object_server()
-        .interface::<_, Update>(PATH)
-        .await?
-        .get()
-        .await
-        .admin_gid;
-    let obj = JobObject {
-        job: job.clone(),
-        admin_gid,
-    };
-    if !conn.object_server().at(&path, obj).await? {
-        return Ok(());
+    fn iface(job: &Arc<Job>) -> UpdateJob {
+        UpdateJob { job: job.clone() }
     }
-    emit_state_changed(conn).await;
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        if let Err(e) = forward(&conn, &job, &path).await {
-            tracing::warn!(job = job.id, "progress forwarding stopped: {e}");
-        }
-        tokio::time::sleep(KEEP_FINISHED).await;
-        let _ = conn.object_server().remove::<JobObject, _>(&path).await;
-    });
-    Ok(())
+
+    async fn owner_changed(conn: &zbus::Connection) {
+        emit_state_changed(conn).await
+    }
+
+    async fn finished(
+        conn: &zbus::Connection,
+        _job: &Job,
+        path: ObjectPath<'_>,
+        (error, message): (&str, &str),
+    ) -> zbus::Result<()> {
+        let main = SignalEmitter::new(conn, PATH)?;
+        Update::install_finished(&main, path, error.is_empty(), error, message).await
+    }
 }
 
 /// Tells watchers that the main object's properties may have changed.
@@ -351,53 +285,4 @@ pub async fn emit_state_changed(conn: &zbus::Connection) {
 fn spawn_state_changed(conn: &zbus::Connection) {
     let conn = conn.clone();
     tokio::spawn(async move { emit_state_changed(&conn).await });
-}
-
-async fn forward(conn: &zbus::Connection, job: &Job, path: &OwnedObjectPath) -> zbus::Result<()> {
-    let iface = conn.object_server().interface::<_, JobObject>(path).await?;
-    let mut outcome = job.outcome();
-    let (mut last_done, mut last_phase) = (u64::MAX, "");
-    loop {
-        // The phase before the outcome: a job sets its outcome first, so a
-        // terminal phase read here always comes with its outcome.
-        let phase = job.phase();
-        let finished = outcome.borrow().clone();
-        let emitter = iface.signal_emitter();
-        let obj = iface.get().await;
-        if finished.is_some() {
-            obj.error_name_changed(emitter).await?;
-            obj.error_message_changed(emitter).await?;
-        }
-        let done = job.done.load(Ordering::Relaxed);
-        if done != last_done {
-            obj.bytes_done_changed(emitter).await?;
-            obj.eta_seconds_changed(emitter).await?;
-            last_done = done;
-        }
-        if phase != last_phase {
-            last_phase = phase;
-            obj.phase_changed(emitter).await?;
-            obj.version_changed(emitter).await?;
-            obj.slot_changed(emitter).await?;
-            obj.bytes_total_changed(emitter).await?;
-            drop(obj);
-            emit_state_changed(conn).await;
-        } else {
-            drop(obj);
-        }
-        if let Some(result) = finished {
-            let (ok, en, em) = match result {
-                Ok(()) => (true, String::new(), String::new()),
-                Err((n, m)) => (false, format!("{}.{n}", pocket_proto::ERROR_PREFIX), m),
-            };
-            emit_state_changed(conn).await;
-            let main = SignalEmitter::new(conn, PATH)?;
-            Update::install_finished(&main, path.as_ref(), ok, &en, &em).await?;
-            return Ok(());
-        }
-        tokio::select! {
-            _ = outcome.changed() => {}
-            _ = tokio::time::sleep(PROGRESS_EVERY) => {}
-        }
-    }
 }

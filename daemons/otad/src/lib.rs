@@ -45,7 +45,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         .build()
         .await?;
     if let Some(job) = resumed {
-        interface::track(&conn, job).await?;
+        pocket_daemon::job::export(&conn, &job, admin_gid).await?;
     }
     let (e, c) = (engine.clone(), conn.clone());
     tokio::spawn(async move {

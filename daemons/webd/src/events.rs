@@ -128,12 +128,11 @@ impl Events {
         }
     }
 
-    /// Adds speed and time left to a job's progress; `None` when it is too
+    /// Adds the speed to a job's progress; `None` when it is too
     /// soon after the last event for the same job and phase.
     /// `last` sends it regardless.
     fn with_rate(&self, path: &str, mut job: Value, last: bool) -> Option<Value> {
         let done = job["bytes_done"].as_u64().unwrap_or(0);
-        let total = job["bytes_total"].as_u64().unwrap_or(0);
         let phase = job["phase"].as_str().unwrap_or("").to_string();
         let now = Instant::now();
         let mut rates = self.rates.lock().unwrap();
@@ -161,14 +160,6 @@ impl Events {
         }
         r.last_sent = Some((now, phase.clone()));
         job["bytes_per_sec"] = json!(r.per_sec.round());
-        if job.get("eta_seconds").is_none() {
-            let eta = if r.per_sec > 0.0 && total >= done {
-                ((total - done) as f64 / r.per_sec).ceil() as i64
-            } else {
-                -1
-            };
-            job["eta_seconds"] = json!(eta);
-        }
         if last || phase == "done" || phase == "failed" {
             rates.remove(path);
         }
@@ -251,34 +242,43 @@ fn short_error(name: &str) -> String {
     name.rsplit('.').next().unwrap_or("").to_string()
 }
 
-/// A model install job as the page shows it; `None` once it is gone.
-pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
-    let job: models::JobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
-    Some(json!({
+/// A job as the page shows it: what every job has, then what only its
+/// kind has; `None` once it is gone.
+async fn job(
+    bus: &zbus::Connection,
+    service: &'static str,
+    path: &OwnedObjectPath,
+) -> Option<serde_json::Map<String, Value>> {
+    let job = pocket_proto::job::proxy(bus, service, path).await.ok()?;
+    let Value::Object(v) = json!({
         "id": job_id(path),
-        "name": job.name().await.ok()?,
-        "phase": job.phase().await.ok()?,
-        "bytes_done": job.bytes_done().await.ok()?,
-        "bytes_total": job.bytes_total().await.ok()?,
-        "error": short_error(&job.error_name().await.ok()?),
-        "message": job.error_message().await.ok()?,
-    }))
-}
-
-/// A system update job as the page shows it; `None` once it is gone.
-pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
-    let job: update::UpdateJobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
-    Some(json!({
-        "id": job_id(path),
-        "version": job.version().await.ok()?,
-        "slot": job.slot().await.ok()?,
         "phase": job.phase().await.ok()?,
         "bytes_done": job.bytes_done().await.ok()?,
         "bytes_total": job.bytes_total().await.ok()?,
         "eta_seconds": job.eta_seconds().await.ok()?,
         "error": short_error(&job.error_name().await.ok()?),
         "message": job.error_message().await.ok()?,
-    }))
+    }) else {
+        unreachable!("an object")
+    };
+    Some(v)
+}
+
+/// A model install job as the page shows it; `None` once it is gone.
+pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
+    let mut v = job(bus, models::BUS_NAME, path).await?;
+    let install: models::JobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
+    v.insert("name".into(), json!(install.name().await.ok()?));
+    Some(Value::Object(v))
+}
+
+/// A system update job as the page shows it; `None` once it is gone.
+pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
+    let mut v = job(bus, update::BUS_NAME, path).await?;
+    let update: update::UpdateJobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
+    v.insert("version".into(), json!(update.version().await.ok()?));
+    v.insert("slot".into(), json!(update.slot().await.ok()?));
+    Some(Value::Object(v))
 }
 
 /// The last element of a job's object path: what the page names it by.

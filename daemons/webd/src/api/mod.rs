@@ -493,15 +493,14 @@ fn job_path(prefix: &str, id: &str) -> ApiResult<OwnedObjectPath> {
 /// `NotFound`.
 async fn cancel_job(
     app: &App,
-    service: &str,
-    interface: &str,
+    service: &'static str,
     job: &OwnedObjectPath,
     daemon: &str,
 ) -> ApiResult<()> {
-    let proxy = zbus::Proxy::new(&app.bus, service, job.as_str(), interface)
+    let proxy = pocket_proto::job::proxy(&app.bus, service, job)
         .await
         .map_err(|e| ApiError::from_bus(daemon, e))?;
-    proxy.call::<_, _, ()>("Cancel", &()).await.map_err(|e| {
+    proxy.cancel().await.map_err(|e| {
         let e = ApiError::from_bus(daemon, e);
         if e.name.ends_with("UnknownObject") || e.name.ends_with("UnknownMethod") {
             ApiError::new(

@@ -84,14 +84,7 @@ pub(super) async fn cancel_model_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let job = job_path(model_bus::JOB_PATH_PREFIX, &id)?;
-    cancel_job(
-        &app,
-        model_bus::BUS_NAME,
-        "org.pocketos.Models1.Job",
-        &job,
-        "modeld",
-    )
-    .await?;
+    cancel_job(&app, model_bus::BUS_NAME, &job, "modeld").await?;
     tracing::info!("model install job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }

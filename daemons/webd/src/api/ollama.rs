@@ -7,6 +7,7 @@ use super::llm::{self, Generation, Step};
 use super::openai::{async_stream, streaming};
 use super::*;
 use pocket_proto::generate::{DoneEvent, GenerateRequest, Message};
+use pocket_proto::job::Phase;
 use serde::Serialize;
 use std::time::Duration;
 
@@ -619,19 +620,21 @@ pub(super) async fn pull(
         if !send(json!({"status": "pulling manifest"})).await {
             return;
         }
-        let mut last = (String::new(), u64::MAX);
+        let mut last = (None, u64::MAX);
         let ended = loop {
             let Some(j) = events::model_job(&app.bus, &job).await else {
                 break None;
             };
-            let phase = j["phase"].as_str().unwrap_or("").to_string();
-            if model_bus::phase::is_terminal(&phase) {
+            let Ok(phase) = j["phase"].as_str().unwrap_or("").parse::<Phase>() else {
+                break None;
+            };
+            if phase.is_terminal() {
                 break Some(j);
             }
             let done = j["bytes_done"].as_u64().unwrap_or(0);
-            if (phase.clone(), done) != last {
-                let status = match phase.as_str() {
-                    model_bus::phase::PUBLISHING => json!({"status": "verifying sha256 digest"}),
+            if (Some(phase), done) != last {
+                let status = match phase {
+                    Phase::Publishing => json!({"status": "verifying sha256 digest"}),
                     _ => json!({
                         "status": format!("pulling {name}"),
                         "digest": name,
@@ -643,12 +646,12 @@ pub(super) async fn pull(
                     // The client went; the install goes on, as Ollama's does.
                     return;
                 }
-                last = (phase, done);
+                last = (Some(phase), done);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let installed = match &ended {
-            Some(j) => j["phase"] == model_bus::phase::DONE,
+            Some(j) => j["phase"] == Phase::Done.as_str(),
             // The job is gone: the store says how it ended.
             None => llm::llm_model(&app, &name).await.is_ok(),
         };

@@ -70,14 +70,7 @@ pub(super) async fn cancel_update_job(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let job = job_path(update_bus::JOB_PATH_PREFIX, &id)?;
-    cancel_job(
-        &app,
-        update_bus::BUS_NAME,
-        "org.pocketos.Update1.Job",
-        &job,
-        "otad",
-    )
-    .await?;
+    cancel_job(&app, update_bus::BUS_NAME, &job, "otad").await?;
     tracing::info!("update job {id} cancelled from the dashboard");
     Ok(Json(json!({})))
 }
