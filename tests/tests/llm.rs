@@ -337,6 +337,13 @@ fn closing_the_stream_cancels_and_frees_the_sequence() {
     let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
     let mut lines = std::io::BufReader::new(file).lines();
     lines.next().unwrap().unwrap();
+    // npud shows the running sequence and the KV cache it fills.
+    let running = held(&w, m);
+    assert_eq!(running.sequences, 1, "{running:?}");
+    assert!(
+        running.kv_used > 0 && running.kv_used <= running.kv_reserved,
+        "{running:?}"
+    );
     drop(lines);
     let start = Instant::now();
     let next = generate(
@@ -365,6 +372,53 @@ fn closing_the_stream_cancels_and_frees_the_sequence() {
     );
     assert_eq!(next.done.finish_reason, FinishReason::Length);
     assert!(start.elapsed() < Duration::from_secs(60));
+    assert_eq!(held(&w, m).sequences, 0, "every sequence ended");
+}
+
+/// What npud says it holds of a loaded model.
+#[derive(Debug)]
+struct Held {
+    sequences: u64,
+    kv_used: u64,
+    kv_reserved: u64,
+}
+
+fn held(w: &World, model: &str) -> Held {
+    let loaded = w.ctl(&["runtime", "loaded", "--json"]).ok().json();
+    let m = loaded
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .unwrap_or_else(|| panic!("{model} not loaded: {loaded}"));
+    let n = |k: &str| m[k].as_u64().unwrap_or_else(|| panic!("no {k}: {m}"));
+    Held {
+        sequences: n("sequences_running"),
+        kv_used: n("kv_bytes_used"),
+        kv_reserved: n("kv_bytes_reserved"),
+    }
+}
+
+#[test]
+fn requests_that_arrive_together_share_one_load() {
+    let w = world(&["smollm2-int4"], "max_sequences = 4");
+    let m = "smollm2-int4";
+    // Nothing is loaded yet: four requests at once each need the model.
+    let ask = json!({"messages": chat("Hi"), "temperature": 0, "max_tokens": 2});
+    let answers: Vec<Answer> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| generate(&w, m, &ask))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for a in &answers {
+        assert_eq!(a.done.finish_reason, FinishReason::Length, "{:?}", a.done);
+    }
+    // One copy of the model, the one the budget counts, served them all.
+    let log = w.npud.as_ref().unwrap().log_text();
+    let loads = log
+        .lines()
+        .filter(|l| l.contains(": loaded model="))
+        .count();
+    assert_eq!(loads, 1, "{log}");
 }
 
 #[test]
@@ -465,6 +519,12 @@ fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
     let first = chat("What is 2+2?");
     let a = generate(&w, m, &json!({"messages": first, "temperature": 0}));
     assert_eq!(a.done.usage.cached_tokens, 0);
+    // Its keys and values stay in the KV cache, counted, for the next turn.
+    let kept = held(&w, m);
+    assert!(
+        kept.sequences == 0 && kept.kv_used > 0 && kept.kv_used <= kept.kv_reserved,
+        "{kept:?}"
+    );
     let second = json!([
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": a.text()},
@@ -490,6 +550,8 @@ fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
         serde_json::from_value(reference["generate"][0]["tokens"].clone()).unwrap();
     let want: Vec<u32> = want.into_iter().take_while(|&t| t != 2).collect();
     assert_eq!(b.tokens(), want);
+    // The longer conversation is what the cache keeps now.
+    assert!(held(&w, m).kv_used > kept.kv_used);
     // A different conversation shares only the system prompt's tokens.
     let c = generate(
         &w,

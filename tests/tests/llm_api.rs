@@ -517,11 +517,17 @@ fn a_full_box_says_busy_and_a_client_that_leaves_frees_its_sequence() {
     let mut first = String::new();
     lines.read_line(&mut first).unwrap();
     assert_eq!(metric(&api, "pocketos_llm_active_requests"), 1.0);
+    // npud's side of it: one sequence running, filling its KV cache.
+    let sequences = format!("pocketos_llm_active_sequences{{model=\"{MODEL}\"}}");
+    let kv = format!("pocketos_llm_kv_cache_bytes_used{{model=\"{MODEL}\"}}");
+    let reserved = format!("pocketos_llm_kv_cache_bytes_reserved{{model=\"{MODEL}\"}}");
+    assert_eq!(metric(&api, &sequences), 1.0);
+    assert!(metric(&api, &kv) > 0.0 && metric(&api, &kv) <= metric(&api, &reserved));
     drop(lines);
     wait_until(
-        "the abandoned generation to end",
+        "the abandoned generation to end and free its sequence",
         Duration::from_secs(2),
-        || metric(&api, "pocketos_llm_active_requests") == 0.0,
+        || metric(&api, "pocketos_llm_active_requests") == 0.0 && metric(&api, &sequences) == 0.0,
     );
     // Its sequence is free: four more run at once without a 503.
     let again: Vec<_> = (0..4)

@@ -465,16 +465,22 @@ async fn runtime(conn: &zbus::Connection, cmd: RuntimeCmd, json: bool) -> Result
                 return print_json(&l);
             }
             println!(
-                "{:<20} {:<10} {:<28} {:>10} {:>8}",
-                "NAME", "VERSION", "PROVIDER", "MEMORY", "IDLE"
+                "{:<20} {:<10} {:<28} {:>10} {:>21} {:>4} {:>8}",
+                "NAME", "VERSION", "PROVIDER", "MEMORY", "KV CACHE USED", "SEQS", "IDLE"
             );
             for m in l {
+                let kv = match m.kv_bytes_reserved {
+                    0 => "-".to_string(),
+                    r => format!("{} of {}", human(m.kv_bytes_used), human(r)),
+                };
                 println!(
-                    "{:<20} {:<10} {:<28} {:>10} {:>7}s",
+                    "{:<20} {:<10} {:<28} {:>10} {:>21} {:>4} {:>7}s",
                     m.name,
                     m.version,
                     m.provider,
                     human(m.memory_bytes),
+                    kv,
+                    m.sequences_running,
                     m.idle_ms / 1000
                 );
             }

@@ -48,7 +48,15 @@ pub struct LoadedModel {
     /// The execution provider its session runs on, honestly: `cpu (fallback
     /// from qnn)` when it wanted an accelerator it did not get.
     pub provider: String,
+    /// Weights and the KV cache counted for its sequences.
     pub memory_bytes: u64,
+    /// Of that, the KV cache (0 for a model that runs in one pass).
+    pub kv_bytes_reserved: u64,
+    /// Of the KV cache, what holds tokens now: running sequences and the
+    /// prefixes kept for reuse.
+    pub kv_bytes_used: u64,
+    /// An LLM's sequences generating now.
+    pub sequences_running: u32,
     /// Milliseconds since it last ran.
     pub idle_ms: u64,
     pub inputs: Vec<TensorSpec>,

@@ -62,6 +62,20 @@ pub enum TrustError {
 }
 
 impl TrustError {
+    /// The short `org.pocketos.Error.<name>` a daemon answers with.
+    pub fn bus_name(&self) -> &'static str {
+        match self {
+            TrustError::Expired { .. } => "Expired",
+            TrustError::Downgrade { .. } | TrustError::VersionReused { .. } => "Downgrade",
+            TrustError::Truncated { .. }
+            | TrustError::Oversized { .. }
+            | TrustError::HashMismatch { .. } => "Corrupt",
+            TrustError::Read { .. } | TrustError::Write { .. } => "Io",
+            TrustError::Store(_) => "State",
+            _ => "Untrusted",
+        }
+    }
+
     pub(crate) fn malformed(what: impl Into<String>, detail: impl ToString) -> Self {
         TrustError::Malformed {
             what: what.into(),

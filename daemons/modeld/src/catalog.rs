@@ -28,7 +28,10 @@ impl Source {
             }
             reqwest::Url::parse(&s)
                 .map(Source::Http)
-                .map_err(|e| ModelError::InvalidArgument(format!("catalog {text:?}: {e}")))
+                .map_err(|source| ModelError::BadCatalogUrl {
+                    text: text.to_string(),
+                    source,
+                })
         } else {
             Ok(Source::Dir(PathBuf::from(
                 text.strip_prefix("file://").unwrap_or(text),
@@ -37,8 +40,10 @@ impl Source {
     }
 
     fn url(&self, base: &reqwest::Url, rel: &str) -> Result<reqwest::Url, ModelError> {
-        base.join(rel)
-            .map_err(|e| ModelError::InvalidArgument(format!("{rel:?}: {e}")))
+        base.join(rel).map_err(|source| ModelError::BadPath {
+            rel: rel.to_string(),
+            source,
+        })
     }
 
     /// Reads a small file (at most [`METADATA_LIMIT`] bytes); `None` when the
@@ -57,8 +62,10 @@ impl Source {
                     return Ok(None);
                 }
                 let mut resp = resp.error_for_status().map_err(net(&url))?;
-                let too_large =
-                    || ModelError::Corrupt(format!("{url} is larger than {LIMIT} bytes"));
+                let too_large = || ModelError::TooLarge {
+                    what: url.to_string(),
+                    limit: LIMIT,
+                };
                 if resp.content_length().unwrap_or(0) > LIMIT {
                     return Err(too_large());
                 }
@@ -90,9 +97,10 @@ impl Source {
                     .await
                     .map_err(|e| ModelError::io("reading", &path, std::io::Error::other(e)))?;
                 read.map(Some).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::FileTooLarge => {
-                        ModelError::Corrupt(format!("{}: {e}", path.display()))
-                    }
+                    std::io::ErrorKind::FileTooLarge => ModelError::TooLarge {
+                        what: path.display().to_string(),
+                        limit: LIMIT,
+                    },
                     _ => ModelError::io("reading", &path, e),
                 })
             }
@@ -109,10 +117,10 @@ impl Source {
         offset: u64,
         size: u64,
     ) -> Result<ByteStream, ModelError> {
-        let wrong_size = |what: &str, total: u64| {
-            ModelError::Corrupt(format!(
-                "{what} is {total} bytes but the signed catalog says {size} (truncated or tampered)"
-            ))
+        let wrong_size = |what: &str, actual: u64| ModelError::WrongSize {
+            what: what.to_string(),
+            actual,
+            signed: size,
         };
         match self {
             Source::Http(base) => {
@@ -133,9 +141,9 @@ impl Source {
                         .and_then(|v| v.rsplit('/').next())
                         .and_then(|t| t.parse::<u64>().ok())
                 } else if offset > 0 {
-                    return Err(ModelError::Network(format!(
-                        "{url} does not support resuming (HTTP Range)"
-                    )));
+                    return Err(ModelError::NoRange {
+                        url: url.to_string(),
+                    });
                 } else {
                     resp.content_length()
                 };
@@ -186,14 +194,9 @@ pub fn file_stream(f: tokio::fs::File, path: PathBuf) -> ByteStream {
 }
 
 fn net(url: &reqwest::Url) -> impl Fn(reqwest::Error) -> ModelError + '_ {
-    move |e| {
-        let mut msg = format!("{url}: {e}");
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            msg.push_str(&format!(": {s}"));
-            src = s.source();
-        }
-        ModelError::Network(msg)
+    move |source| ModelError::Http {
+        url: url.to_string(),
+        source,
     }
 }
 
@@ -255,8 +258,9 @@ async fn load_one(
     let bytes = source
         .read_small(http, CATALOG_FILE)
         .await?
-        .ok_or_else(|| {
-            ModelError::Network(format!("{} has no {CATALOG_FILE}", source.describe()))
+        .ok_or_else(|| ModelError::NoCatalog {
+            place: source.describe(),
+            file: CATALOG_FILE,
         })?;
     let env = Envelope::from_bytes("catalog", &bytes)?;
     let signed = Catalog::verify(keyring, &env, now)?;

@@ -60,7 +60,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ModelError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ModelError::State(format!("worker failed: {e}")))?
+        .map_err(|source| ModelError::Worker {
+            what: "a worker",
+            source,
+        })?
 }
 
 enum PumpEnd {
@@ -101,7 +104,7 @@ impl Engine {
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(60))
             .build()
-            .map_err(|e| ModelError::Network(e.to_string()))?;
+            .map_err(ModelError::HttpClient)?;
         let limits = Limits {
             mem_total: crate::install::mem_total(&cfg.meminfo),
             reserve_bytes: cfg.reserve_bytes,
@@ -146,12 +149,13 @@ impl Engine {
     }
 
     async fn keyring(&self) -> Result<Keyring, ModelError> {
-        self.keyring.lock().await.clone().ok_or_else(|| {
-            ModelError::Untrusted(format!(
-                "no usable keyring in {}",
-                self.cfg.keyring_dir.display()
-            ))
-        })
+        self.keyring
+            .lock()
+            .await
+            .clone()
+            .ok_or_else(|| ModelError::NoKeyring {
+                dir: self.cfg.keyring_dir.clone(),
+            })
     }
 
     /// `ok`, or what is degraded.
@@ -189,10 +193,9 @@ impl Engine {
         self.refresh().await?;
         let catalogs = self.catalogs.lock().await.clone();
         if catalogs.entries.is_empty() && !catalogs.problems.is_empty() {
-            return Err(ModelError::Untrusted(format!(
-                "no usable catalog: {}",
-                catalogs.problems.join("; ")
-            )));
+            return Err(ModelError::NoUsableCatalog {
+                problems: catalogs.problems,
+            });
         }
         let installed = self.store.installed()?;
         let free = self.store.free_bytes();
@@ -229,7 +232,9 @@ impl Engine {
         let m = self
             .store
             .get(name)?
-            .ok_or_else(|| ModelError::NotInstalled(name.to_string()))?;
+            .ok_or_else(|| ModelError::NotInstalled {
+                name: name.to_string(),
+            })?;
         Ok(self.info_of(&m))
     }
 
@@ -291,14 +296,16 @@ impl Engine {
             match catalogs.find(name) {
                 Some(found) => found.clone(),
                 None if catalogs.problems.is_empty() => {
-                    return Err(ModelError::NotInCatalog(name.to_string()))
+                    return Err(ModelError::NotInCatalog {
+                        name: name.to_string(),
+                    })
                 }
                 // Say why a catalog that may list it was refused.
                 None => {
-                    return Err(ModelError::Untrusted(format!(
-                        "no model named {name:?} in any usable catalog; refused: {}",
-                        catalogs.problems.join("; ")
-                    )))
+                    return Err(ModelError::CatalogRefused {
+                        name: name.to_string(),
+                        problems: catalogs.problems.clone(),
+                    })
                 }
             }
         };
@@ -439,11 +446,10 @@ impl Engine {
                         if writer.pos() >= entry.pack.size {
                             break;
                         }
-                        ModelError::Network(format!(
-                            "connection closed at byte {} of {}",
-                            writer.pos(),
-                            entry.pack.size
-                        ))
+                        ModelError::ClosedEarly {
+                            at: writer.pos(),
+                            size: entry.pack.size,
+                        }
                     }
                     PumpEnd::Interrupted(w, e) => {
                         writer = w;
@@ -451,7 +457,7 @@ impl Engine {
                     }
                     // What a power cut left in a partial file did not hash
                     // out; that file was dropped and is fetched again.
-                    PumpEnd::Failed(e @ ModelError::ResumeDamaged(_)) => {
+                    PumpEnd::Failed(e @ ModelError::ResumeDamaged { .. }) => {
                         writer = open_writer().await?;
                         e
                     }
@@ -466,7 +472,7 @@ impl Engine {
             }
             tracing::warn!(model = %entry.name, "download interrupted ({interrupted}), resuming");
             tokio::select! {
-                _ = job.cancelled() => return Err(ModelError::Cancelled(entry.name.clone())),
+                _ = job.cancelled() => return Err(ModelError::Cancelled { name: entry.name.clone() }),
                 _ = tokio::time::sleep(Duration::from_millis(250 << failures.min(5))) => {}
             }
         }
@@ -572,9 +578,9 @@ impl Engine {
 
     pub async fn remove(&self, name: &str) -> Result<(), ModelError> {
         if self.jobs.lock().expect("not poisoned").contains_key(name) {
-            return Err(ModelError::InvalidArgument(format!(
-                "model {name:?} is being installed; cancel the install first"
-            )));
+            return Err(ModelError::Installing {
+                name: name.to_string(),
+            });
         }
         let store = self.store.clone();
         let name = name.to_string();
@@ -589,9 +595,9 @@ impl Engine {
     pub async fn remove_partial(&self, name: &str) -> Result<u64, ModelError> {
         pocket_models::validate_name(name)?;
         if self.jobs.lock().expect("not poisoned").contains_key(name) {
-            return Err(ModelError::InvalidArgument(format!(
-                "model {name:?} is being installed; cancel the install first"
-            )));
+            return Err(ModelError::Installing {
+                name: name.to_string(),
+            });
         }
         self.store.clear_pending(name)?;
         Ok(self
@@ -627,7 +633,9 @@ async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> Pump
         tokio::select! {
             biased;
             _ = job.cancelled() => {
-                broke = Some(ModelError::Cancelled(job.detail.name()));
+                broke = Some(ModelError::Cancelled {
+                    name: job.detail.name(),
+                });
                 break;
             }
             item = stream.next() => match item {
@@ -652,6 +660,9 @@ async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> Pump
             Some(e) => PumpEnd::Failed(e),
         },
         Ok(Err(e)) => PumpEnd::Failed(e),
-        Err(e) => PumpEnd::Failed(ModelError::State(format!("writer failed: {e}"))),
+        Err(source) => PumpEnd::Failed(ModelError::Worker {
+            what: "the pack writer",
+            source,
+        }),
     }
 }

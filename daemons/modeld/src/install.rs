@@ -28,11 +28,11 @@ pub struct Limits {
 impl Limits {
     pub fn check_memory(&self, name: &str, needed: u64) -> Result<(), ModelError> {
         match self.mem_total {
-            Some(total) if needed > total => Err(ModelError::InsufficientMemory(format!(
-                "model {name:?} needs {} of memory but this box has {}",
-                human(needed),
-                human(total)
-            ))),
+            Some(total) if needed > total => Err(ModelError::InsufficientMemory {
+                name: name.to_string(),
+                needed,
+                total,
+            }),
             _ => Ok(()),
         }
     }
@@ -354,9 +354,9 @@ impl PackWriter {
                 let _ = std::fs::remove_file(&path);
                 if self.resumed == Some(self.index) {
                     // Unsynced bytes a power cut tore: fetch the file anew.
-                    return Err(ModelError::ResumeDamaged(
-                        self.files()[self.index].path.clone(),
-                    ));
+                    return Err(ModelError::ResumeDamaged {
+                        file: self.files()[self.index].path.clone(),
+                    });
                 }
                 return Err(e.into());
             }
@@ -409,5 +409,34 @@ impl PackWriter {
         }
         let _ = fsync_dir(self.store.root());
         Ok((self.manifest.take().expect("complete"), self.digest.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_is_refused_only_beyond_what_the_box_has() {
+        let known = Limits {
+            mem_total: Some(2 << 30),
+            reserve_bytes: 0,
+        };
+        assert!(known.check_memory("m", 2 << 30).is_ok());
+        let e = known.check_memory("m", (2 << 30) + 1).unwrap_err();
+        assert_eq!(e.name(), "InsufficientMemory");
+        // A box whose memory cannot be read does not refuse.
+        let unknown = Limits {
+            mem_total: None,
+            reserve_bytes: 0,
+        };
+        assert!(unknown.check_memory("m", u64::MAX).is_ok());
+    }
+
+    #[test]
+    fn sizes_read_as_a_person_reads_them() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(3 << 30), "3.0 GiB");
     }
 }

@@ -205,10 +205,10 @@ impl Store {
     pub fn publish(&self, model: &InstalledModel, digest: &str) -> Result<(), ModelError> {
         let _g = self.guard();
         if let Some(f) = model.files.iter().find(|f| !self.has_blob(&f.sha256)) {
-            return Err(ModelError::Corrupt(format!(
-                "file {:?} of model {:?} is missing from the store",
-                f.path, model.name
-            )));
+            return Err(ModelError::MissingBlob {
+                model: model.name.clone(),
+                file: f.path.clone(),
+            });
         }
         let subject = format!("model:{}", model.name);
         self.floors.check(&subject, &model.version, digest)?;
@@ -230,7 +230,9 @@ impl Store {
             .remove(name)?
             .map(|v| decode::<InstalledModel>(v.value()))
             .transpose()?
-            .ok_or_else(|| ModelError::NotInstalled(name.to_string()))?;
+            .ok_or_else(|| ModelError::NotInstalled {
+                name: name.to_string(),
+            })?;
         txn.commit()?;
         self.reconcile_locked()?;
         Ok(old)
@@ -436,7 +438,7 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ModelError> {
-    serde_json::from_slice(b).map_err(ModelError::state)
+    Ok(serde_json::from_slice(b)?)
 }
 
 #[cfg(test)]

@@ -1,13 +1,15 @@
 //! npud: the PocketOS inference runtime behind `org.pocketos.Runtime1`.
 //!
-//! - [`runtime`]: ONNX Runtime, provider choice, loaded models and the
-//!   memory budget (the core room);
+//! - [`runtime`]: ONNX Runtime, provider choice and loaded models;
+//! - [`budget`]: the memory budget's decisions (which models give way),
+//!   without I/O;
 //! - [`tensor`]: tensors between the bus and ONNX Runtime;
 //! - [`llm`]: the LLM engine (tokenizer, chat template, sampling, KV
 //!   cache) behind `Generate`;
 //! - [`peers`]: modeld and powerd, which may be absent;
 //! - [`interface`]: the bus surface.
 
+pub mod budget;
 pub mod config;
 pub mod error;
 pub mod interface;

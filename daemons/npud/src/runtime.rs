@@ -8,7 +8,7 @@ use ort::ep::{self, ExecutionProvider};
 use ort::session::Session;
 use pocket_proto::runtime::{LoadedModel, Providers, TensorSpec};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -72,6 +72,29 @@ pub struct Loaded {
     pub waiting: AtomicUsize,
     /// The engine that batches a shared-buffer LLM's sequences.
     pub batcher: Option<crate::llm::batch::Batcher>,
+    /// What the LLM's KV cache holds now.
+    pub kv_use: KvUse,
+}
+
+/// An LLM's sequences and the tokens their KV caches hold, as the batching
+/// engine last counted them and as sequences that run alone count
+/// themselves.
+#[derive(Debug, Default)]
+pub struct KvUse {
+    pub batched_rows: AtomicUsize,
+    pub batched_tokens: AtomicU64,
+    pub alone_rows: AtomicUsize,
+    pub alone_tokens: AtomicU64,
+}
+
+impl KvUse {
+    /// (sequences running, tokens held).
+    pub fn now(&self) -> (usize, u64) {
+        (
+            self.batched_rows.load(Ordering::Relaxed) + self.alone_rows.load(Ordering::Relaxed),
+            self.batched_tokens.load(Ordering::Relaxed) + self.alone_tokens.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl std::fmt::Debug for Loaded {
@@ -120,11 +143,19 @@ impl Loaded {
     }
 
     pub fn view(&self) -> LoadedModel {
+        let (running, tokens) = self.kv_use.now();
+        let per_token = self
+            .llm
+            .as_ref()
+            .map_or(0, |l| l.shape.kv_bytes_per_token());
         LoadedModel {
             name: self.record.name.clone(),
             version: self.record.version.clone(),
             provider: self.provider.clone(),
             memory_bytes: self.footprint(),
+            kv_bytes_reserved: self.kv_bytes,
+            kv_bytes_used: tokens.saturating_mul(per_token).min(self.kv_bytes),
+            sequences_running: running as u32,
             idle_ms: self.idle_ms(),
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
@@ -316,6 +347,10 @@ pub struct Runtime {
     plugin_problems: Vec<String>,
     devices: Vec<String>,
     models: Mutex<HashMap<String, Arc<Loaded>>>,
+    /// One load at a time: requests that arrive together for a model not
+    /// loaded yet wait for the first one's load and share it, instead of
+    /// each loading a copy the budget never counted.
+    loads: Mutex<()>,
     threads: usize,
 }
 
@@ -344,6 +379,7 @@ impl Runtime {
             plugin_problems: Vec::new(),
             devices: Vec::new(),
             models: Mutex::new(HashMap::new()),
+            loads: Mutex::new(()),
             threads,
             cfg,
         };
@@ -513,6 +549,7 @@ impl Runtime {
     pub fn load(&self, record: ModelRecord, requested: &str) -> Result<Arc<Loaded>, RuntimeError> {
         self.ready()?;
         let (short, provider) = self.select(requested)?;
+        let _one_load = self.loads.lock().expect("not poisoned");
         if let Some(m) = self.get(&record.name) {
             if m.record.version == record.version
                 && (requested.is_empty() || m.provider == provider)
@@ -580,6 +617,7 @@ impl Runtime {
             kv_bytes,
             sequences: Arc::new(tokio::sync::Semaphore::new(self.cfg.max_sequences.max(1))),
             waiting: AtomicUsize::new(0),
+            kv_use: KvUse::default(),
             batcher: batched
                 .map(|capacity| crate::llm::batch::Batcher::start(model.clone(), rows, capacity)),
         });
@@ -602,33 +640,22 @@ impl Runtime {
     fn make_room(&self, record: &ModelRecord, extra: u64) -> Result<(), RuntimeError> {
         let budget = self.budget();
         let needed = record.memory_bytes.saturating_add(extra);
-        let over = |free: u64| RuntimeError::OverBudget {
-            name: record.name.clone(),
-            needed: needed.div_ceil(MIB),
-            free: free / MIB,
-            budget: budget / MIB,
-        };
-        if needed > budget {
-            return Err(over(budget.saturating_sub(self.used())));
-        }
         let mut models = self.models.lock().expect("not poisoned");
-        loop {
-            let used: u64 = models.values().map(|m| m.footprint()).sum();
-            if used + needed <= budget {
-                return Ok(());
-            }
-            let victim = models
-                .values()
-                .filter(|m| m.busy.load(Ordering::SeqCst) == 0 && m.record.name != record.name)
-                .max_by_key(|m| m.idle_ms())
-                .map(|m| m.record.name.clone());
-            match victim {
-                Some(name) => {
+        let held = held(&models);
+        match crate::budget::make_room(&held, &record.name, needed, budget) {
+            Ok(victims) => {
+                for name in victims {
                     tracing::info!(model = %name, "unloaded to make room for {}", record.name);
                     models.remove(&name);
                 }
-                None => return Err(over(budget.saturating_sub(used))),
+                Ok(())
             }
+            Err(no) => Err(RuntimeError::OverBudget {
+                name: record.name.clone(),
+                needed: needed.div_ceil(MIB),
+                free: no.free / MIB,
+                budget: budget / MIB,
+            }),
         }
     }
 
@@ -645,15 +672,24 @@ impl Runtime {
     pub fn reap_idle(&self) -> Vec<String> {
         let keep = self.cfg.keep_alive_secs * 1000;
         let mut models = self.models.lock().expect("not poisoned");
-        let idle: Vec<String> = models
-            .values()
-            .filter(|m| m.busy.load(Ordering::SeqCst) == 0 && m.idle_ms() >= keep)
-            .map(|m| m.record.name.clone())
-            .collect();
+        let idle = crate::budget::idle_past(&held(&models), keep);
         for n in &idle {
             models.remove(n);
             tracing::info!(model = %n, "unloaded after keep-alive");
         }
         idle
     }
+}
+
+/// The loaded models as the budget's decisions see them.
+fn held(models: &HashMap<String, Arc<Loaded>>) -> Vec<crate::budget::Held> {
+    models
+        .values()
+        .map(|m| crate::budget::Held {
+            name: m.record.name.clone(),
+            bytes: m.footprint(),
+            busy: m.busy.load(Ordering::SeqCst) > 0,
+            idle_ms: m.idle_ms(),
+        })
+        .collect()
 }

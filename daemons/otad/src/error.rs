@@ -77,7 +77,7 @@ impl UpdateError {
     pub fn name(&self) -> &'static str {
         match self {
             UpdateError::Bundle(b) => match b {
-                BundleError::Trust(t) => trust_name(t),
+                BundleError::Trust(t) => t.bus_name(),
                 BundleError::Incompatible { .. } => "Incompatible",
                 BundleError::Io(_) => "Io",
                 _ => "Corrupt",
@@ -105,19 +105,6 @@ impl UpdateError {
     /// Whether the same install can pick up where it stopped.
     pub fn resumable(&self) -> bool {
         matches!(self, UpdateError::Network(_))
-    }
-}
-
-fn trust_name(t: &TrustError) -> &'static str {
-    match t {
-        TrustError::Expired { .. } => "Expired",
-        TrustError::Downgrade { .. } | TrustError::VersionReused { .. } => "Downgrade",
-        TrustError::Truncated { .. }
-        | TrustError::Oversized { .. }
-        | TrustError::HashMismatch { .. } => "Corrupt",
-        TrustError::Read { .. } | TrustError::Write { .. } => "Io",
-        TrustError::Store(_) => "State",
-        _ => "Untrusted",
     }
 }
 

@@ -223,7 +223,8 @@ function renderModels() {
     el("td", {}, i.name, el("small", {}, i.description)),
     el("td", {}, i.version),
     el("td", {}, bytes(i.size_bytes)),
-    el("td", { class: "provider" }, i.provider || "not loaded"),
+    el("td", { class: "provider" }, i.provider || "not loaded",
+      i.kv_bytes_reserved ? el("small", { class: "held" }, `${bytes(i.weights_bytes)} weights + ${bytes(i.kv_bytes_reserved)} KV cache`) : ""),
     el("td", {},
       i.llm
         ? el("button", { type: "button", class: "chat", onclick: () => chatWith(i.name) }, "Chat")

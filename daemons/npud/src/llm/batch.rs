@@ -20,6 +20,7 @@ use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 use pocket_proto::generate::DoneEvent;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Weak;
 
@@ -148,6 +149,9 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 });
             }
         }
+        // Counted before any of the turn's events goes out: a client that
+        // sees its first token sees its sequence counted.
+        count(&m, &active, &filling, &parked);
         // One chunk of the prompt being read, in the row after the others.
         if let Some(mut row) = filling.take() {
             let at = active.len();
@@ -243,8 +247,19 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 pool.move_row(last + 1, last, f.stream.cached);
             }
         }
+        count(&m, &active, &filling, &parked);
         drop(m);
     }
+}
+
+/// Tells the model's [`crate::runtime::KvUse`] the sequences running and
+/// the tokens the pool holds for them and for the parked prefixes.
+fn count(m: &Loaded, active: &[Row], filling: &Option<Row>, parked: &[Parked]) {
+    let rows = active.iter().chain(filling);
+    let held = rows.clone().map(|r| r.stream.cached).sum::<usize>()
+        + parked.iter().map(|p| p.tokens.len()).sum::<usize>();
+    m.kv_use.batched_rows.store(rows.count(), Relaxed);
+    m.kv_use.batched_tokens.store(held as u64, Relaxed);
 }
 
 /// Runs the decoder once on rows `first..first + batch.len()` of the pool,

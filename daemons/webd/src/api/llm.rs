@@ -537,14 +537,48 @@ pub(super) async fn health(State(app): AppState) -> Response {
     (code, Json(body)).into_response()
 }
 
-/// `GET /metrics`.
+/// `GET /metrics`: webd's own counters, then what npud holds for each
+/// loaded model (absent while npud is not running).
 pub(super) async fn metrics(State(app): AppState) -> Response {
+    let mut text = app.metrics.render();
+    if let Some(loaded) = async { npud(&app).await.ok()?.loaded().await.ok() }.await {
+        render_loaded(&mut text, &loaded);
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        app.metrics.render(),
+        text,
     )
         .into_response()
+}
+
+/// Per-model gauges from npud's `Loaded()`.
+fn render_loaded(out: &mut String, loaded: &[runtime::LoadedModel]) {
+    use std::fmt::Write;
+    type Read = fn(&runtime::LoadedModel) -> u64;
+    let series: [(&str, &str, Read); 3] = [
+        (
+            "pocketos_llm_active_sequences",
+            "Sequences generating now, by model.",
+            |m| m.sequences_running.into(),
+        ),
+        (
+            "pocketos_llm_kv_cache_bytes_used",
+            "KV cache holding tokens now (running sequences and prefixes kept for reuse), by model.",
+            |m| m.kv_bytes_used,
+        ),
+        (
+            "pocketos_llm_kv_cache_bytes_reserved",
+            "KV cache counted against npud's memory budget, by model.",
+            |m| m.kv_bytes_reserved,
+        ),
+    ];
+    for (name, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for m in loaded.iter().filter(|m| m.kv_bytes_reserved > 0) {
+            let _ = writeln!(out, "{name}{{model=\"{}\"}} {}", m.name, value(m));
+        }
+    }
 }

@@ -35,6 +35,11 @@ pub(super) async fn models_state(_r: Reader, State(app): AppState) -> ApiResult<
                 "loaded": l.is_some(),
                 "llm": i.files.iter().any(|f| f.path == "genai_config.json"),
                 "provider": l.map(|l| l.provider.clone()),
+                // What the loaded model holds: its weights, and the KV
+                // cache counted for its sequences (0 unless an LLM).
+                "weights_bytes": l.map(|l| l.memory_bytes.saturating_sub(l.kv_bytes_reserved)),
+                "kv_bytes_reserved": l.map(|l| l.kv_bytes_reserved),
+                "kv_bytes_used": l.map(|l| l.kv_bytes_used),
             })
         })
         .collect();
