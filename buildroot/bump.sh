@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Pins the PocketOS commit that the Buildroot packages build. It makes the
-# source tarball exactly as Buildroot does (its git download backend, then
-# its cargo vendoring step, with Buildroot's own scripts) and writes the
-# tarball's sha256 into every PocketOS package's .hash.
+# Pins a PocketOS release for the Buildroot packages, which otherwise build
+# the checkout this tree lives in. It makes the source tarball exactly as
+# Buildroot does (its git download backend, then its cargo vendoring step,
+# with Buildroot's own scripts), sets POCKETOS_VERSION in external.mk and
+# writes the tarball's sha256 into every PocketOS package's .hash. Commit
+# that at a release tag; `git checkout buildroot/` goes back to in-tree
+# builds.
 #
 #   BUILDROOT_DIR=/path/to/buildroot buildroot/bump.sh [COMMIT]
 #
@@ -34,7 +37,7 @@ if [ -n "${BR2_DL_DIR:-}" ]; then
     cp "$work/dl/pocketos/$tarball" "$BR2_DL_DIR/pocketos/$tarball"
 fi
 
-sed -i "s/^POCKETOS_VERSION = .*/POCKETOS_VERSION = $commit/" "$tree/external.mk"
+sed -i "s/^POCKETOS_VERSION =.*/POCKETOS_VERSION = $commit/" "$tree/external.mk"
 for mk in "$tree"/package/*/*.mk; do
     grep -q 'cargo-package' "$mk" || continue
     cat >"${mk%.mk}.hash" <<HASH

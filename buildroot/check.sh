@@ -3,8 +3,8 @@
 #
 # Offline, always: every package has its .mk, its .hash and a Config.in
 # (Config.in.host for host-only ones) that the tree's Config.in sources;
-# everything Config.in sources exists; the PocketOS packages agree on one
-# source tarball; every package a defconfig enables is in the tree or in
+# everything Config.in sources exists; the PocketOS packages build this
+# checkout, or agree on one pinned source tarball; every package a defconfig enables is in the tree or in
 # Buildroot's naming; the board files the defconfigs name exist.
 #
 # With BUILDROOT_DIR (a Buildroot release checked out outside this
@@ -41,17 +41,25 @@ while read -r path; do
     [ -f "${path/\$BR2_EXTERNAL_POCKETOS_PATH/$tree}" ] || fail "Config.in sources a missing $path"
 done < <(sed -n 's/^source "\(.*\)"$/\1/p' Config.in)
 
-# One PocketOS tarball, one hash: every cargo package's .hash lists it.
-version=$(sed -n 's/^POCKETOS_VERSION = //p' external.mk)
-tarball=pocketos-$version-git4-cargo5.tar.gz
+# The PocketOS source: this checkout (no pin), or one pinned tarball whose
+# sha256 every cargo package's .hash lists (buildroot/bump.sh).
+version=$(sed -n 's/^POCKETOS_VERSION =[[:space:]]*//p' external.mk)
 for mk in package/*/*.mk; do
     grep -q 'cargo-package' "$mk" || continue
     hash=${mk%.mk}.hash
-    grep -qE "^sha256 +[0-9a-f]{64} +$tarball$" "$hash" \
-        || fail "$hash has no sha256 for $tarball (buildroot/bump.sh re-pins)"
+    grep -qE "^sha256 +[0-9a-f]{64} +LICENSE$" "$hash" || fail "$hash has no sha256 for LICENSE"
+    if [ -z "$version" ]; then
+        ! grep -q 'pocketos-.*\.tar' "$hash" \
+            || fail "$hash pins a tarball, but external.mk builds this checkout"
+    else
+        grep -qE "^sha256 +[0-9a-f]{64} +pocketos-$version-git4-cargo5.tar.gz$" "$hash" \
+            || fail "$hash has no sha256 for PocketOS $version (buildroot/bump.sh re-pins)"
+    fi
 done
-[ "$(cat package/*/*.hash | grep -E " $tarball$" | sort -u | wc -l)" -le 1 ] \
-    || fail "the packages' .hash files disagree on $tarball"
+if [ -n "$version" ]; then
+    [ "$(cat package/*/*.hash | grep -E " pocketos-$version-git4-cargo5.tar.gz$" | sort -u | wc -l)" -le 1 ] \
+        || fail "the packages' .hash files disagree on PocketOS $version"
+fi
 
 # Defconfigs: our packages exist; the files they name exist.
 for defconfig in configs/*_defconfig; do

@@ -1,26 +1,50 @@
-# PocketOS's packages all build one source: the PocketOS repository at
-# POCKETOS_VERSION, fetched with git and its crates vendored by Buildroot's
-# cargo download step, so the build itself runs offline. Each package's
-# .hash holds the sha256 of that one tarball. buildroot/bump.sh [COMMIT]
-# re-pins both, with Buildroot's own download scripts; a build of the
-# checkout this tree is in runs it for HEAD first (see README.md).
-POCKETOS_VERSION = 199d48cc808ed9a65d8871193300bbc90ec3575d
+# PocketOS's packages all build one source. By default it is the checkout
+# this tree lives in (Buildroot's local site method): each package rsyncs it
+# without target/, output/ and .git, and vendors its crates from Cargo.lock
+# before it builds, into Buildroot's cargo home, where later builds find
+# them. So a build of any commit builds that commit, with no pin to keep
+# up. A release pins a commit instead: buildroot/bump.sh COMMIT sets
+# POCKETOS_VERSION and, in every PocketOS package's .hash, the sha256 of the
+# tarball Buildroot makes of it (git, then cargo vendoring), and the
+# packages then fetch that tarball.
+POCKETOS_VERSION =
+POCKETOS_LICENSE = Apache-2.0
+POCKETOS_LICENSE_FILES = LICENSE
+ifeq ($(POCKETOS_VERSION),)
+POCKETOS_SITE = $(realpath $(BR2_EXTERNAL_POCKETOS_PATH)/..)
+POCKETOS_SITE_METHOD = local
+else
 POCKETOS_SITE = https://github.com/pocketos/pocketos.git
 POCKETOS_SITE_METHOD = git
 POCKETOS_SOURCE = pocketos-$(POCKETOS_VERSION)-git4-cargo5.tar.gz
-POCKETOS_LICENSE = Apache-2.0
-POCKETOS_LICENSE_FILES = LICENSE
+endif
 
 # The source every PocketOS package builds, for the package whose
 # upper-case name is $(1): $(eval $(call pocketos-source,POCKET_MODELD)).
 define pocketos-source
-$(1)_VERSION = $$(POCKETOS_VERSION)
 $(1)_SITE = $$(POCKETOS_SITE)
 $(1)_SITE_METHOD = $$(POCKETOS_SITE_METHOD)
-$(1)_SOURCE = $$(POCKETOS_SOURCE)
-$(1)_DL_SUBDIR = pocketos
 $(1)_LICENSE = $$(POCKETOS_LICENSE)
 $(1)_LICENSE_FILES = $$(POCKETOS_LICENSE_FILES)
+ifeq ($(POCKETOS_SITE_METHOD),local)
+$(1)_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = \
+	--exclude=/target --exclude=/output --exclude=/fuzz/target
+$(1)_PRE_CONFIGURE_HOOKS += POCKETOS_CARGO_VENDOR
+else
+$(1)_VERSION = $$(POCKETOS_VERSION)
+$(1)_SOURCE = $$(POCKETOS_SOURCE)
+$(1)_DL_SUBDIR = pocketos
+endif
+endef
+
+# A checkout's crates, vendored as Buildroot's cargo download step does for
+# a tarball, once host-rustc is built: the build then runs --offline.
+define POCKETOS_CARGO_VENDOR
+	mkdir -p $(@D)/.cargo $(BR_CARGO_HOME)
+	cd $(@D) && $(HOST_MAKE_ENV) CARGO_HOME=$(BR_CARGO_HOME) \
+		flock $(BR_CARGO_HOME)/.br-lock \
+		cargo vendor --manifest-path Cargo.toml --locked VENDOR \
+		>$(@D)/.cargo/config.toml
 endef
 
 # A daemon package, for the package whose upper-case name is $(1) and

@@ -797,6 +797,15 @@ fn an_llm_pack_records_its_shape_and_the_fit_check_counts_its_kv_cache() {
         .unwrap()
         .clone();
     assert_eq!(entry["fits_memory"], false, "{entry}");
+    // The catalog shows both: the weights, and the KV cache of 2,048 tokens
+    // of 30 layers, 3 KV heads of 64 floats, keys and values.
+    assert_eq!(entry["kv_bytes"], 2048 * 30 * 3 * 64 * 4 * 2, "{entry}");
+    assert!(
+        entry["memory_bytes"].as_u64().unwrap() > 200_000_000,
+        "{entry}"
+    );
+    let table = w.ctl(&["model", "catalog"]).ok().stdout;
+    assert!(table.contains(" KV"), "{table}");
     w.ctl(&["model", "install", "smollm2"])
         .fails_with("(InsufficientMemory)");
     assert!(

@@ -311,8 +311,8 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 return print_json(&cat);
             }
             println!(
-                "{:<20} {:<10} {:>10}  {:<10} NOTE",
-                "NAME", "VERSION", "SIZE", "INSTALLED"
+                "{:<20} {:<10} {:>10} {:>21}  {:<10} NOTE",
+                "NAME", "VERSION", "SIZE", "MEMORY", "INSTALLED"
             );
             for c in cat {
                 let mut note = Vec::new();
@@ -322,11 +322,17 @@ async fn model(conn: &zbus::Connection, cmd: ModelCmd, json: bool) -> Result<()>
                 if !c.fits_memory {
                     note.push("does not fit memory");
                 }
+                // Weights, and an LLM's KV cache beside them.
+                let memory = match c.kv_bytes {
+                    0 => human(c.memory_bytes),
+                    kv => format!("{} + {} KV", human(c.memory_bytes), human(kv)),
+                };
                 println!(
-                    "{:<20} {:<10} {:>10}  {:<10} {}",
+                    "{:<20} {:<10} {:>10} {:>21}  {:<10} {}",
                     c.name,
                     c.version,
                     human(c.size_bytes),
+                    memory,
                     if c.installed_version.is_empty() {
                         "-"
                     } else {

@@ -40,7 +40,11 @@ pub struct CatalogModel {
     pub version: String,
     pub description: String,
     pub size_bytes: u64,
+    /// Memory the model's weights take.
     pub memory_bytes: u64,
+    /// Beside the weights, an LLM's KV cache for one sequence at the context
+    /// the fit check counts; 0 for other models.
+    pub kv_bytes: u64,
     /// Version installed now, empty when none.
     pub installed_version: String,
     pub fits_disk: bool,

@@ -210,6 +210,7 @@ impl Engine {
                     description: e.description.clone(),
                     size_bytes: e.size_bytes,
                     memory_bytes: e.memory_bytes,
+                    kv_bytes: e.llm.as_ref().map_or(0, |l| l.fit_kv_bytes()),
                     installed_version: have.map(|m| m.version.to_string()).unwrap_or_default(),
                     fits_disk: e.size_bytes + self.limits.reserve_bytes <= free,
                     fits_memory: self.limits.check_memory(&e.name, e.memory_needed()).is_ok(),

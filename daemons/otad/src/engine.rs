@@ -15,7 +15,7 @@ use crate::error::UpdateError;
 use crate::install::{Job, Stream, Update};
 use crate::source::Source;
 use crate::state::{InstallRecord, SlotRecord, State, BUNDLE_SUBJECT};
-use pocket_ota::{BundleError, VerifiedHeader};
+use pocket_ota::VerifiedHeader;
 use pocket_proto::job::Phase;
 use pocket_proto::update::{SlotStatus, UpdateCheck};
 use pocket_trust::{Keyring, Version};
@@ -116,12 +116,7 @@ impl Engine {
     }
 
     fn other_slot(&self, slot: &str) -> String {
-        self.system
-            .slots
-            .keys()
-            .find(|s| *s != slot)
-            .cloned()
-            .expect("two slots")
+        crate::plan::other_slot(self.system.slots.keys(), slot)
     }
 
     pub fn primary(&self) -> String {
@@ -335,45 +330,14 @@ impl Engine {
     fn admit(&self, header: &[u8], len: u64) -> Result<(VerifiedHeader, String), UpdateError> {
         let vh = VerifiedHeader::verify(&self.keyring()?, header, SystemTime::now())?;
         vh.check_compatible(&self.system.compatible)?;
-        let m = vh.manifest();
-        let expected = m.bundle_len(vh.header_len);
-        if len > expected {
-            return Err(BundleError::Oversized {
-                size: len,
-                expected,
-            }
-            .into());
-        }
-        if len < expected {
-            let (p, span) = m
-                .payloads
-                .iter()
-                .zip(m.spans(vh.header_len))
-                .find(|(_, s)| s.offset + s.size > len)
-                .expect("a payload ends past a short bundle");
-            return Err(BundleError::Truncated {
-                payload: p.name.clone(),
-                got: len.saturating_sub(span.offset),
-                expected: p.size,
-            }
-            .into());
-        }
-        let floor = self.state.security_floor()?;
-        if m.security_version < floor {
-            return Err(UpdateError::SecurityFloor {
-                offered: m.security_version,
-                floor,
-            });
-        }
-        let running = self.system_version();
-        if let Ok(rv) = running.parse::<Version>() {
-            if *vh.version() < rv {
-                return Err(UpdateError::Downgrade {
-                    offered: vh.version().to_string(),
-                    running,
-                });
-            }
-        }
+        crate::plan::admit(
+            vh.manifest(),
+            vh.header_len,
+            len,
+            vh.version(),
+            self.state.security_floor()?,
+            &self.system_version(),
+        )?;
         let target = self.other_slot(self.booted()?);
         Ok((vh, target))
     }
@@ -468,14 +432,8 @@ impl Engine {
     /// check. A fresh slot that has not passed it yet may fail and be
     /// left; the other slot is then the only one known to work.
     fn booted_is_confirmed(&self, vars: &Vars) -> Result<(), UpdateError> {
-        let booted = self.booted()?;
-        match self.env.last_good(vars, &self.system.slot_names()) {
-            Some(good) if good == booted => Ok(()),
-            last_good => Err(UpdateError::NotConfirmed {
-                booted: booted.to_string(),
-                last_good: last_good.unwrap_or_else(|| "none".into()),
-            }),
-        }
+        let last_good = self.env.last_good(vars, &self.system.slot_names());
+        crate::plan::booted_is_confirmed(self.booted()?, last_good)
     }
 
     /// Gives up an install that cannot succeed: the slot stays unbootable.
@@ -553,25 +511,15 @@ impl Engine {
             ));
         }
         let rec = self.state.slot(&other)?;
-        let usable = rec
-            .as_ref()
-            .is_none_or(|r| r.health == "good" || r.health == "pending");
-        // A slot below the security floor holds a system with a hole that a
-        // later one fixed: never boot it again.
-        let floor = self.state.security_floor()?;
-        let offered = rec
-            .as_ref()
-            .map_or(self.system.security_version, |r| r.security_version);
-        if offered < floor {
-            return Err(UpdateError::SlotBelowFloor {
-                slot: other,
-                offered,
-                floor,
-            });
-        }
+        crate::plan::rollback_to(
+            &other,
+            rec.as_ref(),
+            self.system.security_version,
+            self.state.security_floor()?,
+        )?;
         let slots = self.system.slot_names();
         self.change_env(|vars| {
-            if !self.env.slot(vars, &other).good || !usable {
+            if !self.env.slot(vars, &other).good {
                 return Err(UpdateError::NotGood(other.clone()));
             }
             Ok(self.env.with_primary(vars, &slots, &other))

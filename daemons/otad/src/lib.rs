@@ -1,6 +1,8 @@
 //! otad: the PocketOS A/B updater behind `org.pocketos.Update1`.
 //!
-//! - [`engine`]: admission, install order, marking and rollback (the core);
+//! - [`plan`]: the decisions, without I/O: admission, the target slot,
+//!   whether the booted system may be written over, rollback;
+//! - [`engine`]: install order, marking and rollback, acting on them;
 //! - [`install`]: the verifying, resumable chunk stream into a slot;
 //! - [`bootenv`]: U-Boot and GRUB environments in RAUC's variables;
 //! - [`source`], [`slots`], [`state`]: bundle sources, slot devices and the
@@ -15,6 +17,7 @@ pub mod error;
 pub mod health;
 pub mod install;
 pub mod interface;
+pub mod plan;
 pub mod slots;
 pub mod source;
 pub mod state;

@@ -208,7 +208,7 @@ function renderModels() {
     return el("tr", { data: { model: c.name } },
       el("td", {}, `${c.name} ${c.version}`, el("small", {}, c.description)),
       el("td", {}, bytes(c.size_bytes)),
-      el("td", {}, bytes(c.memory_bytes)),
+      el("td", {}, bytes(c.memory_bytes), c.kv_bytes ? el("small", { class: "kv" }, `+ ${bytes(c.kv_bytes)} KV cache`) : ""),
       el("td", { class: fits ? "yes" : "no" }, why),
       el("td", {}, action));
   });

@@ -324,3 +324,31 @@ fn step(
             .collect())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parked(row: usize, tokens: &[u32]) -> Parked {
+        Parked {
+            row,
+            tokens: tokens.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_new_sequence_takes_the_first_row_no_parked_cache_holds() {
+        let p = [parked(2, &[1]), parked(3, &[2])];
+        assert_eq!(free_row(&p, 0, 5), Some(0));
+        assert_eq!(free_row(&p, 2, 5), Some(4));
+        assert_eq!(free_row(&p, 2, 4), None);
+    }
+
+    #[test]
+    fn the_shared_prefix_is_counted_up_to_the_first_difference() {
+        assert_eq!(common_prefix(&[1, 2, 3, 4], &[1, 2, 9]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[7], &[1]), 0);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+    }
+}
