@@ -36,7 +36,7 @@ esp_mb=32
 rootfs_mb=192
 # The rootfs file system (what a bundle carries) is smaller than its slot,
 # leaving the slots room to grow.
-rootfs_fs_mb=128
+rootfs_fs_mb=144
 # /data holds installed models: SmolLM2-135M-Instruct's 4-bit pack is
 # 229 MB, and a download sits beside the blobs it becomes until it is
 # published.

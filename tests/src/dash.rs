@@ -58,6 +58,31 @@ pub fn setup_code(console: &str) -> String {
         .to_string()
 }
 
+/// The fingerprint of the box's certificate that webd printed on
+/// `console` last (it prints it at every start).
+pub fn certificate_fingerprint(console: &str) -> String {
+    console
+        .rsplit("certificate SHA-256 ")
+        .next()
+        .filter(|_| console.contains("certificate SHA-256 "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no certificate fingerprint on the console: {console:?}"))
+        .to_string()
+}
+
+/// SHA-256 of the certificate in a PEM file, as webd prints it.
+pub fn pem_fingerprint(pem: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    use sha2::Digest;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .expect("a PEM certificate");
+    sha2::Sha256::digest(&der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 impl Dash {
     pub fn new(base: &str) -> Dash {
         Self::with_client(base, reqwest::blocking::Client::builder())
@@ -67,6 +92,14 @@ impl Dash {
     /// say: another machine, as the dashboard sees it).
     pub fn from_address(base: &str, ip: std::net::IpAddr) -> Dash {
         Self::with_client(base, reqwest::blocking::Client::builder().local_address(ip))
+    }
+
+    /// A client on another computer (`ip`) that opens the page over HTTPS
+    /// and trusts only the box's own certificate (`cert`, PEM): `base`'s
+    /// `http://` becomes `https://` on the same port.
+    pub fn over_https(base: &str, ip: std::net::IpAddr, cert: &str) -> Dash {
+        let base = base.replacen("http://", "https://", 1);
+        Self::with_client(&base, https_client(cert).local_address(ip))
     }
 
     fn with_client(base: &str, builder: reqwest::blocking::ClientBuilder) -> Dash {
@@ -250,4 +283,21 @@ pub fn browse(url: &str, vars: &[(&str, &str)]) -> Value {
         .unwrap_or_else(|e| panic!("the walk-through printed no JSON ({e}): {stdout}"));
     eprintln!("browser walk-through, ms since start: {}", seen["steps"]);
     seen
+}
+
+/// A plain-HTTP client that follows no redirect, to see where the box
+/// sends it.
+pub fn plain_client() -> reqwest::blocking::ClientBuilder {
+    reqwest::blocking::Client::builder().redirect(reqwest::redirect::Policy::none())
+}
+
+/// A client that trusts the box's certificate (`cert`, PEM) and nothing
+/// else, and follows no redirect.
+pub fn https_client(cert: &str) -> reqwest::blocking::ClientBuilder {
+    reqwest::blocking::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cert.as_bytes()).expect("a PEM certificate"),
+        )
+        .redirect(reqwest::redirect::Policy::none())
 }

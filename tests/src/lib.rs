@@ -33,7 +33,10 @@ mod world;
 
 pub use bus::{BusPolicy, DevBus};
 pub use daemon::{bin_path, rss_kib, run_pocketctl, Daemon, Output, RunAs};
-pub use dash::{browse, setup_code, wait_event, Dash, Reply};
+pub use dash::{
+    browse, certificate_fingerprint, https_client, pem_fingerprint, plain_client, setup_code,
+    wait_event, Dash, Reply,
+};
 pub use fixtures::{
     assert_close, onnx_big_fixture, onnx_fixtures, onnxruntime_library, random_file,
     reference_outputs, seeded_data, Publisher,

@@ -172,9 +172,16 @@ impl World {
         self.tmp.path().join("webd")
     }
 
-    /// What webd printed on "the console": the setup code at first start.
+    /// What webd printed on "the console": the setup code at first start,
+    /// the certificate's fingerprint at every start.
     pub fn webd_console(&self) -> PathBuf {
         self.tmp.path().join("console")
+    }
+
+    /// The box's certificate (PEM) that webd made at its first start.
+    pub fn webd_certificate(&self) -> String {
+        std::fs::read_to_string(self.webd_dir().join("tls/cert.pem"))
+            .expect("webd made its certificate")
     }
 
     pub fn modeld(&mut self) -> &mut Daemon {

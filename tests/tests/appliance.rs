@@ -139,9 +139,31 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     // The browser is another computer to the box: setting the first
     // password needs the setup code that the box printed on its console.
     let code = setup_code(&app.console());
+    // Another computer gets the page over HTTPS, with the certificate the
+    // box made at its first boot: plain HTTP moves there, and the
+    // fingerprint the page shows is the one on the console.
+    let cert = cat(&mut app, "/data/webd/tls/cert.pem").replace('\r', "");
+    let fingerprint = certificate_fingerprint(&app.console());
+    assert_eq!(pem_fingerprint(&cert), fingerprint);
+    let plain = plain_client()
+        .build()
+        .unwrap()
+        .get(format!("http://localhost:{dashboard}/"))
+        .send()
+        .unwrap();
+    assert_eq!(plain.status().as_u16(), 308);
+    let pinned = Dash::over_https(
+        &format!("http://localhost:{dashboard}"),
+        "127.0.0.1".parse().unwrap(),
+        &cert,
+    );
+    assert_eq!(
+        pinned.get("/api/session").ok()["tls_fingerprint"],
+        fingerprint.as_str()
+    );
     h.http.throttle(2 << 10);
     let seen = browse(
-        &format!("http://localhost:{dashboard}"),
+        &format!("https://localhost:{dashboard}"),
         &[
             ("PASSWORD", "appliance admin password"),
             ("SETUP_CODE", code.as_str()),
@@ -152,6 +174,7 @@ fn the_box_boots_installs_and_runs_a_model_and_governs_power() {
     );
     h.http.throttle(0);
     assert_eq!(seen["login_title"], "Set the admin password", "{seen:#}");
+    assert_eq!(seen["tls_fingerprint"], fingerprint.as_str(), "{seen:#}");
     assert_eq!(seen["setup_code_asked"], true, "{seen:#}");
     assert!(
         seen["login_hint"]

@@ -5,7 +5,7 @@
 //! answered with clear errors while the service stays up.
 
 use pocket_tests::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -596,11 +596,12 @@ fn a_password_guesser_waits_and_the_admin_logs_in_meanwhile() {
     let (_w, _board, mut d) = world("");
     d.log_in(PASSWORD, true).ok();
     let base = d.base.clone();
+    let cert = _w.webd_certificate();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let guesser = {
-        let stop = stop.clone();
+        let (stop, cert) = (stop.clone(), cert.clone());
         std::thread::spawn(move || {
-            let mut g = Dash::from_address(&base, "127.0.0.2".parse().unwrap());
+            let mut g = Dash::over_https(&base, "127.0.0.2".parse().unwrap(), &cert);
             let (mut wrong, mut waited) = (0, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let r = g.log_in("not the password", false);
@@ -645,11 +646,14 @@ fn a_password_guesser_waits_and_the_admin_logs_in_meanwhile() {
         "{waited:?}"
     );
     // The Retry-After header says the same.
-    let r = reqwest::blocking::Client::builder()
+    let r = https_client(&cert)
         .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
         .build()
         .unwrap()
-        .post(format!("{}/api/login", d.base))
+        .post(format!(
+            "{}/api/login",
+            d.base.replacen("http://", "https://", 1)
+        ))
         .header("content-type", "application/json")
         .header("x-csrf-token", "none")
         .body(json!({"password": "not the password"}).to_string())
@@ -672,7 +676,9 @@ fn a_password_guesser_waits_and_the_admin_logs_in_meanwhile() {
 #[test]
 fn half_sent_requests_and_open_streams_leave_the_page_answering() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (_w, _board, d) = world("");
+    // Plain HTTP from other addresses, written by hand: the caps come
+    // before any TLS handshake, so they are the same with it.
+    let (_w, _board, d) = world("tls = false");
     // This process needs more descriptors than 1100 connections.
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
@@ -771,7 +777,8 @@ fn setup_from_another_computer_needs_the_console_code() {
     let on_box = d.get("/api/session").ok();
     assert_eq!(on_box["setup_code_needed"], false, "{on_box}");
 
-    let stranger = Dash::from_address(&d.base, "127.0.0.2".parse().unwrap());
+    let cert = w.webd_certificate();
+    let stranger = Dash::over_https(&d.base, "127.0.0.2".parse().unwrap(), &cert);
     let s = stranger.get("/api/session").ok();
     assert_eq!(s["setup_needed"], true, "{s}");
     assert_eq!(s["setup_code_needed"], true, "{s}");
@@ -798,7 +805,7 @@ fn setup_from_another_computer_needs_the_console_code() {
     assert_eq!(d.get("/api/session").ok()["setup_needed"], true);
 
     // The owner, on another computer, reads the code off the console.
-    let mut owner = Dash::from_address(&d.base, "127.0.0.3".parse().unwrap());
+    let mut owner = Dash::over_https(&d.base, "127.0.0.3".parse().unwrap(), &cert);
     let r = owner.post(
         "/api/setup",
         json!({ "password": PASSWORD, "setup_code": code.to_lowercase().replace('-', " ") }),
@@ -814,4 +821,97 @@ fn setup_from_another_computer_needs_the_console_code() {
         )
         .fails(409, "AlreadySet");
     owner.log_in(PASSWORD, false).ok();
+}
+
+/// The page and its password never cross the network in clear: another
+/// computer gets HTTPS with the box's own certificate, made at the first
+/// start and kept, whose fingerprint the console and the page show; plain
+/// HTTP from it is sent to HTTPS (a page load) or refused (anything else).
+/// On the box itself plain HTTP still works, and the LLM API keeps plain
+/// HTTP for clients that know no other, with HTTPS on the same port.
+#[test]
+fn another_computer_gets_the_page_over_https_with_the_box_s_certificate() {
+    let (mut w, _board, mut d) = world("");
+    let cert = w.webd_certificate();
+    let printed = certificate_fingerprint(&std::fs::read_to_string(w.webd_console()).unwrap());
+    assert_eq!(printed, pem_fingerprint(&cert));
+    let lan: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+
+    // Plain HTTP from another computer: a page load moves to HTTPS, a
+    // password is not taken.
+    let plain = plain_client().local_address(lan).build().unwrap();
+    let r = plain.get(format!("{}/?x=1", d.base)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 308);
+    let https_base = d.base.replacen("http://", "https://", 1);
+    assert_eq!(
+        r.headers()["location"],
+        format!("{https_base}/?x=1").as_str()
+    );
+    let r = plain
+        .post(format!("{}/api/login", d.base))
+        .header("content-type", "application/json")
+        .header("x-csrf-token", "none")
+        .body(json!({ "password": PASSWORD }).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.json::<Value>().unwrap()["error"], "HttpsRequired");
+
+    // On the box, plain HTTP: the password is set there.
+    d.log_in(PASSWORD, true).ok();
+
+    // Over HTTPS, trusting only the box's certificate: the page, the
+    // fingerprint it shows, and a login whose cookie is Secure.
+    let mut remote = Dash::over_https(&d.base, lan, &cert);
+    let s = remote.get("/api/session").ok();
+    assert_eq!(s["tls_fingerprint"], printed.as_str(), "{s}");
+    let page = https_client(&cert)
+        .local_address(lan)
+        .build()
+        .unwrap()
+        .get(format!("{https_base}/"))
+        .send()
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().unwrap().contains("tls-fingerprint"));
+    let r = remote.log_in(PASSWORD, false);
+    let cookie = r.set_cookie.clone().expect("a session cookie");
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    r.ok();
+    remote
+        .post("/api/power/profile", json!({ "profile": "power-saver" }))
+        .ok();
+
+    // The LLM API: plain HTTP from the network is still the API's (a key
+    // is asked for, in its shape), and HTTPS works on the same port.
+    let api = w.webd_api.clone().expect("api_listen");
+    let r = plain.get(format!("{api}/api/tags")).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = https_client(&cert)
+        .local_address(lan)
+        .build()
+        .unwrap()
+        .get(format!(
+            "{}/api/tags",
+            api.replacen("http://", "https://", 1)
+                .replace("127.0.0.1", "localhost")
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    // A restart keeps the certificate: the same fingerprint again.
+    let bus = &w.bus;
+    w.webd.as_mut().unwrap().restart(bus);
+    let console = std::fs::read_to_string(w.webd_console()).unwrap();
+    assert_eq!(
+        console.matches("certificate SHA-256").count(),
+        2,
+        "{console}"
+    );
+    assert_eq!(certificate_fingerprint(&console), printed);
+    assert_eq!(w.webd_certificate(), cert);
 }

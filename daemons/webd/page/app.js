@@ -107,6 +107,8 @@ function renderSession() {
   $("#who").textContent = s.logged_in ? "admin" : s.setup_needed ? "no admin password set" : "viewing";
   $("#login-button").hidden = !!s.logged_in;
   $("#logout-button").hidden = !s.logged_in;
+  $("#tls").hidden = !s.tls_fingerprint;
+  $("#tls-fingerprint").textContent = s.tls_fingerprint || "";
 }
 
 function askLogin() {

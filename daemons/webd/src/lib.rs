@@ -13,6 +13,7 @@ mod error;
 mod events;
 mod net;
 mod serve;
+mod tls;
 
 pub use api::parse_request_bodies;
 pub use net::is_local_peer;
@@ -55,10 +56,18 @@ pub struct Config {
     /// Clients on the local network may use the LLM API without a key.
     #[serde(default)]
     pub api_open_to_lan: bool,
-    /// Where the first boot's setup code is printed (besides the log):
-    /// the box's console, which its serial log shows.
+    /// Where the first boot's setup code and the certificate's
+    /// fingerprint are printed (besides the log): the box's console, which
+    /// its serial log shows.
     #[serde(default = "default_console")]
     pub console: PathBuf,
+    /// HTTPS on both ports with the box's own certificate: a connection
+    /// that opens with a TLS handshake gets HTTPS, any other plain HTTP.
+    /// The page then answers plain HTTP only on the box itself and sends
+    /// other clients to HTTPS; the LLM API keeps plain HTTP for clients
+    /// that know no other.
+    #[serde(default = "yes")]
+    pub tls: bool,
 }
 
 fn default_listen() -> String {
@@ -95,18 +104,32 @@ pub(crate) struct App {
     pub metrics: api::Metrics,
     /// The page's event streams open, per client address.
     pub event_streams: Arc<serve::Slots>,
+    /// The box's certificate's SHA-256, when webd serves HTTPS.
+    pub tls_fingerprint: Option<String>,
 }
 
-fn announce_setup_code(console: &std::path::Path, code: &str) {
+/// The box's console, opened while webd may still open it.
+fn open_console(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+}
+
+fn announce_setup_code(
+    console: &mut std::io::Result<std::fs::File>,
+    path: &std::path::Path,
+    code: &str,
+) {
     use std::io::Write;
     let line = format!(
         "\r\nPocketOS setup code: {code} (to set the admin password on the box's page)\r\n"
     );
-    let written = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(console)
-        .and_then(|mut f| f.write_all(line.as_bytes()));
+    let written = match console {
+        Ok(f) => f.write_all(line.as_bytes()),
+        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+    };
+    let console = path;
     // The log holds no secrets: the code is on the console only.
     match written {
         Ok(()) => tracing::info!(
@@ -118,6 +141,24 @@ fn announce_setup_code(console: &std::path::Path, code: &str) {
             console.display()
         ),
     }
+}
+
+/// The certificate's fingerprint on the console, every start: what a
+/// person compares with the one their browser shows.
+fn announce_fingerprint(
+    console: &mut std::io::Result<std::fs::File>,
+    listener: &tokio::net::TcpListener,
+    fingerprint: &str,
+) {
+    use std::io::Write;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let line = format!(
+        "\r\nPocketOS page: https://<this box>:{port}/ certificate SHA-256 {fingerprint}\r\n"
+    );
+    if let Ok(f) = console {
+        let _ = f.write_all(line.as_bytes());
+    }
+    tracing::info!("the box's certificate: SHA-256 {fingerprint}");
 }
 
 /// Serves the dashboard until `shutdown` completes.
@@ -150,9 +191,10 @@ pub async fn serve(
     // With no admin password yet, a one-time code for setting it from
     // another computer, printed on the console while webd may still open
     // it.
+    let mut console = open_console(&cfg.console);
     let setup_code = (!auth::credential_path(&cfg).exists()).then(|| {
         let code = auth::new_setup_code();
-        announce_setup_code(&cfg.console, &code);
+        announce_setup_code(&mut console, &cfg.console, &code);
         code
     });
     if let Some(user) = &cfg.user {
@@ -162,6 +204,18 @@ pub async fn serve(
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", cfg.data_dir.display()))?;
     // Uploads left by a crash or power cut are not resumable: drop them.
     api::clear_uploads(&cfg.data_dir);
+    let host_names = net::host_names(&cfg.host_names);
+    let tls = match cfg.tls {
+        true => {
+            let mut names = host_names.clone();
+            names.push("localhost".into());
+            let tls = tls::Tls::load_or_create(&cfg.data_dir.join("tls"), &names)?;
+            announce_fingerprint(&mut console, &listener, &tls.fingerprint);
+            Some(tls)
+        }
+        false => None,
+    };
+    drop(console);
     let bus = pocket_proto::system_bus()
         .await
         .map_err(|e| anyhow::anyhow!("cannot reach the system bus: {e}"))?;
@@ -172,14 +226,17 @@ pub async fn serve(
         keys,
         metrics: Default::default(),
         event_streams: serve::Slots::new(serve::EVENT_STREAMS_PER_ADDRESS, serve::EVENT_STREAMS),
-        host_names: net::host_names(&cfg.host_names),
+        tls_fingerprint: tls.as_ref().map(|t| t.fingerprint.clone()),
+        host_names,
         cfg,
         bus,
         auth,
         events,
     });
+    let acceptor = tls.map(|t| t.acceptor);
     tracing::info!(
-        "dashboard on http://{}/ ({})",
+        "dashboard on {}://{}/ ({})",
+        if acceptor.is_some() { "https" } else { "http" },
         listener.local_addr()?,
         if app.auth.has_credential() {
             "admin credential set"
@@ -201,12 +258,13 @@ pub async fn serve(
             Some(tokio::spawn(serve::serve(
                 l,
                 api::api_router(app),
+                acceptor.clone(),
                 stop_rx.clone(),
             )))
         }
         None => None,
     };
-    serve::serve(listener, router, stop_rx).await;
+    serve::serve(listener, router, acceptor, stop_rx).await;
     if let Some(api) = api {
         api.await?;
     }

@@ -236,12 +236,23 @@ fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether a request came over TLS, in every request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Secure(pub bool);
+
+/// The first byte of a TLS handshake record; an HTTP request starts with a
+/// method's letter.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Serves `router` on `listener` until `stop` turns true, then lets open
-/// requests finish for a few seconds. Handlers see the peer as
-/// `ConnectInfo<SocketAddr>`.
+/// requests finish for a few seconds. With `tls`, a connection that opens
+/// with a TLS handshake is served HTTPS and any other plain HTTP, on the
+/// same port. Handlers see the peer as `ConnectInfo<SocketAddr>` and the
+/// transport as [`Secure`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let slots = Slots::new(CONNECTIONS_PER_ADDRESS, CONNECTIONS);
@@ -263,36 +274,52 @@ pub async fn serve(
             tracing::debug!(%peer, "connection refused: too many open");
             continue;
         };
-        let router = router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            let (req, read) = ReadToEnd::wrap(req);
-            let answer = tower_service::Service::call(&mut router.clone(), req);
-            async move {
-                let mut resp = answer.await?;
-                // An answer given before the body was read (a 413, a
-                // refusal) ends the connection: say so, or the client
-                // would send its next request on it.
-                if !read.load(Ordering::Relaxed) {
-                    resp.headers_mut().insert(
-                        axum::http::header::CONNECTION,
-                        axum::http::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, std::convert::Infallible>(resp)
-            }
-        });
-        let io = Lingering {
-            stream: Some(tcp),
-            slot: Some(slot),
-        };
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
+        let (router, tls, watcher) = (router.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The handshake, like a request's headers, has a deadline.
+            let secure = match &tls {
+                Some(_) => {
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(HEADER_TIMEOUT, tcp.peek(&mut first)).await {
+                        Ok(Ok(1)) => first[0] == TLS_HANDSHAKE,
+                        _ => return,
+                    }
+                }
+                None => false,
+            };
+            let io = Lingering {
+                stream: Some(tcp),
+                slot: Some(slot),
+            };
+            let service = service(router, peer, secure);
+            let http = || {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT);
+                b
+            };
+            let served = match (tls, secure) {
+                (Some(acceptor), true) => {
+                    let stream =
+                        match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(io)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, "TLS handshake: {e}");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    watcher
+                        .watch(http().serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                _ => {
+                    watcher
+                        .watch(http().serve_connection(TokioIo::new(io), service))
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, "connection: {e}");
             }
         });
@@ -304,6 +331,41 @@ pub async fn serve(
     {
         tracing::info!("stopping with connections still open (event streams)");
     }
+}
+
+/// One connection's requests into `router`, each told its peer and
+/// transport.
+fn service(
+    router: axum::Router,
+    peer: std::net::SocketAddr,
+    secure: bool,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<axum::response::Response, std::convert::Infallible>,
+    > + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(Secure(secure));
+        let (req, read) = ReadToEnd::wrap(req);
+        let answer = tower_service::Service::call(&mut router.clone(), req);
+        async move {
+            let mut resp = answer.await?;
+            // An answer given before the body was read (a 413, a
+            // refusal) ends the connection: say so, or the client
+            // would send its next request on it.
+            if !read.load(Ordering::Relaxed) {
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    })
 }
 
 async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {

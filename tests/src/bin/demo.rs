@@ -79,9 +79,17 @@ fn main() {
     let chat: serde_json::Value = serde_json::from_str(&chat).unwrap_or_default();
     step(&mut app, "pocketctl power status");
     step(&mut app, "pocketctl update status");
-    // The dashboard, through the port QEMU forwards to the box's port 80.
-    let dashboard = format!("http://localhost:{dashboard_port}");
-    let web = pocket_tests::Dash::new(&dashboard);
+    // The dashboard, through the port QEMU forwards to the box's port 80:
+    // this machine is another computer to the box, so the page is HTTPS
+    // with the box's own certificate, read off the box and trusted alone.
+    let cert = app.ok("cat /data/webd/tls/cert.pem").replace('\r', "");
+    let fingerprint = pocket_tests::pem_fingerprint(&cert);
+    let web = pocket_tests::Dash::over_https(
+        &format!("http://localhost:{dashboard_port}"),
+        "127.0.0.1".parse().unwrap(),
+        &cert,
+    );
+    let dashboard = web.base.clone();
     let store = web.get("/api/models").ok();
     let offered = store["catalog"].as_array().map_or(0, Vec::len);
     let installed = store["installed"].as_array().map_or(0, Vec::len);
@@ -117,6 +125,6 @@ fn main() {
         chat["provider"].as_str().unwrap_or("?")
     );
     println!("   power profile {profile} (npud holds performance while it runs models); powerd reports what the virt board lacks");
-    println!("   the dashboard answered at {dashboard}/ (the box's port 80)");
+    println!("   the dashboard answered at {dashboard}/ (the box's port 80), certificate SHA-256 {fingerprint}");
     println!("demo done");
 }

@@ -155,9 +155,48 @@ async fn guard(
     req: Request,
     next: Next,
 ) -> Response {
+    let secure = req
+        .extensions()
+        .get::<crate::serve::Secure>()
+        .is_some_and(|s| s.0);
+    // With HTTPS on, the page and its password travel in clear only on
+    // the box itself. A client off the local network, or a page under
+    // another name, is refused as ever.
+    let in_clear = app.tls_fingerprint.is_some() && !secure && !crate::net::on_box(peer.ip());
     match admit(&app, peer, &req) {
+        Err(e) if e.name == "NotLocal" || e.name == "BadHost" => e.into_response(),
+        _ if in_clear => to_https(&req),
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
+    }
+}
+
+/// The answer to plain HTTP from another computer: a page load goes to
+/// the same address over HTTPS; anything else is refused, so that nothing
+/// a page sends is repeated over the network in clear.
+fn to_https(req: &Request) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()));
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    match (host, req.method()) {
+        (Some(host), &Method::GET | &Method::HEAD) => (
+            StatusCode::PERMANENT_REDIRECT,
+            [(header::LOCATION, format!("https://{host}{path}"))],
+        )
+            .into_response(),
+        _ => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "HttpsRequired",
+            "the box's page is served over HTTPS: open https:// and this address",
+        )
+        .into_response(),
     }
 }
 

@@ -41,6 +41,7 @@ pub(super) async fn session(
         "csrf": csrf,
         "login_to_read": app.cfg.login_to_read,
         "min_password": auth::MIN_PASSWORD,
+        "tls_fingerprint": app.tls_fingerprint,
     }))
 }
 
