@@ -9,7 +9,9 @@
 # Inputs are pinned: Debian arm64 packages (image/debs.lock), the aarch64
 # ONNX Runtime wheel (daemons/npud/onnxruntime.lock), the Rust toolchain
 # (rust-toolchain.toml) and Cargo.lock. Timestamps, UUIDs and file order are
-# fixed, so the same inputs give the same bytes.
+# fixed, so the same inputs give the same bytes. The disk is made by the
+# Buildroot tree's post-image step for its QEMU board (genimage), the same
+# layout and boot files a Buildroot build of that board has.
 #
 # Environment:
 #   POCKETOS_VERSION  the rootfs version (default: the workspace version)
@@ -31,16 +33,11 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/n
 export E2FSPROGS_FAKE_TIME=$SOURCE_DATE_EPOCH
 compatible=$(sed -n 's/^compatible = "\(.*\)"/\1/p' image/rootfs/etc/pocketos/system.toml)
 
-# Partition sizes in MiB.
-esp_mb=32
-rootfs_mb=192
-# The rootfs file system (what a bundle carries) is smaller than its slot,
-# leaving the slots room to grow.
+# The rootfs file system (what a bundle carries) is smaller than its
+# 192 MiB slot, leaving the slots room to grow. The partitions (their sizes,
+# names and UUIDs) are the Buildroot tree's: buildroot/board/pocketos/
+# genimage/ and the QEMU board's meta.
 rootfs_fs_mb=144
-# /data holds installed models: SmolLM2-135M-Instruct's 4-bit pack is
-# 229 MB, and a download sits beside the blobs it becomes until it is
-# published.
-data_mb=768
 
 step() { printf '== %s\n' "$*"; }
 
@@ -169,47 +166,27 @@ make_ext4() { # IMAGE SIZE_MB LABEL UUID [DIR]
     debugfs -w -f "$work/pin-times" "$1" >/dev/null 2>&1
 }
 make_ext4 "$out/rootfs.ext4" "$rootfs_fs_mb" rootfs 8d2a6f0e-0c1b-4d39-9a51-5f0a3a2b7c01 "$rootfs"
-mkdir -p "$work/data"
-rm -rf "${work:?}/data/"*
-touch -h -d "@$SOURCE_DATE_EPOCH" "$work/data"
-make_ext4 "$work/data.ext4" "$data_mb" data 8d2a6f0e-0c1b-4d39-9a51-5f0a3a2b7c03 "$work/data"
 
-esp=$work/esp.vfat
-rm -f "$esp"
-mkfs.vfat -C -n ESP -i 50c4e7a1 --invariant "$esp" $((esp_mb * 1024)) >/dev/null
+step "disk image: the Buildroot tree's QEMU board (one layout for both)"
+# GRUB for arm64 EFI from Debian's package, with its prefix built in; the
+# Buildroot tree's post-image step puts it on the ESP with boot/grub.cfg
+# and a grubenv, and genimage makes the disk from the board's genimage.cfg
+# (buildroot/board/pocketos/: GPT, partition names and UUIDs, the data
+# partition). The staging directories are what Buildroot would pass.
 grub-mkimage -O arm64-efi -d "$work/grub/usr/lib/grub/arm64-efi" \
     -p '(hd0,gpt1)/EFI/pocketos' -o "$work/BOOTAA64.EFI" \
     part_gpt fat ext2 normal linux boot configfile loadenv test echo sleep reboot halt
-grub-editenv "$work/grubenv" create
-grub-editenv "$work/grubenv" set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0 LAST_GOOD=A
-cp image/grub.cfg "$work/grub.cfg"
-touch -d "@$SOURCE_DATE_EPOCH" "$work/BOOTAA64.EFI" "$work/grubenv" "$work/grub.cfg"
-export MTOOLS_SKIP_CHECK=1
-mmd -i "$esp" ::EFI ::EFI/BOOT ::EFI/pocketos
-mcopy -m -i "$esp" "$work/BOOTAA64.EFI" ::EFI/BOOT/BOOTAA64.EFI
-mcopy -m -i "$esp" "$work/grub.cfg" ::EFI/pocketos/grub.cfg
-mcopy -m -i "$esp" "$work/grubenv" ::EFI/pocketos/grubenv
-
-step "disk image"
+stage=$work/buildroot
+rm -rf "$stage"
+mkdir -p "$stage"/{images/efi-part/EFI/BOOT,host/bin,build,base,target/etc}
+ln -s "$out/rootfs.ext4" "$stage/images/rootfs.ext4"
+cp "$work/BOOTAA64.EFI" "$stage/images/efi-part/EFI/BOOT/bootaa64.efi"
+echo "$version" >"$stage/target/etc/pocketos-version"
+find "$stage" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+HOST_DIR=$stage/host BUILD_DIR=$stage/build TARGET_DIR=$stage/target BASE_DIR=$stage/base \
+    buildroot/board/pocketos/post-image.sh "$stage/images" buildroot/board/pocketos/qemu-aarch64 >/dev/null
 disk=$out/pocketos.img
-rm -f "$disk.tmp"
-total_mb=$((1 + esp_mb + 2 * rootfs_mb + data_mb + 1))
-truncate -s "${total_mb}M" "$disk.tmp"
-sfdisk --quiet "$disk.tmp" <<EOF
-label: gpt
-label-id: 6A1B2C3D-4E5F-4061-8273-94A5B6C7D8E9
-first-lba: 2048
-start=1MiB, size=${esp_mb}MiB, type=uefi, name=esp, uuid=6A1B2C3D-0000-4000-8000-000000000001
-size=${rootfs_mb}MiB, type=linux, name=rootfs-a, uuid=6A1B2C3D-0000-4000-8000-000000000002
-size=${rootfs_mb}MiB, type=linux, name=rootfs-b, uuid=6A1B2C3D-0000-4000-8000-000000000003
-size=${data_mb}MiB, type=linux, name=data, uuid=6A1B2C3D-0000-4000-8000-000000000004
-EOF
-offset=1
-for part in "$esp:$esp_mb" "$out/rootfs.ext4:$rootfs_mb" "$out/rootfs.ext4:$rootfs_mb" "$work/data.ext4:$data_mb"; do
-    dd if="${part%:*}" of="$disk.tmp" bs=1M seek=$offset conv=notrunc,sparse status=none
-    offset=$((offset + ${part##*:}))
-done
-mv "$disk.tmp" "$disk"
+mv "$stage/images/pocketos.img" "$disk"
 # Slot B starts as a copy of A that the bootloader does not boot (B_OK=0)
 # until an update is installed into it.
 echo "$version" >"$out/version"

@@ -91,7 +91,8 @@ capabilities=(
     "chromium|probe_chromium"
     "nodejs|node --version"
     "npm|npm --version"
-    # The Buildroot tree's image step (tests/tests/buildroot.rs).
+    # The Buildroot tree's image step, which makes image/'s disk too
+    # (image/build.sh, tests/tests/buildroot.rs).
     "genimage|has genimage"
     "u-boot-tools|has mkimage"
     "qemu-utils|qemu-img --version"

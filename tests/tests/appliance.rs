@@ -470,12 +470,13 @@ fn updates_switch_slots_fall_back_refuse_tampering_and_resume_after_power_loss()
 /// 256 KiB, one copy.
 const UBOOT_ENV_SIZE: u64 = 0x40000;
 
-/// The image's U-Boot boot script (RAUC's scheme, `image/boot.cmd`, which
-/// Buildroot's board images run as boot.scr), run as U-Boot's `bootcmd`
-/// after the virtio disk is found.
+/// The U-Boot boot script (RAUC's scheme,
+/// `buildroot/board/pocketos/boot/boot.cmd`, which every board's image
+/// runs as boot.scr), run as U-Boot's `bootcmd` after the virtio disk is
+/// found.
 fn uboot_bootcmd() -> String {
-    let script = pocket_tests::workspace_root().join("image/boot.cmd");
-    let script = std::fs::read_to_string(&script).expect("image/boot.cmd");
+    let script = pocket_tests::workspace_root().join("buildroot/board/pocketos/boot/boot.cmd");
+    let script = std::fs::read_to_string(&script).expect("boot/boot.cmd");
     format!("virtio scan\n{script}")
 }
 
@@ -576,7 +577,7 @@ fn real_u_boot_boots_the_slots_that_otads_environment_writer_chose() {
     );
 }
 
-/// GRUB (`image/grub.cfg`) on the appliance's own disk: when every slot has
+/// GRUB (`buildroot/board/pocketos/boot/grub.cfg`) on the appliance's own disk: when every slot has
 /// had its try, it boots the slot otad last confirmed good, not the first
 /// slot in the order. Here A was installed and tried but never confirmed,
 /// and B, the last good slot, was then tried and lost power before its

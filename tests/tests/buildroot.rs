@@ -1,10 +1,11 @@
 //! The Buildroot external tree's image step (`buildroot/board/pocketos/
 //! post-image.sh` with genimage and the board configs) run here on the
-//! pieces `image/build.sh` made: the QEMU board's disk must have image/'s
-//! partition table and boot flow, and the ROCK 5B's card must keep the
-//! Rockchip loader and U-Boot's environment where U-Boot, otad and
-//! fw_printenv look for them. Needs `just image` and genimage, mkimage,
-//! grub-editenv, mtools and sfdisk.
+//! pieces `image/build.sh` made, as a Buildroot build runs it: the QEMU
+//! board's disk (the one layout, which `image/build.sh` makes its disk
+//! with too) boots, and the ROCK 5B's card keeps the Rockchip loader and
+//! U-Boot's environment where U-Boot, otad and fw_printenv look for them.
+//! Needs `just image` and genimage, mkimage, grub-editenv, mtools and
+//! sfdisk.
 
 use pocket_otad::bootenv::uboot::EnvCopy;
 use pocket_otad::config::{Bootloader, System};
@@ -128,19 +129,28 @@ fn the_qemu_board_makes_image_s_disk_and_it_boots_to_ready() {
     out.post_image("qemu-aarch64");
     let disk = out.images().join("pocketos.img");
 
-    // The same GPT as image/build.sh's: names, sizes, offsets, UUIDs.
+    // The partitions by name, in order, with their fixed UUIDs.
+    let table = partition_table(&disk);
+    let names: Vec<&str> = table["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["esp", "rootfs-a", "rootfs-b", "data"], "{table:#}");
     assert_eq!(
-        partition_table(&disk),
-        partition_table(&image_file("pocketos.img"))
+        table["id"].as_str().unwrap_or("").to_ascii_lowercase(),
+        "6a1b2c3d-4e5f-4061-8273-94a5b6c7d8e9"
     );
 
-    // The ESP: image/'s grub.cfg and a grubenv with A good and B not
+    // The ESP: boot/grub.cfg and a grubenv with A good and B not
     // bootable, as GRUB and otad read it; the U-Boot script beside them.
     let esp = out.images().join("esp.vfat");
     let cfg = fat_file(&esp, "EFI/pocketos/grub.cfg", out.tmp.path());
     assert_eq!(
         std::fs::read_to_string(cfg).unwrap(),
-        std::fs::read_to_string(workspace_root().join("image/grub.cfg")).unwrap()
+        std::fs::read_to_string(workspace_root().join("buildroot/board/pocketos/boot/grub.cfg"))
+            .unwrap()
     );
     let env = grub_editenv_list(&fat_file(&esp, "EFI/pocketos/grubenv", out.tmp.path()));
     assert_eq!(env["ORDER"], "A B");

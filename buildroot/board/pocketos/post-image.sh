@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # PocketOS's post-image step for every board (BR2_ROOTFS_POST_IMAGE_SCRIPT):
-# the ESP's files for the board's bootloader, then the disk image from the
-# board's genimage.cfg (which includes the shared A/B layout in genimage/),
-# then what update bundles and the end-to-end tests take from an image
-# directory: rootfs.ext4, version, and the development keys.
+# the ESP's files for the board's bootloader (the boot scripts in boot/),
+# then the disk image from the board's genimage.cfg (which includes the
+# shared A/B layout in genimage/), then what update bundles and the
+# end-to-end tests take from an image directory: rootfs.ext4, version, and
+# the development keys. image/build.sh runs it too, for the QEMU board: it
+# is the one place the disk's layout is made.
 #
 #   post-image.sh BINARIES_DIR BOARD_DIR     (BR2_ROOTFS_POST_SCRIPT_ARGS)
 set -euo pipefail
@@ -11,7 +13,6 @@ set -euo pipefail
 images=$1
 board=$(cd "${2:?usage: $0 BINARIES_DIR BOARD_DIR}" && pwd)
 here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../../.." && pwd)
 # shellcheck source=/dev/null # the board's facts file
 . "$board/meta"
 tool() { # the host tool from Buildroot's host dir, else the machine's
@@ -23,18 +24,19 @@ rm -rf "$esp"
 mkdir -p "$esp/EFI"
 
 # U-Boot's boot script, for every board: the board's settings, then
-# PocketOS's slot selection (image/boot.cmd).
-cat "$board/boot-defaults.cmd" "$repo/image/boot.cmd" >"$images/boot.cmd"
+# PocketOS's slot selection (boot/boot.cmd).
+cat "$board/boot-defaults.cmd" "$here/boot/boot.cmd" >"$images/boot.cmd"
 "$(tool mkimage)" -A arm64 -O linux -T script -C none -n "PocketOS" \
     -d "$images/boot.cmd" "$esp/boot.scr" >/dev/null
 
 case "$BOOTLOADER" in
     grub)
-        # GRUB from Buildroot's grub2 (its prefix built in from
-        # grub-prefix.cfg) with image/'s grub.cfg; A good, B not bootable.
+        # GRUB (Buildroot's grub2 with its prefix built in from
+        # grub-prefix.cfg, or image/'s) with boot/grub.cfg; A good, B not
+        # bootable.
         mkdir -p "$esp/EFI/BOOT" "$esp/EFI/pocketos"
         cp "$images/efi-part/EFI/BOOT/bootaa64.efi" "$esp/EFI/BOOT/BOOTAA64.EFI"
-        cp "$repo/image/grub.cfg" "$esp/EFI/pocketos/grub.cfg"
+        cp "$here/boot/grub.cfg" "$esp/EFI/pocketos/grub.cfg"
         editenv=$(tool grub-editenv)
         "$editenv" "$esp/EFI/pocketos/grubenv" create
         "$editenv" "$esp/EFI/pocketos/grubenv" set \

@@ -210,7 +210,7 @@ impl BootEnv {
     /// slot with tries left and use one of them, or, when every slot has
     /// used its tries, boot the last good slot without counting. Returns
     /// the slot and the environment after that step. Used by tests; the
-    /// real scripts are `image/boot.cmd` and `image/grub.cfg`.
+    /// real scripts are `buildroot/board/pocketos/boot/{boot.cmd,grub.cfg}`.
     pub fn boot_step(&self, vars: &Vars, slots: &[String]) -> Option<(String, Vars)> {
         let Some(slot) = self.primary(vars, slots) else {
             return self.last_good(vars, slots).map(|slot| (slot, vars.clone()));
