@@ -21,7 +21,7 @@ build:
 # a private dbus-daemon, the real daemons and a 127.0.0.1 HTTP server, and
 # end to end on the appliance image under qemu-system-aarch64.
 test: deps lint build image
-    cargo test --workspace
+    POCKET_FUZZ_SECS=60 cargo test --workspace
 
 # The aarch64 appliance image (target/image/pocketos.img) from pinned inputs.
 image: deps

@@ -1,10 +1,11 @@
 //! Every fuzz target (`crates/pocket-fuzz`) on stable, as a bounded random
 //! test: real inputs (a signed pack, bundle, catalog and keyring, tensor
 //! descriptors in wire format, bootloader environments, request bodies)
-//! mutated at random for a few seconds each. `just fuzz` runs the same
-//! targets under libFuzzer, starting from the seeds this test leaves in
-//! `target/fuzz-seeds/<target>/`. `POCKET_FUZZ_SECS` sets the time per
-//! target (default 2); a failing input is saved beside the seeds.
+//! mutated at random, every target at once on its own thread.
+//! `POCKET_FUZZ_SECS` sets how long (default 2; `just test`, and so CI,
+//! gives 60). `just fuzz` runs the same targets under libFuzzer, starting
+//! from the seeds this test leaves in `target/fuzz-seeds/<target>/`; a
+//! failing input is saved in `target/fuzz-failures/`.
 
 use pocket_fuzz::{Target, KEY_SEEDS, TARGETS};
 use pocket_otad::bootenv::{grub, uboot, Vars};
@@ -254,31 +255,45 @@ fn every_parser_survives_mutated_real_inputs() {
     let out = workspace_root().join("target/fuzz-seeds");
     let failures = workspace_root().join("target/fuzz-failures");
     for target in TARGETS {
-        let inputs = &seeds[target.name];
         let dir = out.join(target.name);
         std::fs::create_dir_all(&dir).unwrap();
-        for (i, s) in inputs.iter().enumerate() {
+        for (i, s) in seeds[target.name].iter().enumerate() {
             std::fs::write(dir.join(format!("seed-{i}")), s).unwrap();
-            run_one(target, s, &failures);
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let start = Instant::now();
-        let mut runs = 0u64;
-        while start.elapsed() < Duration::from_secs(secs) {
-            let mut input = inputs[rng.random_range(0..inputs.len())].clone();
-            for _ in 0..rng.random_range(1..=8) {
-                mutate(&mut rng, &mut input, inputs);
-            }
-            run_one(target, &input, &failures);
-            runs += 1;
-        }
-        // Pure noise too.
-        for n in [0usize, 1, 7, 64, 4096] {
-            let mut noise = vec![0u8; n];
-            rng.fill_bytes(&mut noise);
-            run_one(target, &noise, &failures);
-        }
-        assert!(runs > 0);
-        eprintln!("{}: {runs} mutated inputs in {secs} s", target.name);
     }
+    // Every target at once, each on its own thread for `secs` seconds: the
+    // machine's cores share them, and the whole run takes `secs`.
+    std::thread::scope(|scope| {
+        for (n, target) in TARGETS.iter().enumerate() {
+            let (inputs, failures) = (&seeds[target.name], &failures);
+            scope.spawn(move || fuzz(target, inputs, failures, secs, n as u64));
+        }
+    });
+}
+
+/// Runs `target` on its seeds, then on mutations of them for `secs`
+/// seconds, then on pure noise.
+fn fuzz(target: &Target, inputs: &[Vec<u8>], failures: &Path, secs: u64, stream: u64) {
+    for s in inputs {
+        run_one(target, s, failures);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed + stream);
+    let start = Instant::now();
+    let mut runs = 0u64;
+    while start.elapsed() < Duration::from_secs(secs) {
+        let mut input = inputs[rng.random_range(0..inputs.len())].clone();
+        for _ in 0..rng.random_range(1..=8) {
+            mutate(&mut rng, &mut input, inputs);
+        }
+        run_one(target, &input, failures);
+        runs += 1;
+    }
+    // Pure noise too.
+    for n in [0usize, 1, 7, 64, 4096] {
+        let mut noise = vec![0u8; n];
+        rng.fill_bytes(&mut noise);
+        run_one(target, &noise, failures);
+    }
+    assert!(runs > 0);
+    eprintln!("{}: {runs} mutated inputs in {secs} s", target.name);
 }
