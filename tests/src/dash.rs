@@ -62,10 +62,8 @@ pub fn setup_code(console: &str) -> String {
 /// `console` last (it prints it at every start).
 pub fn certificate_fingerprint(console: &str) -> String {
     console
-        .rsplit("certificate SHA-256 ")
-        .next()
-        .filter(|_| console.contains("certificate SHA-256 "))
-        .and_then(|rest| rest.split_whitespace().next())
+        .rsplit_once("certificate SHA-256 ")
+        .and_then(|(_, rest)| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no certificate fingerprint on the console: {console:?}"))
         .to_string()
 }

@@ -509,19 +509,13 @@ async fn run_job(
             let m = model.clone();
             tokio::task::spawn_blocking(move || {
                 let llm = m.llm.as_ref().expect("an LLM");
-                let use_ = &m.kv_use;
-                use_.alone_rows.fetch_add(1, Ordering::Relaxed);
-                let mut held = 0;
+                let mut counted = m.kv_use.alone();
                 let d = generate::run(llm, job, events, &m.provider, |seq, tokens| {
                     let r = m.with_session(|s| seq.forward(s, tokens));
-                    let now = seq.tokens.len() as u64;
-                    use_.alone_tokens
-                        .fetch_add(now.saturating_sub(held), Ordering::Relaxed);
-                    held = now;
+                    counted.holds(seq.tokens.len() as u64);
                     r
                 });
-                use_.alone_tokens.fetch_sub(held, Ordering::Relaxed);
-                use_.alone_rows.fetch_sub(1, Ordering::Relaxed);
+                drop(counted);
                 let _ = tx.send(d);
             });
         }

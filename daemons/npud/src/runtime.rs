@@ -81,13 +81,56 @@ pub struct Loaded {
 /// themselves.
 #[derive(Debug, Default)]
 pub struct KvUse {
-    pub batched_rows: AtomicUsize,
-    pub batched_tokens: AtomicU64,
-    pub alone_rows: AtomicUsize,
-    pub alone_tokens: AtomicU64,
+    batched_rows: AtomicUsize,
+    batched_tokens: AtomicU64,
+    alone_rows: AtomicUsize,
+    alone_tokens: AtomicU64,
+}
+
+/// A sequence running alone, counted in its model's [`KvUse`] until
+/// dropped.
+pub struct AloneSequence<'a> {
+    kv: &'a KvUse,
+    tokens: u64,
+}
+
+impl AloneSequence<'_> {
+    /// The sequence's cache holds `tokens` now.
+    pub fn holds(&mut self, tokens: u64) {
+        let (kv, before) = (&self.kv.alone_tokens, self.tokens);
+        if tokens >= before {
+            kv.fetch_add(tokens - before, Ordering::Relaxed);
+        } else {
+            kv.fetch_sub(before - tokens, Ordering::Relaxed);
+        }
+        self.tokens = tokens;
+    }
+}
+
+impl Drop for AloneSequence<'_> {
+    fn drop(&mut self) {
+        self.holds(0);
+        self.kv.alone_rows.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl KvUse {
+    /// What the batching engine holds after a turn: its rows running and
+    /// the tokens in its pool (running rows and parked prefixes).
+    pub fn batched(&self, rows: usize, tokens: u64) {
+        self.batched_rows.store(rows, Ordering::Relaxed);
+        self.batched_tokens.store(tokens, Ordering::Relaxed);
+    }
+
+    /// Counts a sequence that runs alone, outside the batching engine.
+    pub fn alone(&self) -> AloneSequence<'_> {
+        self.alone_rows.fetch_add(1, Ordering::Relaxed);
+        AloneSequence {
+            kv: self,
+            tokens: 0,
+        }
+    }
+
     /// (sequences running, tokens held).
     pub fn now(&self) -> (usize, u64) {
         (

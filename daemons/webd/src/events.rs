@@ -248,9 +248,9 @@ async fn job(
     bus: &zbus::Connection,
     service: &'static str,
     path: &OwnedObjectPath,
-) -> Option<serde_json::Map<String, Value>> {
+) -> Option<Value> {
     let job = pocket_proto::job::proxy(bus, service, path).await.ok()?;
-    let Value::Object(v) = json!({
+    Some(json!({
         "id": job_id(path),
         "phase": job.phase().await.ok()?,
         "bytes_done": job.bytes_done().await.ok()?,
@@ -258,27 +258,24 @@ async fn job(
         "eta_seconds": job.eta_seconds().await.ok()?,
         "error": short_error(&job.error_name().await.ok()?),
         "message": job.error_message().await.ok()?,
-    }) else {
-        unreachable!("an object")
-    };
-    Some(v)
+    }))
 }
 
 /// A model install job as the page shows it; `None` once it is gone.
 pub async fn model_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
     let mut v = job(bus, models::BUS_NAME, path).await?;
     let install: models::JobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
-    v.insert("name".into(), json!(install.name().await.ok()?));
-    Some(Value::Object(v))
+    v["name"] = json!(install.name().await.ok()?);
+    Some(v)
 }
 
 /// A system update job as the page shows it; `None` once it is gone.
 pub async fn update_job(bus: &zbus::Connection, path: &OwnedObjectPath) -> Option<Value> {
     let mut v = job(bus, update::BUS_NAME, path).await?;
     let update: update::UpdateJobProxy = fresh_proxy(bus, Some(path)).await.ok()?;
-    v.insert("version".into(), json!(update.version().await.ok()?));
-    v.insert("slot".into(), json!(update.slot().await.ok()?));
-    Some(Value::Object(v))
+    v["version"] = json!(update.version().await.ok()?);
+    v["slot"] = json!(update.slot().await.ok()?);
+    Some(v)
 }
 
 /// The last element of a job's object path: what the page names it by.

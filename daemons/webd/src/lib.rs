@@ -108,57 +108,65 @@ pub(crate) struct App {
     pub tls_fingerprint: Option<String>,
 }
 
-/// The box's console, opened while webd may still open it.
-fn open_console(path: &std::path::Path) -> std::io::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
+/// The box's console (`console` in the config), opened once while webd
+/// may still open it, and written to after it has dropped root.
+struct Console {
+    path: PathBuf,
+    file: std::io::Result<std::fs::File>,
 }
 
-fn announce_setup_code(
-    console: &mut std::io::Result<std::fs::File>,
-    path: &std::path::Path,
-    code: &str,
-) {
-    use std::io::Write;
-    let line = format!(
-        "\r\nPocketOS setup code: {code} (to set the admin password on the box's page)\r\n"
-    );
-    let written = match console {
-        Ok(f) => f.write_all(line.as_bytes()),
-        Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
-    };
-    let console = path;
-    // The log holds no secrets: the code is on the console only.
-    match written {
-        Ok(()) => tracing::info!(
-            "no admin password yet: the setup code is on {}",
-            console.display()
-        ),
-        Err(e) => tracing::warn!(
-            "cannot print the setup code on {}: {e}; set the password from the box itself",
-            console.display()
-        ),
+impl Console {
+    fn open(path: &std::path::Path) -> Console {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path);
+        Console {
+            path: path.to_path_buf(),
+            file,
+        }
     }
-}
 
-/// The certificate's fingerprint on the console, every start: what a
-/// person compares with the one their browser shows.
-fn announce_fingerprint(
-    console: &mut std::io::Result<std::fs::File>,
-    listener: &tokio::net::TcpListener,
-    fingerprint: &str,
-) {
-    use std::io::Write;
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let line = format!(
-        "\r\nPocketOS page: https://<this box>:{port}/ certificate SHA-256 {fingerprint}\r\n"
-    );
-    if let Ok(f) = console {
-        let _ = f.write_all(line.as_bytes());
+    /// Writes `line` on a line of its own; says why when it cannot.
+    fn say(&mut self, line: &str) -> Result<(), String> {
+        use std::io::Write;
+        let line = format!("\r\n{line}\r\n");
+        match &mut self.file {
+            Ok(f) => f.write_all(line.as_bytes()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
     }
-    tracing::info!("the box's certificate: SHA-256 {fingerprint}");
+
+    fn announce_setup_code(&mut self, code: &str) {
+        let said = self.say(&format!(
+            "PocketOS setup code: {code} (to set the admin password on the box's page)"
+        ));
+        // The log holds no secrets: the code is on the console only.
+        match said {
+            Ok(()) => tracing::info!(
+                "no admin password yet: the setup code is on {}",
+                self.path.display()
+            ),
+            Err(e) => tracing::warn!(
+                "cannot print the setup code on {}: {e}; set the password from the box itself",
+                self.path.display()
+            ),
+        }
+    }
+
+    /// The certificate's fingerprint, every start: what a person compares
+    /// with the one their browser shows.
+    fn announce_fingerprint(&mut self, port: u16, fingerprint: &str) {
+        let line =
+            format!("PocketOS page: https://<this box>:{port}/ certificate SHA-256 {fingerprint}");
+        if let Err(e) = self.say(&line) {
+            tracing::warn!(
+                "cannot print the certificate's fingerprint on {}: {e}",
+                self.path.display()
+            );
+        }
+        tracing::info!("the box's certificate: SHA-256 {fingerprint}");
+    }
 }
 
 /// Serves the dashboard until `shutdown` completes.
@@ -191,10 +199,10 @@ pub async fn serve(
     // With no admin password yet, a one-time code for setting it from
     // another computer, printed on the console while webd may still open
     // it.
-    let mut console = open_console(&cfg.console);
+    let mut console = Console::open(&cfg.console);
     let setup_code = (!auth::credential_path(&cfg).exists()).then(|| {
         let code = auth::new_setup_code();
-        announce_setup_code(&mut console, &cfg.console, &code);
+        console.announce_setup_code(&code);
         code
     });
     if let Some(user) = &cfg.user {
@@ -210,7 +218,7 @@ pub async fn serve(
             let mut names = host_names.clone();
             names.push("localhost".into());
             let tls = tls::Tls::load_or_create(&cfg.data_dir.join("tls"), &names)?;
-            announce_fingerprint(&mut console, &listener, &tls.fingerprint);
+            console.announce_fingerprint(listener.local_addr()?.port(), &tls.fingerprint);
             Some(tls)
         }
         false => None,

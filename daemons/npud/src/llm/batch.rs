@@ -20,7 +20,6 @@ use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::Tensor;
 use pocket_proto::generate::DoneEvent;
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Weak;
 
@@ -258,8 +257,7 @@ fn count(m: &Loaded, active: &[Row], filling: &Option<Row>, parked: &[Parked]) {
     let rows = active.iter().chain(filling);
     let held = rows.clone().map(|r| r.stream.cached).sum::<usize>()
         + parked.iter().map(|p| p.tokens.len()).sum::<usize>();
-    m.kv_use.batched_rows.store(rows.count(), Relaxed);
-    m.kv_use.batched_tokens.store(held as u64, Relaxed);
+    m.kv_use.batched(rows.count(), held as u64);
 }
 
 /// Runs the decoder once on rows `first..first + batch.len()` of the pool,
