@@ -1,12 +1,12 @@
 //! The core room: catalogs, jobs and the decisions of the model manager.
 //! The D-Bus surface in `interface.rs` is a thin layer over [`Engine`].
 
-use crate::catalog::{self, ByteStream, Catalogs, Source};
+use crate::catalog::{self, Catalogs, Source};
 use crate::config::Config;
+use crate::download::{fetch_pack, pump, resumed_writer, PumpEnd, Remote, Retry};
 use crate::error::ModelError;
 use crate::install::{Limits, PackWriter};
 use crate::store::{InstalledModel, Pending, Store};
-use futures_util::StreamExt;
 use pocket_daemon::job::Failure;
 use pocket_models::CatalogEntry;
 use pocket_proto::job::Phase;
@@ -55,7 +55,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ModelError> + Send + 'static,
 ) -> Result<T, ModelError> {
     tokio::task::spawn_blocking(f)
@@ -64,14 +64,6 @@ async fn blocking<T: Send + 'static>(
             what: "a worker",
             source,
         })?
-}
-
-enum PumpEnd {
-    /// The stream ended; the writer has every byte it sent.
-    Ended(PackWriter),
-    /// The connection broke; the writer can continue from its position.
-    Interrupted(PackWriter, ModelError),
-    Failed(ModelError),
 }
 
 impl Engine {
@@ -419,64 +411,23 @@ impl Engine {
     ) -> Result<(), ModelError> {
         let keyring = self.keyring().await?;
         let open_writer = || {
-            let (store, e, limits, dir, keyring) = (
+            resumed_writer(
                 self.store.clone(),
-                entry.clone(),
-                self.limits,
                 dir.clone(),
                 keyring.clone(),
-            );
-            blocking(move || {
-                let mut w = PackWriter::new(store, dir, keyring, Some(e), limits)?;
-                w.resume()?;
-                Ok(w)
-            })
+                entry.clone(),
+                self.limits,
+            )
         };
-        let mut writer = open_writer().await?;
-        job.begin(Phase::Downloading, writer.pos(), entry.pack.size);
-        let mut failures = 0;
-        while writer.pos() < entry.pack.size {
-            job.set_done(writer.pos());
-            let interrupted = match source
-                .open(&self.http, &entry.pack.path, writer.pos(), entry.pack.size)
-                .await
-            {
-                Ok(stream) => match pump(writer, stream, job).await {
-                    PumpEnd::Ended(w) => {
-                        writer = w;
-                        if writer.pos() >= entry.pack.size {
-                            break;
-                        }
-                        ModelError::ClosedEarly {
-                            at: writer.pos(),
-                            size: entry.pack.size,
-                        }
-                    }
-                    PumpEnd::Interrupted(w, e) => {
-                        writer = w;
-                        e
-                    }
-                    // What a power cut left in a partial file did not hash
-                    // out; that file was dropped and is fetched again.
-                    PumpEnd::Failed(e @ ModelError::ResumeDamaged { .. }) => {
-                        writer = open_writer().await?;
-                        e
-                    }
-                    PumpEnd::Failed(e) => return Err(e),
-                },
-                Err(e) if e.keeps_partial() => e,
-                Err(e) => return Err(e),
-            };
-            failures += 1;
-            if failures >= self.cfg.download_attempts {
-                return Err(interrupted);
-            }
-            tracing::warn!(model = %entry.name, "download interrupted ({interrupted}), resuming");
-            tokio::select! {
-                _ = job.cancelled() => return Err(ModelError::Cancelled { name: entry.name.clone() }),
-                _ = tokio::time::sleep(Duration::from_millis(250 << failures.min(5))) => {}
-            }
-        }
+        let retry = Retry {
+            attempts: self.cfg.download_attempts,
+            backoff: Duration::from_millis(500),
+        };
+        let fetch = Remote {
+            http: &self.http,
+            source,
+        };
+        let writer = fetch_pack(&fetch, entry, job, retry, open_writer).await?;
         self.publish(job, writer, &source.describe()).await
     }
 
@@ -613,57 +564,5 @@ impl Engine {
         let store = self.store.clone();
         let active = self.active_partials();
         blocking(move || store.gc(&active)).await
-    }
-}
-
-/// Moves a byte stream into a writer running on a blocking thread, so that
-/// receiving from the network and hashing plus writing overlap.
-async fn pump(mut writer: PackWriter, mut stream: ByteStream, job: &Job) -> PumpEnd {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(32);
-    let done = job.done_counter();
-    let handle = tokio::task::spawn_blocking(move || {
-        while let Some(chunk) = rx.blocking_recv() {
-            writer.feed(&chunk)?;
-            done.store(writer.pos(), Ordering::Relaxed);
-        }
-        writer.flush()?;
-        Ok::<_, ModelError>(writer)
-    });
-    let mut broke = None;
-    loop {
-        tokio::select! {
-            biased;
-            _ = job.cancelled() => {
-                broke = Some(ModelError::Cancelled {
-                    name: job.detail.name(),
-                });
-                break;
-            }
-            item = stream.next() => match item {
-                None => break,
-                Some(Ok(chunk)) => {
-                    if tx.send(chunk).await.is_err() {
-                        break; // the writer failed; its error is below
-                    }
-                }
-                Some(Err(e)) => {
-                    broke = Some(e);
-                    break;
-                }
-            }
-        }
-    }
-    drop(tx);
-    match handle.await {
-        Ok(Ok(w)) => match broke {
-            None => PumpEnd::Ended(w),
-            Some(e) if e.keeps_partial() => PumpEnd::Interrupted(w, e),
-            Some(e) => PumpEnd::Failed(e),
-        },
-        Ok(Err(e)) => PumpEnd::Failed(e),
-        Err(source) => PumpEnd::Failed(ModelError::Worker {
-            what: "the pack writer",
-            source,
-        }),
     }
 }

@@ -1,6 +1,8 @@
 //! modeld: the PocketOS model manager behind `org.pocketos.Models1`.
 //!
 //! - [`engine`]: catalogs, jobs and decisions (the core room);
+//! - [`download`]: fetching a pack over the [`download::Fetch`] trait,
+//!   resuming and retrying;
 //! - [`install`]: the verifying, resumable install stream;
 //! - [`store`] and [`catalog`]: the data partition and catalog sources (the
 //!   platform room);
@@ -8,6 +10,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod download;
 pub mod engine;
 pub mod error;
 pub mod install;

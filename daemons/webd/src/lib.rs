@@ -128,12 +128,12 @@ impl Console {
     }
 
     /// Writes `line` on a line of its own; says why when it cannot.
-    fn say(&mut self, line: &str) -> Result<(), String> {
+    fn say(&mut self, line: &str) -> std::io::Result<()> {
         use std::io::Write;
         let line = format!("\r\n{line}\r\n");
         match &mut self.file {
-            Ok(f) => f.write_all(line.as_bytes()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(f) => f.write_all(line.as_bytes()),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
         }
     }
 
