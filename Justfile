@@ -55,7 +55,7 @@ up: deps build
 
 # Benchmarks against baselines run in the same process; results go in
 # docs/performance.md.
-bench: deps
+bench: deps bench-deps
     cargo build --release --workspace --bins
     cargo bench -p pocket-tests --bench install
     cargo bench -p pocket-tests --bench infer
@@ -65,6 +65,13 @@ bench: deps
     cargo bench -p pocket-tests --bench update
     image/build.sh
     cargo bench -p pocket-tests --bench boot
+
+# llama.cpp for the LLM benchmark: node-llama-cpp's prebuilt CPU binaries
+# (x86-64 Linux, Node.js 20 or later) at the versions
+# models/llm/llamacpp/package-lock.json pins; nothing is built or fetched
+# beyond the npm packages.
+bench-deps:
+    cd models/llm/llamacpp && NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --omit=optional --ignore-scripts --no-audit --no-fund --loglevel=error
 
 # Every fuzz target (crates/pocket-fuzz) under libFuzzer for SECS seconds
 # each: cargo-fuzz on the nightly toolchain, from the seeds the stable run

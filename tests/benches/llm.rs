@@ -1,16 +1,19 @@
 //! `just bench` (LLM part): SmolLM2-135M-Instruct (the 4-bit folder that
 //! `models/llm/import_gguf.py` writes) run by npud's `Generate` over D-Bus
 //! and by onnxruntime-genai's Generator on the same folder with the same
-//! thread count, in one run:
+//! thread count, and by llama.cpp on the GGUF file the folder was converted
+//! from (`models/llm/llamacpp`: node-llama-cpp's prebuilt CPU binaries), in
+//! one run:
 //! - time to first token of a 512-token prompt and decode tokens/s of the
 //!   64 tokens after it;
 //! - aggregate tokens/s with 1, 2, 4 and 8 requests at once (npud batches
-//!   them; onnxruntime-genai runs one Generator per request);
+//!   them; onnxruntime-genai runs one Generator per request; llama.cpp
+//!   runs parallel sequences of one context);
 //! - time to first token of a chat's second turn, its prefix reused,
 //!   against the same request cold;
 //! - this machine's memory bandwidth and the roofline it gives (bandwidth
 //!   over the weight bytes each token reads);
-//! - peak RSS of npud and of the onnxruntime-genai process.
+//! - peak RSS of npud and of the other engines' processes.
 
 use pocket_proto::generate::DoneEvent;
 use pocket_proto::runtime::Runtime1Proxy;
@@ -50,6 +53,21 @@ fn memory_bandwidth() -> f64 {
     best
 }
 
+/// Runs another engine's side of the benchmark: `req` on its stdin, its
+/// JSON result from its stdout.
+fn engine(mut command: Command, req: &Value) -> Value {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), req.to_string().as_bytes()).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{command:?} failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -66,8 +84,10 @@ fn main() {
     }
     let threads = pocket_tests::bench::threads();
     let folder = llm_folder("smollm2-int4");
+    // POCKET_BENCH_NPUD adds lines to npud's config, to compare settings.
+    let extra = std::env::var("POCKET_BENCH_NPUD").unwrap_or_default();
     let w = smollm2_world(&format!(
-        "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512"
+        "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512\n{extra}"
     ));
     let pid = w.npud.as_ref().unwrap().pid();
 
@@ -161,19 +181,22 @@ fn main() {
     let npud_rss = peak_rss_mib(pid);
 
     // onnxruntime-genai on the same folder and threads.
-    let mut child = Command::new("python3")
-        .arg(workspace_root().join("models/llm/bench_genai.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
     let req = json!({"folder": folder, "threads": threads, "prompt": ids, "new": NEW,
         "streams": STREAMS, "short": short_ids});
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), req.to_string().as_bytes()).unwrap();
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "bench_genai.py failed");
-    let genai: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut python = Command::new("python3");
+    python.arg(workspace_root().join("models/llm/bench_genai.py"));
+    let genai = engine(python, &req);
+    // llama.cpp on the GGUF file the folder came from, same prompts.
+    let llamacpp_dir = workspace_root().join("models/llm/llamacpp");
+    assert!(
+        llamacpp_dir.join("node_modules/node-llama-cpp").is_dir(),
+        "llama.cpp is not installed: run `just bench-deps`"
+    );
+    let mut node = Command::new("node");
+    node.arg(llamacpp_dir.join("bench.mjs"));
+    let mut req = req;
+    req["gguf"] = json!(llm_fixtures().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
+    let llamacpp = engine(node, &req);
 
     let bw = memory_bandwidth();
     let data = std::fs::metadata(folder.join("model.onnx.data"))
@@ -184,30 +207,44 @@ fn main() {
     let per_token = data - embedding;
     println!("## LLM: SmolLM2-135M-Instruct, 4-bit folder, {threads} threads");
     println!();
-    println!("| measure | npud | onnxruntime-genai | ratio |");
-    println!("|---|---|---|---|");
-    let g_ttft = genai["ttft_s"].as_f64().unwrap();
-    let g_tps = genai["decode_tps"].as_f64().unwrap();
     println!(
-        "| time to first token, {prompt_tokens}-token prompt (s) | {ttft:.3} | {g_ttft:.3} | {:.2}x |",
-        ttft / g_ttft
+        "llama.cpp {} (node-llama-cpp 3.21.1, CPU) on SmolLM2-135M-Instruct.Q4_1.gguf.",
+        llamacpp["llama_cpp"].as_str().unwrap_or("?")
     );
-    println!(
-        "| decode, {NEW} tokens (tokens/s) | {tps:.1} | {g_tps:.1} | {:.2}x |",
-        tps / g_tps
+    println!();
+    println!("| measure | npud | onnxruntime-genai | ratio | llama.cpp | ratio |");
+    println!("|---|---|---|---|---|---|");
+    let row = |what: String, ours: f64, key: &dyn Fn(&Value) -> f64, digits: usize| {
+        let (g, l) = (key(&genai), key(&llamacpp));
+        println!(
+            "| {what} | {ours:.digits$} | {g:.digits$} | {:.2}x | {l:.digits$} | {:.2}x |",
+            ours / g,
+            ours / l
+        );
+    };
+    let field = |name: &'static str| move |v: &Value| v[name].as_f64().unwrap();
+    row(
+        format!("time to first token, {prompt_tokens}-token prompt (s)"),
+        ttft,
+        &field("ttft_s"),
+        3,
+    );
+    row(
+        format!("decode, {NEW} tokens (tokens/s)"),
+        tps,
+        &field("decode_tps"),
+        1,
     );
     for (k, t) in STREAMS.iter().zip(&npud_streams) {
-        let g = genai["streams"][k.to_string()].as_f64().unwrap();
-        println!(
-            "| {k} streams, aggregate (tokens/s) | {t:.1} | {g:.1} | {:.2}x |",
-            t / g
+        let streams = |v: &Value| v["streams"][k.to_string()].as_f64().unwrap();
+        row(
+            format!("{k} streams, aggregate (tokens/s)"),
+            *t,
+            &streams,
+            1,
         );
     }
-    println!(
-        "| peak RSS (MiB) | {npud_rss:.0} | {:.0} | {:.2}x |",
-        genai["peak_rss_mib"].as_f64().unwrap(),
-        npud_rss / genai["peak_rss_mib"].as_f64().unwrap()
-    );
+    row("peak RSS (MiB)".into(), npud_rss, &field("peak_rss_mib"), 0);
     println!();
     println!(
         "4 streams over 1: {:.2}x. Second turn: first token after {:.3} s with {} of {} prompt tokens reused, {:.3} s cold ({:.2}x).",

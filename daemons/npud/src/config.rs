@@ -33,6 +33,13 @@ pub struct Config {
     /// Threads per session; 0 for one per CPU core.
     #[serde(default)]
     pub intra_threads: usize,
+    /// Whether a session's threads spin a short while for the next piece
+    /// of work before they sleep. Spinning keeps an LLM's back-to-back
+    /// decode steps from paying a wake-up for every operator (measured in
+    /// docs/performance.md); an idle box pays nothing, since the threads
+    /// sleep once their spin runs out.
+    #[serde(default = "default_true")]
+    pub intra_spin: bool,
     /// The most bytes of one `InferFd` request's file that npud maps or
     /// reads: inputs that reach past it are refused before any is read, and
     /// outputs that would reach past it are written into the file instead
