@@ -78,53 +78,6 @@ fn free_row(parked: &[Parked], from: usize, rows: usize) -> Option<usize> {
     (from..rows).find(|r| parked.iter().all(|p| p.row != *r))
 }
 
-/// Where a new sequence in row `at` finds its cache.
-#[derive(Debug, PartialEq, Eq)]
-struct Placement {
-    /// The parked cache whose first tokens the prompt repeats, and how many
-    /// (its row may be `at` itself).
-    reuse: Option<(usize, usize)>,
-    /// A free row for the cache parked in row `at`, which must make way.
-    relocate: Option<usize>,
-    /// No row is free: the cache parked in row `at` takes the row of the
-    /// oldest other cache (which is dropped), by index in `parked`.
-    evict: Option<(usize, usize)>,
-}
-
-/// Decides a new sequence's cache: the parked cache that shares the longest
-/// prefix with `prompt` is reused (in place when it lies in row `at`); a
-/// different cache parked in row `at` moves to a free row or, with none
-/// free, into the row of the oldest cache that is not the one reused. The
-/// one reused is never the one given up.
-fn place(parked: &[Parked], at: usize, rows: usize, prompt: &[u32]) -> Placement {
-    let reuse = parked
-        .iter()
-        .map(|p| (p.row, common_prefix(&p.tokens, prompt)))
-        .filter(|&(_, n)| n > 0)
-        .max_by_key(|&(row, n)| (n, row == at));
-    let mut placement = Placement {
-        reuse,
-        relocate: None,
-        evict: None,
-    };
-    let in_row = parked.iter().any(|p| p.row == at);
-    let reused_here = reuse.is_some_and(|(row, _)| row == at);
-    if in_row && !reused_here {
-        match free_row(parked, at + 1, rows) {
-            Some(r) => placement.relocate = Some(r),
-            None => {
-                // Oldest first: caches are parked in the order they ended.
-                placement.evict = parked
-                    .iter()
-                    .enumerate()
-                    .find(|(_, p)| p.row != at && Some(p.row) != reuse.map(|r| r.0))
-                    .map(|(j, p)| (p.row, j));
-            }
-        }
-    }
-    placement
-}
-
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -168,27 +121,27 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
             if let Some(w) = queue.pop_front() {
                 let at = active.len();
                 let mut stream = Stream::new(w.job, w.events, &m.provider);
-                let plan = place(&parked, at, rows, stream.prompt());
-                if let Some((_, j)) = plan.evict {
-                    parked.remove(j);
-                }
-                if let Some(to) = plan.relocate.or(plan.evict.map(|(row, _)| row)) {
-                    let k = parked
-                        .iter()
-                        .position(|p| p.row == at)
-                        .expect("parked at `at`");
-                    pool.move_row(at, to, parked[k].tokens.len());
-                    parked[k].row = to;
-                }
-                if let Some((row, n)) = plan.reuse {
-                    stream.reuse(n);
-                    if row != at {
-                        pool.move_row(row, at, stream.cached);
+                // The new sequence's row: a cache parked there moves up, or
+                // goes when no row is free.
+                if let Some(j) = parked.iter().position(|p| p.row == at) {
+                    match free_row(&parked, at + 1, rows) {
+                        Some(r) => {
+                            pool.move_row(at, r, parked[j].tokens.len());
+                            parked[j].row = r;
+                        }
+                        None => {
+                            parked.remove(j);
+                        }
                     }
                 }
-                // A cache in the new sequence's row is overwritten from
-                // here on.
-                parked.retain(|p| p.row != at);
+                let best = parked
+                    .iter()
+                    .map(|p| (p.row, common_prefix(&p.tokens, stream.prompt())))
+                    .max_by_key(|&(_, n)| n);
+                if let Some((row, n)) = best.filter(|&(_, n)| n > 0) {
+                    stream.reuse(n);
+                    pool.move_row(row, at, stream.cached);
+                }
                 filling = Some(Row {
                     stream,
                     done: w.done,
@@ -387,59 +340,6 @@ mod tests {
         assert_eq!(free_row(&p, 0, 5), Some(0));
         assert_eq!(free_row(&p, 2, 5), Some(4));
         assert_eq!(free_row(&p, 2, 4), None);
-    }
-
-    #[test]
-    fn the_longest_shared_prefix_is_reused_in_place_when_it_lies_in_the_new_row() {
-        let p = [parked(0, &[1, 2, 3]), parked(1, &[1, 9])];
-        let plan = place(&p, 0, 2, &[1, 2, 3, 4]);
-        assert_eq!(plan.reuse, Some((0, 3)));
-        assert_eq!((plan.relocate, plan.evict), (None, None));
-    }
-
-    #[test]
-    fn a_cache_in_the_new_row_moves_to_a_free_row() {
-        let p = [parked(0, &[5, 6]), parked(1, &[1, 2])];
-        let plan = place(&p, 0, 3, &[1, 2, 7]);
-        assert_eq!(plan.reuse, Some((1, 2)));
-        assert_eq!(plan.relocate, Some(2));
-        assert_eq!(plan.evict, None);
-    }
-
-    #[test]
-    fn with_every_row_parked_the_oldest_other_cache_gives_way_never_the_one_reused() {
-        // Row 0's cache is the previous turn of this chat; the others share
-        // only a system prompt. The oldest is the reused one's neighbour.
-        let p = [
-            parked(2, &[1, 2, 3, 8, 8]),
-            parked(1, &[1, 2, 9]),
-            parked(0, &[1, 2, 3, 4, 5, 6, 7]),
-        ];
-        let plan = place(&p, 0, 3, &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(plan.reuse, Some((0, 7)));
-        assert_eq!((plan.relocate, plan.evict), (None, None));
-        // Another chat arrives: the cache in its row moves into the row of
-        // the oldest cache that is not the one it reuses.
-        let plan = place(&p, 0, 3, &[1, 2, 9, 10]);
-        assert_eq!(plan.reuse, Some((1, 3)));
-        assert_eq!(plan.evict, Some((2, 0)));
-        let plan = place(&p, 0, 3, &[1, 2, 3, 8, 0]);
-        assert_eq!(plan.reuse, Some((2, 4)));
-        assert_eq!(plan.evict, Some((1, 1)));
-    }
-
-    #[test]
-    fn with_no_other_row_the_cache_in_the_new_row_is_dropped() {
-        let p = [parked(0, &[5, 6])];
-        let plan = place(&p, 0, 1, &[1]);
-        assert_eq!(
-            plan,
-            Placement {
-                reuse: None,
-                relocate: None,
-                evict: None
-            }
-        );
     }
 
     #[test]
