@@ -17,6 +17,12 @@ Two layouts:
         `present` fed back as the next `past` (past_present_share_buffer =
         false).
 
+Both take an optional scalar input `logits_to_keep` (an initializer that
+callers may override, 0 when they do not, as onnxruntime-genai does): when
+it is N > 0 the LM head runs on the last N positions only. npud passes 1
+while it reads a prompt, so the LM head (a fifth of a prompt's work, and a
+logits tensor of prompt length x vocabulary) runs once, not per token.
+
 Only what GGUF itself says is used: no network, no torch. GGUF stores
 llama's Q and K rows permuted for its rotary layout; they are put back in
 Hugging Face's order, so rotary halves are rotated as llama does.
@@ -36,6 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 QK = 32  # elements per Q4_1 / Q8_0 block
+KEEP = "logits_to_keep"
 
 
 class Unsupported(Exception):
@@ -222,6 +229,17 @@ class Graph:
         return outs[0] if outputs == 1 else outs
 
 
+def keep_last(g, h):
+    """h [batch, seq, hidden] cut to its last `logits_to_keep` positions,
+    or all of them when that is 0."""
+    g.init(KEEP, np.array(0, np.int64))
+    seq = g.op("Shape", [h], start=1, end=2)
+    want = g.op("Reshape", [KEEP, g.const(np.array([1], np.int64))])
+    every = g.op("Equal", [want, g.const(np.array([0], np.int64))])
+    n = g.op("Where", [every, seq, g.op("Min", [want, seq])])
+    return g.op("Slice", [h, g.op("Sub", [seq, n]), seq, g.const(np.array([1], np.int64))])
+
+
 def rope_cache(head, base, context):
     inv = 1.0 / (base ** (np.arange(0, head, 2, dtype=np.float64) / head))
     freqs = np.outer(np.arange(context, dtype=np.float64), inv)
@@ -299,13 +317,13 @@ def build_fp32(w, p):
         up = linear(h, b + "ffn_up.weight")
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         x = g.op("Add", [x, linear(act, b + "ffn_down.weight")])
-    h = rms_norm(g, x, g.init("output_norm.weight", w.float("output_norm.weight")), p["eps"])
+    h = keep_last(g, rms_norm(g, x, g.init("output_norm.weight", w.float("output_norm.weight")), p["eps"]))
     flat = g.op("Reshape", [h, g.const(np.array([-1, H], np.int64))])
     if w.has("output.weight"):
         logits = g.op("Gemm", [flat, g.init("lm_head", w.float("output.weight"))], transB=1)
     else:  # tied: the embedding table, read transposed
         logits = g.op("Gemm", [flat, embed], transB=1)
-    shape = g.op("Concat", [g.op("Slice", [g.op("Shape", ["input_ids"]), g.const(np.array([0], np.int64)), g.const(np.array([2], np.int64))]), g.const(np.array([-1], np.int64))], axis=0)
+    shape = g.op("Concat", [g.op("Shape", [h], start=0, end=2), g.const(np.array([-1], np.int64))], axis=0)
     g.nodes.append(helper.make_node("Reshape", [logits, shape], ["logits"]))
     return g
 
@@ -364,6 +382,7 @@ def build_int4(w, p):
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
         x = g.op("Add", [x, nbits4(act, [b + "ffn_down.weight"], b + "down")])
     h = g.op("SimplifiedLayerNormalization", [x, g.init("output_norm.weight", w.float("output_norm.weight"))], axis=-1, epsilon=p["eps"])
+    h = keep_last(g, h)
     head = "output.weight" if w.has("output.weight") else "token_embd.weight"
     B, scales = q8_0_to_nbits(w.raw(head, gguf.GGMLQuantizationType.Q8_0))
     g.nodes.append(
@@ -387,7 +406,9 @@ def save_model(g, p, layout, out):
     ]
     if layout == "fp32":
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
-    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "sequence_length", p["vocab"]])]
+    # An initializer that is also an input: callers may leave it out.
+    inputs.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, []))
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", "logits_length", p["vocab"]])]
     for i in range(p["layers"]):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", f32, ["batch_size", p["kv_heads"], past_len, p["head"]]))

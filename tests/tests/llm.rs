@@ -48,8 +48,12 @@ impl Answer {
 
 fn read_stream(fd: zbus::zvariant::OwnedFd) -> Answer {
     let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    read_stream_from(std::io::BufReader::new(file).lines())
+}
+
+fn read_stream_from(lines: impl Iterator<Item = std::io::Result<String>>) -> Answer {
     let mut steps = Vec::new();
-    for line in std::io::BufReader::new(file).lines() {
+    for line in lines {
         let line = line.expect("a line of the stream");
         match serde_json::from_str::<Event>(&line).expect("an event") {
             Event::Text(t) => steps.push(t),
@@ -443,6 +447,43 @@ fn concurrent_greedy_requests_answer_as_alone() {
 }
 
 #[test]
+fn a_request_reads_a_running_sequences_shared_prompt_from_its_cache() {
+    let w = world(&["tiny-int4"], "max_sequences = 2");
+    let m = "tiny-int4";
+    // A long answer runs; nothing has ended, so no cache is parked.
+    let fd = generate_fd(
+        &w,
+        m,
+        &json!({"messages": chat("word word word"), "temperature": 0,
+            "max_tokens": 1500, "stop": ["\u{0}"]}),
+    )
+    .expect("Generate");
+    let mut lines =
+        std::io::BufReader::new(std::fs::File::from(std::os::fd::OwnedFd::from(fd))).lines();
+    let first = lines.next().expect("a first event").expect("a line");
+    assert!(
+        matches!(serde_json::from_str::<Event>(&first), Ok(Event::Text(_))),
+        "{first}"
+    );
+    // A second request with the same system prompt arrives beside it.
+    let b = generate(
+        &w,
+        m,
+        &json!({"messages": chat("Name a colour."), "temperature": 0, "max_tokens": 2}),
+    );
+    let running = held(&w, m).sequences;
+    let a = read_stream_from(lines);
+    assert!(
+        b.done.usage.cached_tokens > 0,
+        "nothing shared: {:?}",
+        b.done.usage
+    );
+    // The first was still running when the second ended.
+    assert_eq!(running, 1);
+    assert_eq!(a.done.finish_reason, FinishReason::Length, "{:?}", a.done);
+}
+
+#[test]
 fn a_corrupt_folder_is_refused_at_load() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = World::start();
@@ -514,7 +555,8 @@ fn a_load_beyond_memory_says_what_it_needs() {
 
 #[test]
 fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
-    let w = world(&["smollm2-int4"], "");
+    // One row: each request reuses the cache parked in the row it runs in.
+    let w = world(&["smollm2-int4"], "max_sequences = 1");
     let m = "smollm2-int4";
     let first = chat("What is 2+2?");
     let a = generate(&w, m, &json!({"messages": first, "temperature": 0}));
@@ -559,6 +601,29 @@ fn a_chats_second_turn_reuses_its_prefix_and_answers_the_same() {
         &json!({"messages": chat("Name a colour."), "temperature": 0, "max_tokens": 4}),
     );
     assert!(c.done.usage.cached_tokens > 0 && c.done.usage.cached_tokens < reused);
+}
+
+#[test]
+fn a_seeded_request_sent_again_reads_only_its_last_chunk_and_samples_the_same() {
+    // One row, and short chunks: a prompt is read in several.
+    let w = world(&["smollm2-int4"], "max_sequences = 1\nprefill_chunk = 16");
+    let m = "smollm2-int4";
+    // A seeded request sent again finds its whole prompt cached, reads
+    // only its last chunk again, and samples the same answer.
+    let story = "Tell me a story about a dragon who lives in a castle by the sea \
+        and the knight who comes to visit him every spring.";
+    let seeded = json!({"messages": chat(story), "temperature": 1.0,
+        "seed": 11, "max_tokens": 24});
+    let d = generate(&w, m, &seeded);
+    let e = generate(&w, m, &seeded);
+    let (cached, prompt) = (e.done.usage.cached_tokens, e.done.usage.prompt_tokens);
+    assert!(
+        d.done.usage.cached_tokens == 0 && cached > 0 && cached % 16 == 0 && cached < prompt,
+        "{:?} then {:?}",
+        d.done.usage,
+        e.done.usage
+    );
+    assert_eq!(d.tokens(), e.tokens());
 }
 
 #[test]

@@ -78,6 +78,23 @@ pub struct Loaded {
     _trim: TrimOnDrop,
 }
 
+/// Makes every allocation of 128 KiB or more a mapping of its own, given
+/// back to the system when freed. glibc raises that threshold (up to 32
+/// MiB) each time a large block is freed; after a model's unload, the next
+/// load's buffers and its KV pool then come from the heap, where freed
+/// memory stays resident and a zeroed pool is written whole at once
+/// instead of being mapped zero pages that cost memory only when used
+/// (docs/performance.md). Called first thing in `main`.
+pub fn map_large_allocations() {
+    #[cfg(target_env = "gnu")]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt takes no pointer and only sets the allocator's own
+    // policy; it runs before any other thread exists.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 /// Gives the C heap's free pages back to the system when dropped. A
 /// session's weights and buffers are many mid-sized allocations that glibc
 /// keeps on its heap once freed; without this, each load after an unload
@@ -374,6 +391,7 @@ enum SessionError {
 fn build_session(
     env: &ort::environment::Environment,
     threads: usize,
+    spin: bool,
     provider: Provider,
     path: &str,
 ) -> Result<Session, SessionError> {
@@ -385,8 +403,12 @@ fn build_session(
         .map_err(opt)?
         .with_inter_threads(1)
         .map_err(opt)?
-        // Spinning threads burn the power budget while they wait.
-        .with_config_entry("session.intra_op.allow_spinning", "0")
+        // Config `intra_spin`: a short spin between an LLM's operators
+        // saves a wake-up for each. One inter-op thread: nothing to spin.
+        .with_config_entry(
+            "session.intra_op.allow_spinning",
+            if spin { "1" } else { "0" },
+        )
         .map_err(opt)?
         .with_config_entry("session.inter_op.allow_spinning", "0")
         .map_err(opt)?;
@@ -643,13 +665,14 @@ impl Runtime {
             None => record.path.clone(),
         };
         let env = self.env.as_ref().expect("ready");
-        let session = build_session(env, self.threads, short, &decoder).map_err(|e| match e {
-            SessionError::Provider(e) => RuntimeError::ProviderUnavailable(format!(
-                "execution provider {short} failed to register: {e}"
-            )),
-            SessionError::Options(e) => RuntimeError::Inference(e),
-            SessionError::Model(e) => corrupt(e),
-        })?;
+        let session = build_session(env, self.threads, self.cfg.intra_spin, short, &decoder)
+            .map_err(|e| match e {
+                SessionError::Provider(e) => RuntimeError::ProviderUnavailable(format!(
+                    "execution provider {short} failed to register: {e}"
+                )),
+                SessionError::Options(e) => RuntimeError::Inference(e),
+                SessionError::Model(e) => corrupt(e),
+            })?;
         let inputs: Vec<TensorSpec> = session
             .inputs()
             .iter()
@@ -660,8 +683,27 @@ impl Runtime {
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
-        if let Some(l) = &llm {
+        let mut llm = llm;
+        if let Some(l) = &mut llm {
             check_decoder(&l.shape, &inputs, &outputs).map_err(|e| corrupt(e.to_string()))?;
+            use crate::llm::config::LOGITS_TO_KEEP;
+            l.shape.logits_to_keep = session
+                .overridable_initializers()
+                .iter()
+                .any(|i| {
+                    // A scalar i64, as npud feeds it; anything else is
+                    // left at its default (every position's logits).
+                    i.name() == LOGITS_TO_KEEP
+                        && matches!(
+                            i.dtype(),
+                            ort::value::ValueType::Tensor {
+                                ty: ort::value::TensorElementType::Int64,
+                                shape,
+                                ..
+                            } if shape.is_empty()
+                        )
+                })
+                .then(|| LOGITS_TO_KEEP.to_string());
         }
         let batched = llm
             .as_ref()

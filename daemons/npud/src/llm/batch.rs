@@ -10,9 +10,17 @@
 //! later request whose prompt starts with the same tokens (the next turn of
 //! a chat, a shared system prompt) copies that prefix instead of reading
 //! it again, and says so in `usage.cached_tokens`. Parked rows are given up,
-//! oldest first, when a running sequence needs the room.
+//! oldest first, when a running sequence needs the room. A running
+//! sequence's cache is shared the same way: requests that arrive together
+//! with one system prompt read it once.
+//!
+//! A prompt that is cached whole is read again from where its last chunk
+//! began before: the logits its first token is sampled from then come from
+//! the same computation as they did the first time, so a seeded request
+//! sent twice samples the same answer.
 
 use super::generate::{Events, Job, Stream};
+use super::kv::last_logits;
 use super::pool::{past_inputs, Pool};
 use super::Llm;
 use crate::runtime::Loaded;
@@ -71,6 +79,31 @@ impl Row {
 struct Parked {
     row: usize,
     tokens: Vec<u32>,
+    /// Where the chunks of its prompt that it read itself began.
+    starts: Vec<usize>,
+}
+
+impl Parked {
+    fn reusable(&self, prompt: &[u32]) -> usize {
+        reusable(&self.tokens, &self.starts, prompt)
+    }
+}
+
+/// How many of `prompt`'s leading tokens a new sequence takes from a cache
+/// of `tokens` whose own prompt chunks began at `starts`. When the cache
+/// holds the whole prompt, the prompt's last chunk is read again from where
+/// it began the first time.
+fn reusable(tokens: &[u32], starts: &[usize], prompt: &[u32]) -> usize {
+    let n = common_prefix(tokens, prompt);
+    if n < prompt.len() {
+        return n;
+    }
+    starts
+        .iter()
+        .rev()
+        .find(|&&s| s < prompt.len())
+        .copied()
+        .unwrap_or(0)
 }
 
 /// A row at or above `from` that no parked cache holds.
@@ -121,26 +154,48 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
             if let Some(w) = queue.pop_front() {
                 let at = active.len();
                 let mut stream = Stream::new(w.job, w.events, &m.provider);
-                // The new sequence's row: a cache parked there moves up, or
-                // goes when no row is free.
+                // The cache that holds most of the prompt: a parked one, or
+                // a running sequence's (a system prompt that requests share).
+                let parked_best = parked
+                    .iter()
+                    .map(|p| (p.row, p.reusable(stream.prompt())))
+                    .max_by_key(|&(_, n)| n);
+                let running_best = active
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let s = &r.stream;
+                        (i, reusable(s.history(), s.starts(), stream.prompt()))
+                    })
+                    .max_by_key(|&(_, n)| n);
+                let best = [parked_best, running_best]
+                    .into_iter()
+                    .flatten()
+                    .filter(|&(_, n)| n > 0)
+                    .max_by_key(|&(_, n)| n);
+                // The new sequence's row: a cache parked there is used in
+                // place when it is the best; else it moves up, or goes
+                // when no row is free.
                 if let Some(j) = parked.iter().position(|p| p.row == at) {
-                    match free_row(&parked, at + 1, rows) {
-                        Some(r) => {
-                            pool.move_row(at, r, parked[j].tokens.len());
-                            parked[j].row = r;
-                        }
-                        None => {
-                            parked.remove(j);
+                    if best.is_some_and(|(row, _)| row == at) {
+                        parked.remove(j);
+                    } else {
+                        match free_row(&parked, at + 1, rows) {
+                            Some(r) => {
+                                pool.move_row(at, r, parked[j].tokens.len());
+                                parked[j].row = r;
+                            }
+                            None => {
+                                parked.remove(j);
+                            }
                         }
                     }
                 }
-                let best = parked
-                    .iter()
-                    .map(|p| (p.row, common_prefix(&p.tokens, stream.prompt())))
-                    .max_by_key(|&(_, n)| n);
-                if let Some((row, n)) = best.filter(|&(_, n)| n > 0) {
+                if let Some((row, n)) = best {
                     stream.reuse(n);
-                    pool.move_row(row, at, stream.cached);
+                    if row != at {
+                        pool.move_row(row, at, stream.cached);
+                    }
                 }
                 filling = Some(Row {
                     stream,
@@ -221,6 +276,7 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
             let last = active.len() - 1;
             let above = last + 1 + usize::from(filling.is_some());
             let tokens = active[i].stream.history().to_vec();
+            let starts = active[i].stream.starts().to_vec();
             if !tokens.is_empty() && tokens.len() < capacity {
                 let row = match (
                     i == last && filling.is_none(),
@@ -235,7 +291,11 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                     if row != i {
                         pool.move_row(i, row, tokens.len());
                     }
-                    parked.push(Parked { row, tokens });
+                    parked.push(Parked {
+                        row,
+                        tokens,
+                        starts,
+                    });
                 }
             }
             if i != last {
@@ -299,6 +359,7 @@ fn step(
         if let Some(p) = &s.position_ids {
             inputs.push((p.clone(), Tensor::from_array(([n, len], positions))?.into()));
         }
+        inputs.extend(last_logits(s)?);
         inputs.extend(past_inputs(&mut views, &s.past_key, &s.past_value));
         let mut selector = OutputSelector::default();
         for (l, [_, _, k, v]) in views.into_iter().enumerate() {
@@ -331,7 +392,25 @@ mod tests {
         Parked {
             row,
             tokens: tokens.to_vec(),
+            starts: vec![0],
         }
+    }
+
+    #[test]
+    fn a_prompt_cached_whole_reads_its_last_chunk_again() {
+        // A prompt of 5 read in chunks of 2, then 3 tokens generated.
+        let p = Parked {
+            row: 0,
+            tokens: vec![1, 2, 3, 4, 5, 6, 7, 8],
+            starts: vec![0, 2, 4],
+        };
+        assert_eq!(p.reusable(&[1, 2, 3, 4, 5]), 4);
+        // The next turn reads on after everything cached.
+        assert_eq!(p.reusable(&[1, 2, 3, 4, 5, 6, 7, 8, 9]), 8);
+        assert_eq!(p.reusable(&[1, 2, 3, 9]), 3);
+        // A prompt that ends inside the cached chunks.
+        assert_eq!(p.reusable(&[1, 2, 3]), 2);
+        assert_eq!(p.reusable(&[1]), 0);
     }
 
     #[test]

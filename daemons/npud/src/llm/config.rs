@@ -85,7 +85,14 @@ pub struct Shape {
     pub present_key: Vec<String>,
     pub present_value: Vec<String>,
     pub filename: String,
+    /// The decoder's optional input that runs the LM head on the last N
+    /// positions only (`logits_to_keep`, as `models/llm/import_gguf.py`
+    /// writes it), when the session has it: set at load.
+    pub logits_to_keep: Option<String>,
 }
+
+/// The name of that input.
+pub const LOGITS_TO_KEEP: &str = "logits_to_keep";
 
 impl Shape {
     /// Bytes of KV cache (fp32) one token takes in one sequence.
@@ -193,6 +200,7 @@ impl GenaiConfig {
                 "present_value_names",
             )?,
             filename: d.filename.clone(),
+            logits_to_keep: None,
         })
     }
 }

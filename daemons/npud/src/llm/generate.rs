@@ -125,6 +125,8 @@ pub struct Stream {
     pub pending: Option<u32>,
     /// The tokens whose keys and values are in the cache, in order.
     history: Vec<u32>,
+    /// Where each chunk of the prompt this stream read began.
+    starts: Vec<usize>,
     ended: Option<(FinishReason, Option<StreamError>)>,
 }
 
@@ -152,6 +154,7 @@ impl Stream {
             cached: 0,
             pending: None,
             history: Vec::new(),
+            starts: Vec::new(),
             ended: None,
         }
     }
@@ -164,6 +167,11 @@ impl Stream {
     /// The tokens whose keys and values are in the cache.
     pub fn history(&self) -> &[u32] {
         &self.history
+    }
+
+    /// Where each chunk of the prompt this stream read began.
+    pub fn starts(&self) -> &[usize] {
+        &self.starts
     }
 
     /// Counts the first `n` prompt tokens as already in the cache (another
@@ -188,6 +196,7 @@ impl Stream {
 
     /// Records that the model read `n` more prompt tokens.
     pub fn prefilled(&mut self, n: usize) {
+        self.starts.push(self.fed);
         self.history
             .extend_from_slice(&self.job.prompt[self.fed..self.fed + n]);
         self.fed += n;
