@@ -121,6 +121,9 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
     let mut filling: Option<Row> = None;
     let mut parked: Vec<Parked> = Vec::new();
     let mut queue: VecDeque<Work> = VecDeque::new();
+    // Each step's logits, a row per sequence; kept, so that a step does
+    // not allocate (and map) them anew.
+    let mut logits: Vec<f32> = Vec::new();
     loop {
         if active.is_empty() && filling.is_none() && queue.is_empty() {
             match rx.recv() {
@@ -216,12 +219,13 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                     .map(|c| c.to_vec())
                     .unwrap_or_default();
                 let past = row.stream.cached;
-                let r = m.with_session(|s| step(s, llm, pool, at, &[(&chunk[..], past)]));
+                let r =
+                    m.with_session(|s| step(s, llm, pool, at, &[(&chunk[..], past)], &mut logits));
                 match r {
-                    Ok(mut logits) => {
+                    Ok(()) => {
                         row.stream.prefilled(chunk.len());
                         if row.stream.next_chunk().is_none() {
-                            row.stream.accept(llm, &mut logits[0]);
+                            row.stream.accept(llm, &mut logits);
                         }
                     }
                     Err(e) => row.stream.fail("Inference", e.to_string()),
@@ -248,9 +252,10 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 .zip(&inputs)
                 .map(|(t, &(_, past))| (&t[..], past))
                 .collect();
-            match m.with_session(|s| step(s, llm, pool, 0, &batch)) {
-                Ok(mut logits) => {
-                    for (r, l) in active.iter_mut().zip(logits.iter_mut()) {
+            match m.with_session(|s| step(s, llm, pool, 0, &batch, &mut logits)) {
+                Ok(()) => {
+                    let v = shape.vocab_size;
+                    for (r, l) in active.iter_mut().zip(logits.chunks_exact_mut(v)) {
                         if !r.stream.ended() {
                             r.stream.decoded();
                             r.stream.accept(llm, l);
@@ -322,15 +327,16 @@ fn count(m: &Loaded, active: &[Row], filling: &Option<Row>, parked: &[Parked]) {
 
 /// Runs the decoder once on rows `first..first + batch.len()` of the pool,
 /// row `i` reading `batch[i].0` after its `batch[i].1` cached tokens (all
-/// rows read the same number of tokens). Returns each row's logits for
-/// its last token.
+/// rows read the same number of tokens). Writes each row's logits for
+/// its last token into `out`, one vocabulary's length per row.
 fn step(
     session: &mut Session,
     llm: &Llm,
     pool: &mut Pool,
     first: usize,
     batch: &[(&[u32], usize)],
-) -> Result<Vec<Vec<f32>>, ort::Error> {
+    out: &mut Vec<f32>,
+) -> Result<(), ort::Error> {
     let s = &llm.shape;
     let n = batch.len();
     let len = batch[0].0.len();
@@ -378,9 +384,11 @@ fn step(
             )));
         }
         let per_row = all.len() / n;
-        Ok((0..n)
-            .map(|i| all[(i + 1) * per_row - v..(i + 1) * per_row].to_vec())
-            .collect())
+        out.clear();
+        for i in 0..n {
+            out.extend_from_slice(&all[(i + 1) * per_row - v..(i + 1) * per_row]);
+        }
+        Ok(())
     })
 }
 
