@@ -484,6 +484,56 @@ fn a_request_reads_a_running_sequences_shared_prompt_from_its_cache() {
 }
 
 #[test]
+fn a_decoder_that_returns_every_positions_logits_answers_the_same() {
+    // A folder made elsewhere (onnxruntime-genai's builder) has no
+    // `logits_to_keep`: npud then reads every position's logits of a
+    // prompt chunk and takes the last. Made here by removing the input
+    // (its initializer stays, a constant 0), in both KV layouts.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut w = World::start();
+    for layout in ["int4", "fp32"] {
+        let dir = tmp.path().join(format!("every-{layout}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (n, p) in folder_files(&llm_folder(&format!("tiny-{layout}"))) {
+            std::fs::copy(p, dir.join(n)).unwrap();
+        }
+        let st = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import onnx, sys\n\
+                m = onnx.load(sys.argv[1], load_external_data=False)\n\
+                [keep] = [i for i in m.graph.input if i.name == 'logits_to_keep']\n\
+                m.graph.input.remove(keep)\n\
+                onnx.save(m, sys.argv[1])",
+            ])
+            .arg(dir.join("model.onnx"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        w.publisher
+            .pack_folder(&w.packs, &format!("every-{layout}"), &dir);
+        w.publisher.pack_folder(
+            &w.packs,
+            &format!("tiny-{layout}"),
+            &llm_folder(&format!("tiny-{layout}")),
+        );
+    }
+    w.republish(&w.packs.clone(), "2");
+    w.start_modeld();
+    for m in ["every-int4", "every-fp32", "tiny-int4", "tiny-fp32"] {
+        w.ctl(&["model", "install", m]).ok();
+    }
+    w.start_npud("memory_budget_mb = 4096\nprefill_chunk = 8");
+    let ask = json!({"messages": chat(&"word ".repeat(20)), "temperature": 0, "max_tokens": 12});
+    for layout in ["int4", "fp32"] {
+        let every = generate(&w, &format!("every-{layout}"), &ask);
+        let last = generate(&w, &format!("tiny-{layout}"), &ask);
+        assert_eq!(every.done.usage.completion_tokens, 12, "{:?}", every.done);
+        assert_eq!(every.tokens(), last.tokens(), "{layout}");
+    }
+}
+
+#[test]
 fn a_corrupt_folder_is_refused_at_load() {
     let tmp = tempfile::tempdir().unwrap();
     let mut w = World::start();
