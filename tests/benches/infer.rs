@@ -74,7 +74,8 @@ fn main() {
     w.start_modeld();
     w.ctl(&["model", "install", "big"]).ok();
     w.ctl(&["model", "install", "wide"]).ok();
-    w.start_npud("");
+    // The shipped default, which tests turn off (`World::start_npud`).
+    w.start_npud("intra_spin = true");
     let npud_pid = w.npud.as_ref().unwrap().pid();
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = rss_mib(npud_pid);

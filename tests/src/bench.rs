@@ -47,7 +47,11 @@ pub fn smollm2_world(npud_extra: &str) -> crate::World {
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
     w.ctl(&["model", "install", "smollm2"]).ok();
-    w.start_npud(npud_extra);
+    // The shipped default, which tests turn off (`World::start_npud`).
+    w.start_npud(&crate::merge_config(
+        &["intra_spin = true".into()],
+        npud_extra,
+    ));
     w
 }
 

@@ -102,6 +102,11 @@ impl World {
             ),
             "providers = [\"xnnpack\", \"cpu\"]".to_string(),
             "memory_budget_mb = 512".to_string(),
+            // Tests run several daemons at once on a machine's few cores:
+            // session threads that spin between operators would take the
+            // cores the others need. The benchmarks run with the shipped
+            // default (on).
+            "intra_spin = false".to_string(),
         ];
         let path = self.tmp.path().join("npud.toml");
         std::fs::write(&path, merge_config(&defaults, extra)).unwrap();
