@@ -46,9 +46,13 @@ impl Answer {
     }
 }
 
+/// A stream's events, a line each.
+fn event_lines(fd: zbus::zvariant::OwnedFd) -> std::io::Lines<std::io::BufReader<std::fs::File>> {
+    std::io::BufReader::new(std::fs::File::from(std::os::fd::OwnedFd::from(fd))).lines()
+}
+
 fn read_stream(fd: zbus::zvariant::OwnedFd) -> Answer {
-    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
-    read_stream_from(std::io::BufReader::new(file).lines())
+    read_stream_from(event_lines(fd))
 }
 
 fn read_stream_from(lines: impl Iterator<Item = std::io::Result<String>>) -> Answer {
@@ -338,8 +342,7 @@ fn closing_the_stream_cancels_and_frees_the_sequence() {
         &json!({"messages": chat("Count to one thousand."), "temperature": 0, "max_tokens": 2000}),
     )
     .unwrap();
-    let file = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
-    let mut lines = std::io::BufReader::new(file).lines();
+    let mut lines = event_lines(fd);
     lines.next().unwrap().unwrap();
     // npud shows the running sequence and the KV cache it fills.
     let running = held(&w, m);
@@ -458,8 +461,7 @@ fn a_request_reads_a_running_sequences_shared_prompt_from_its_cache() {
             "max_tokens": 1500, "stop": ["\u{0}"]}),
     )
     .expect("Generate");
-    let mut lines =
-        std::io::BufReader::new(std::fs::File::from(std::os::fd::OwnedFd::from(fd))).lines();
+    let mut lines = event_lines(fd);
     let first = lines.next().expect("a first event").expect("a line");
     assert!(
         matches!(serde_json::from_str::<Event>(&first), Ok(Event::Text(_))),

@@ -649,7 +649,7 @@ impl Runtime {
             detail,
         };
         let entry = std::path::Path::new(&record.path);
-        let llm = match crate::llm::is_llm(entry) {
+        let mut llm = match crate::llm::is_llm(entry) {
             true => Some(
                 crate::llm::Llm::open(entry.parent().expect("a file in a folder"))
                     .map_err(|e| corrupt(e.to_string()))?,
@@ -683,7 +683,6 @@ impl Runtime {
             .iter()
             .map(|o| tensor::spec(o.name(), o.dtype()))
             .collect();
-        let mut llm = llm;
         if let Some(l) = &mut llm {
             check_decoder(&l.shape, &inputs, &outputs).map_err(|e| corrupt(e.to_string()))?;
             use crate::llm::config::LOGITS_TO_KEEP;

@@ -83,12 +83,6 @@ struct Parked {
     starts: Vec<usize>,
 }
 
-impl Parked {
-    fn reusable(&self, prompt: &[u32]) -> usize {
-        reusable(&self.tokens, &self.starts, prompt)
-    }
-}
-
 /// How many of `prompt`'s leading tokens a new sequence takes from a cache
 /// of `tokens` whose own prompt chunks began at `starts`. When the cache
 /// holds the whole prompt, the prompt's last chunk is read again from where
@@ -161,7 +155,7 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                 // a running sequence's (a system prompt that requests share).
                 let parked_best = parked
                     .iter()
-                    .map(|p| (p.row, p.reusable(stream.prompt())))
+                    .map(|p| (p.row, reusable(&p.tokens, &p.starts, stream.prompt())))
                     .max_by_key(|&(_, n)| n);
                 let running_best = active
                     .iter()
@@ -407,18 +401,15 @@ mod tests {
     #[test]
     fn a_prompt_cached_whole_reads_its_last_chunk_again() {
         // A prompt of 5 read in chunks of 2, then 3 tokens generated.
-        let p = Parked {
-            row: 0,
-            tokens: vec![1, 2, 3, 4, 5, 6, 7, 8],
-            starts: vec![0, 2, 4],
-        };
-        assert_eq!(p.reusable(&[1, 2, 3, 4, 5]), 4);
+        let (tokens, starts) = ([1, 2, 3, 4, 5, 6, 7, 8], [0, 2, 4]);
+        let reusable = |prompt: &[u32]| reusable(&tokens, &starts, prompt);
+        assert_eq!(reusable(&[1, 2, 3, 4, 5]), 4);
         // The next turn reads on after everything cached.
-        assert_eq!(p.reusable(&[1, 2, 3, 4, 5, 6, 7, 8, 9]), 8);
-        assert_eq!(p.reusable(&[1, 2, 3, 9]), 3);
+        assert_eq!(reusable(&[1, 2, 3, 4, 5, 6, 7, 8, 9]), 8);
+        assert_eq!(reusable(&[1, 2, 3, 9]), 3);
         // A prompt that ends inside the cached chunks.
-        assert_eq!(p.reusable(&[1, 2, 3]), 2);
-        assert_eq!(p.reusable(&[1]), 0);
+        assert_eq!(reusable(&[1, 2, 3]), 2);
+        assert_eq!(reusable(&[1]), 0);
     }
 
     #[test]
