@@ -100,9 +100,14 @@ fn reusable(tokens: &[u32], starts: &[usize], prompt: &[u32]) -> usize {
         .unwrap_or(0)
 }
 
-/// A row at or above `from` that no parked cache holds.
+/// The highest row at or above `from` that no parked cache holds. Running
+/// rows grow from the bottom, so a cache parked high is the last to be in
+/// a new sequence's way: moved once, not up a row for each new sequence
+/// (each move touches pages of the pool that nothing used before).
 fn free_row(parked: &[Parked], from: usize, rows: usize) -> Option<usize> {
-    (from..rows).find(|r| parked.iter().all(|p| p.row != *r))
+    (from..rows)
+        .rev()
+        .find(|r| parked.iter().all(|p| p.row != *r))
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
@@ -413,11 +418,12 @@ mod tests {
     }
 
     #[test]
-    fn a_new_sequence_takes_the_first_row_no_parked_cache_holds() {
-        let p = [parked(2, &[1]), parked(3, &[2])];
-        assert_eq!(free_row(&p, 0, 5), Some(0));
-        assert_eq!(free_row(&p, 2, 5), Some(4));
-        assert_eq!(free_row(&p, 2, 4), None);
+    fn a_cache_is_parked_in_the_highest_row_no_other_holds() {
+        let p = [parked(2, &[1]), parked(4, &[2])];
+        assert_eq!(free_row(&p, 0, 5), Some(3));
+        assert_eq!(free_row(&p, 0, 3), Some(1));
+        assert_eq!(free_row(&p, 3, 5), Some(3));
+        assert_eq!(free_row(&p, 4, 5), None);
     }
 
     #[test]
