@@ -14,6 +14,10 @@
 //! - this machine's memory bandwidth and the roofline it gives (bandwidth
 //!   over the weight bytes each token reads);
 //! - peak RSS of npud and of the other engines' processes.
+//!
+//! Every engine measures with a warm session and no cached prefix, and the
+//! single-stream runs alternate between the engines, so that each ratio
+//! compares runs made close together in time.
 
 use pocket_proto::generate::DoneEvent;
 use pocket_proto::runtime::Runtime1Proxy;
@@ -113,19 +117,56 @@ fn main() {
     let tokenized = llm_reference(&json!({"folder": folder, "texts": rendered["chats"]}));
     let short_ids: Vec<Vec<u64>> = serde_json::from_value(tokenized["texts"].clone()).unwrap();
 
+    // onnxruntime-genai on the same folder and threads; llama.cpp on the
+    // GGUF file the folder came from, same prompts.
+    let req = json!({"folder": folder, "threads": threads, "prompt": ids, "new": NEW,
+        "gguf": llm_fixtures().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "runs": 1, "streams": [], "short": short_ids});
+    let llamacpp_dir = workspace_root().join("models/llm/llamacpp");
+    assert!(
+        llamacpp_dir.join("node_modules/node-llama-cpp").is_dir(),
+        "llama.cpp is not installed: run `just bench-deps`"
+    );
+    let genai = |req: &Value| {
+        let mut python = Command::new("python3");
+        python.arg(workspace_root().join("models/llm/bench_genai.py"));
+        engine(python, req)
+    };
+    let llamacpp = |req: &Value| {
+        let mut node = Command::new("node");
+        node.arg(llamacpp_dir.join("bench.mjs"));
+        engine(node, req)
+    };
+
     let (rt, npud) = npud_client(&w);
-    let single = |_: usize| {
+    let single = || {
         let req = json!({"prompt": prompt_text, "raw": true, "temperature": 0, "max_tokens": NEW, "stop": ["\u{0}"]});
         generate(&rt, &npud, &req)
     };
-    let _ = single(0);
-    rt.block_on(npud.unload("smollm2")).ok();
+    // No cached prefix, and a warm session, as the other engines measure:
+    // the model loaded anew, then one request that shares no prefix with
+    // what follows (a prompt as long, so that ONNX Runtime's memory has
+    // grown to it, as a warm-up grows theirs).
+    let fresh = || {
+        rt.block_on(npud.unload("smollm2")).ok();
+        rt.block_on(npud.load("smollm2", "")).unwrap();
+        let warm = format!("Warm-up. {prompt_text}");
+        generate(
+            &rt,
+            &npud,
+            &json!({"prompt": warm, "raw": true, "temperature": 0, "max_tokens": 2}),
+        );
+    };
+    // The three engines take turns, a run each, three times: this
+    // machine's speed drifts over minutes, and each ratio compares runs
+    // made under the same conditions.
+    let mut others = Vec::new();
     let runs: Vec<(Duration, DoneEvent, String)> = (0..3)
-        .map(|i| {
-            // Cold each time: no cached prefix.
-            rt.block_on(npud.unload("smollm2")).ok();
-            rt.block_on(npud.load("smollm2", "")).unwrap();
-            single(i)
+        .map(|_| {
+            fresh();
+            let ours = single();
+            others.push((genai(&req), llamacpp(&req)));
+            ours
         })
         .collect();
     let prompt_tokens = runs[0].1.usage.prompt_tokens;
@@ -139,8 +180,7 @@ fn main() {
     // Concurrency: k requests at once, each NEW tokens after a short chat.
     let mut npud_streams = Vec::new();
     for k in STREAMS {
-        rt.block_on(npud.unload("smollm2")).ok();
-        rt.block_on(npud.load("smollm2", "")).unwrap();
+        fresh();
         let start = Instant::now();
         let tokens: u32 = std::thread::scope(|s| {
             let hs: Vec<_> = (0..k)
@@ -175,28 +215,27 @@ fn main() {
         {"role": "user", "content": "Now make it rhyme better."}
     ], "temperature": 0, "max_tokens": 4});
     let (warm_ttft, warm, _) = generate(&rt, &npud, &turn2);
-    rt.block_on(npud.unload("smollm2")).ok();
-    rt.block_on(npud.load("smollm2", "")).unwrap();
+    fresh();
     let (cold_ttft, cold, _) = generate(&rt, &npud, &turn2);
     let npud_rss = peak_rss_mib(pid);
 
-    // onnxruntime-genai on the same folder and threads.
-    let req = json!({"folder": folder, "threads": threads, "prompt": ids, "new": NEW,
-        "streams": STREAMS, "short": short_ids});
-    let mut python = Command::new("python3");
-    python.arg(workspace_root().join("models/llm/bench_genai.py"));
-    let genai = engine(python, &req);
-    // llama.cpp on the GGUF file the folder came from, same prompts.
-    let llamacpp_dir = workspace_root().join("models/llm/llamacpp");
-    assert!(
-        llamacpp_dir.join("node_modules/node-llama-cpp").is_dir(),
-        "llama.cpp is not installed: run `just bench-deps`"
-    );
-    let mut node = Command::new("node");
-    node.arg(llamacpp_dir.join("bench.mjs"));
     let mut req = req;
-    req["gguf"] = json!(llm_fixtures().join("SmolLM2-135M-Instruct.Q4_1.gguf"));
-    let llamacpp = engine(node, &req);
+    req["runs"] = json!(0);
+    req["streams"] = json!(STREAMS);
+    // Each engine's streams, with the medians of its single runs and its
+    // peak RSS over all of them.
+    let summary = |streams: Value, single: Vec<&Value>| {
+        let field = |name: &str| median(single.iter().map(|v| v[name].as_f64().unwrap()).collect());
+        let rss = single
+            .iter()
+            .chain([&&streams])
+            .map(|v| v["peak_rss_mib"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        json!({"ttft_s": field("ttft_s"), "decode_tps": field("decode_tps"), "streams": streams["streams"],
+            "peak_rss_mib": rss, "llama_cpp": streams["llama_cpp"]})
+    };
+    let genai = summary(genai(&req), others.iter().map(|o| &o.0).collect());
+    let llamacpp = summary(llamacpp(&req), others.iter().map(|o| &o.1).collect());
 
     let bw = memory_bandwidth();
     let data = std::fs::metadata(folder.join("model.onnx.data"))

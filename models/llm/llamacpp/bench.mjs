@@ -1,9 +1,10 @@
 // llama.cpp's side of `just bench` (LLM part), on the GGUF file the folder
 // was converted from, with the same thread count and prompts as npud.
 //
-// Reads {"gguf", "threads", "prompt": [ids], "new": N, "streams": [1, 2, ..],
-// "short": [[ids], ..]} on stdin; prints JSON:
-//   ttft_s, decode_tps   one sequence: the prompt, then N tokens greedy
+// Reads {"gguf", "threads", "prompt": [ids], "new": N, "runs": R,
+// "streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints JSON:
+//   ttft_s, decode_tps   one sequence: the prompt, then N tokens greedy; the
+//                        median of R runs (none when R is 0)
 //   streams: {k: tps}    k sequences of one context at once (llama.cpp
 //                        batches them), aggregate tokens/s
 //   peak_rss_mib         this process's peak RSS
@@ -32,14 +33,15 @@ const context = await model.createContext({
     contextSize: 1024, sequences: 1, threads: req.threads, batchSize: 512,
 });
 const sequence = context.getSequence();
-await one(sequence, req.prompt.slice(0, 32)); // warm-up
+await one(sequence, req.prompt); // warm-up, as long as the runs
 const runs = [];
-for (let i = 0; i < 3; i++) {
+for (let i = 0; i < req.runs; i++) {
     await sequence.clearHistory();
     runs.push(await one(sequence, req.prompt));
 }
 await context.dispose();
 runs.sort((a, b) => a.decode_tps - b.decode_tps);
+const median = runs[Math.floor(runs.length / 2)] ?? {ttft_s: null, decode_tps: null};
 
 const streams = {};
 for (const k of req.streams) {
@@ -58,8 +60,8 @@ const meta = JSON.parse(readFileSync(
     "utf8",
 ));
 process.stdout.write(JSON.stringify({
-    ttft_s: runs[1].ttft_s,
-    decode_tps: runs[1].decode_tps,
+    ttft_s: median.ttft_s,
+    decode_tps: median.decode_tps,
     streams,
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
     llama_cpp: meta.buildOptions.llamaCpp.release,
