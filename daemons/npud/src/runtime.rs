@@ -78,20 +78,22 @@ pub struct Loaded {
     _trim: TrimOnDrop,
 }
 
-/// Makes every allocation of 128 KiB or more a mapping of its own, given
+/// Makes every allocation of 4 MiB or more a mapping of its own, given
 /// back to the system when freed. glibc raises that threshold (up to 32
 /// MiB) each time a large block is freed; after a model's unload, the next
 /// load's buffers and its KV pool then come from the heap, where freed
 /// memory stays resident and a zeroed pool is written whole at once
 /// instead of being mapped zero pages that cost memory only when used
-/// (docs/performance.md). Called first thing in `main`.
+/// (docs/performance.md). Not lower: the buffers ONNX Runtime's kernels
+/// take and free on every run would then be new mappings each time, their
+/// pages faulted in anew each decoded token. Called first thing in `main`.
 pub fn map_large_allocations() {
     #[cfg(target_env = "gnu")]
     #[allow(unsafe_code)]
     // SAFETY: mallopt takes no pointer and only sets the allocator's own
     // policy; it runs before any other thread exists.
     unsafe {
-        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 128 << 10);
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, 4 << 20);
     }
 }
 
