@@ -74,8 +74,7 @@ fn main() {
     w.start_modeld();
     w.ctl(&["model", "install", "big"]).ok();
     w.ctl(&["model", "install", "wide"]).ok();
-    // The shipped default, which tests turn off (`World::start_npud`).
-    w.start_npud("intra_spin = true");
+    pocket_tests::bench::start_npud(&mut w, "");
     let npud_pid = w.npud.as_ref().unwrap().pid();
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = rss_mib(npud_pid);

@@ -160,15 +160,13 @@ fn main() {
     // The three engines take turns, a run each, three times: this
     // machine's speed drifts over minutes, and each ratio compares runs
     // made under the same conditions.
+    let mut runs: Vec<(Duration, DoneEvent, String)> = Vec::new();
     let mut others = Vec::new();
-    let runs: Vec<(Duration, DoneEvent, String)> = (0..3)
-        .map(|_| {
-            fresh();
-            let ours = single();
-            others.push((genai(&req), llamacpp(&req)));
-            ours
-        })
-        .collect();
+    for _ in 0..3 {
+        fresh();
+        runs.push(single());
+        others.push((genai(&req), llamacpp(&req)));
+    }
     let prompt_tokens = runs[0].1.usage.prompt_tokens;
     let ttft = median(runs.iter().map(|r| r.0.as_secs_f64()).collect());
     let tps = median(

@@ -47,12 +47,14 @@ pub fn smollm2_world(npud_extra: &str) -> crate::World {
     w.republish(&w.packs.clone(), "2");
     w.start_modeld();
     w.ctl(&["model", "install", "smollm2"]).ok();
-    // The shipped default, which tests turn off (`World::start_npud`).
-    w.start_npud(&crate::merge_config(
-        &["intra_spin = true".into()],
-        npud_extra,
-    ));
+    start_npud(&mut w, npud_extra);
     w
+}
+
+/// Starts npud with `extra` over the shipped `intra_spin` (on), which
+/// tests turn off (`World::start_npud`): benchmarks measure what ships.
+pub fn start_npud(w: &mut crate::World, extra: &str) {
+    w.start_npud(&crate::merge_config(&["intra_spin = true".into()], extra));
 }
 
 /// One `Generate` call read to its end, timed as the client sees it.
