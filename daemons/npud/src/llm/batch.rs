@@ -21,10 +21,10 @@
 
 use super::generate::{Events, Job, Stream};
 use super::kv::last_logits;
-use super::pool::{past_inputs, Pool};
+use super::pool::Pool;
 use super::Llm;
 use crate::runtime::Loaded;
-use ort::session::{OutputSelector, RunOptions, Session, SessionInputValue};
+use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use pocket_proto::generate::DoneEvent;
 use std::collections::VecDeque;
@@ -143,15 +143,7 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
         };
         let llm = m.llm.as_ref().expect("an LLM");
         let shape = &llm.shape;
-        let pool = pool.get_or_insert_with(|| {
-            Pool::new(
-                shape.layers,
-                rows,
-                capacity,
-                shape.kv_heads,
-                shape.head_size,
-            )
-        });
+        let pool = pool.get_or_insert_with(|| Pool::new(shape, rows, capacity));
         if filling.is_none() && active.len() < rows {
             if let Some(w) = queue.pop_front() {
                 let at = active.len();
@@ -356,39 +348,37 @@ fn step(
         mask[i * total..i * total + past + len].fill(1);
         positions.extend((*past..past + len).map(|p| p as i64));
     }
-    pool.with_rows(first, n, |mut views| {
-        let mut inputs: Vec<(String, SessionInputValue<'_>)> = vec![
-            (s.input_ids.clone(), Tensor::from_array(([n, len], ids))?.into()),
-            (s.attention_mask.clone(), Tensor::from_array(([n, total], mask))?.into()),
-        ];
-        if let Some(p) = &s.position_ids {
-            inputs.push((p.clone(), Tensor::from_array(([n, len], positions))?.into()));
-        }
-        inputs.extend(last_logits(s)?);
-        inputs.extend(past_inputs(&mut views, &s.past_key, &s.past_value));
-        let mut selector = OutputSelector::default();
-        for (l, [_, _, k, v]) in views.into_iter().enumerate() {
-            selector = selector
-                .preallocate(&s.present_key[l], k)
-                .preallocate(&s.present_value[l], v);
-        }
-        let options = RunOptions::new()?.with_outputs(selector);
-        let outputs = session.run_with_options(inputs, &options)?;
-        let (_, all) = outputs[s.logits.as_str()].try_extract_tensor::<f32>()?;
-        let v = s.vocab_size;
-        if all.len() != n * len * v && all.len() != n * v {
-            return Err(ort::Error::new(format!(
-                "the decoder returned {} logits for {n} rows of {len} tokens and a vocabulary of {v}",
-                all.len()
-            )));
-        }
-        let per_row = all.len() / n;
-        out.clear();
-        for i in 0..n {
-            out.extend_from_slice(&all[(i + 1) * per_row - v..(i + 1) * per_row]);
-        }
-        Ok(())
-    })
+    let binding = pool.binding(first, n)?;
+    let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+        (&s.input_ids, Tensor::from_array(([n, len], ids))?.into()),
+        (
+            &s.attention_mask,
+            Tensor::from_array(([n, total], mask))?.into(),
+        ),
+    ];
+    if let Some(p) = &s.position_ids {
+        inputs.push((p, Tensor::from_array(([n, len], positions))?.into()));
+    }
+    inputs.extend(last_logits(s)?);
+    for (l, (k, v)) in binding.past.iter().enumerate() {
+        inputs.push((&s.past_key[l], k.into()));
+        inputs.push((&s.past_value[l], v.into()));
+    }
+    let outputs = session.run_with_options(inputs, &binding.options)?;
+    let (_, all) = outputs[s.logits.as_str()].try_extract_tensor::<f32>()?;
+    let v = s.vocab_size;
+    if all.len() != n * len * v && all.len() != n * v {
+        return Err(ort::Error::new(format!(
+            "the decoder returned {} logits for {n} rows of {len} tokens and a vocabulary of {v}",
+            all.len()
+        )));
+    }
+    let per_row = all.len() / n;
+    out.clear();
+    for i in 0..n {
+        out.extend_from_slice(&all[(i + 1) * per_row - v..(i + 1) * per_row]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -46,12 +46,12 @@ pub type Logits = Vec<f32>;
 /// The input that asks the decoder for the last position's logits only,
 /// where it takes one: a step reading a prompt then runs the LM head once
 /// and returns one row of logits, not one per token.
-pub fn last_logits(s: &Shape) -> Result<Option<(String, SessionInputValue<'static>)>, ort::Error> {
+pub fn last_logits(s: &Shape) -> Result<Option<(&str, SessionInputValue<'static>)>, ort::Error> {
     s.logits_to_keep
         .as_ref()
         .map(|k| {
             Ok((
-                k.clone(),
+                k.as_str(),
                 Tensor::from_array(([0usize; 0], vec![1i64]))?.into(),
             ))
         })
@@ -119,8 +119,8 @@ impl Sequence {
             let pos: Vec<i64> = (past as i64..total as i64).collect();
             inputs.push((p.clone(), Tensor::from_array(([1, n], pos))?.into()));
         }
-        if let Some(k) = last_logits(s)? {
-            inputs.push(k);
+        if let Some((k, v)) = last_logits(s)? {
+            inputs.push((k.to_string(), v));
         }
         let logits_of = |outputs: &ort::session::SessionOutputs<'_>| -> Result<Logits, ort::Error> {
             let (_, all) = outputs[s.logits.as_str()].try_extract_tensor::<f32>()?;

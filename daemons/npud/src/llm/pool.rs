@@ -4,18 +4,38 @@
 //! `past` inputs and the `present` outputs, which the op writes in place;
 //! a prefill binds one row. Rows are kept packed: when a sequence ends, the
 //! last row's tokens move into its place.
+//!
+//! The tensors that bind a run of rows to a step are made the first time
+//! that run of rows steps, and kept: a decode step then hands ONNX Runtime
+//! the same values every token instead of making a hundred new ones.
 
-use ort::session::SessionInputValue;
+use super::config::Shape;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions};
 use ort::value::DynValue;
+use std::alloc::Layout;
+use std::collections::HashMap;
 use std::ptr::NonNull;
 
+/// A step's tensors for a run of rows.
+pub struct Binding {
+    /// Per layer, the past K and V: the step's inputs.
+    pub past: Vec<(DynValue, DynValue)>,
+    /// Run options whose preallocated `present` outputs are the same rows.
+    pub options: RunOptions<HasSelectedOutputs>,
+}
+
 pub struct Pool {
+    /// By (first row, rows). Declared before `layers`, so dropped before
+    /// the buffers they point into.
+    bindings: HashMap<(usize, usize), Binding>,
     /// Per layer: (K, V), each `rows * row_len` floats.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Buffer, Buffer)>,
     pub rows: usize,
     pub capacity: usize,
     kv_heads: usize,
     head: usize,
+    present_key: Vec<String>,
+    present_value: Vec<String>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -25,17 +45,19 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(layers: usize, rows: usize, capacity: usize, kv_heads: usize, head: usize) -> Pool {
-        let len = rows * kv_heads * capacity * head;
+    pub fn new(shape: &Shape, rows: usize, capacity: usize) -> Pool {
+        let len = rows * shape.kv_heads * capacity * shape.head_size;
         Pool {
-            // Zeroed pages are mapped lazily: a row costs memory once used.
-            layers: (0..layers)
-                .map(|_| (vec![0f32; len], vec![0f32; len]))
+            bindings: HashMap::new(),
+            layers: (0..shape.layers)
+                .map(|_| (Buffer::zeroed(len), Buffer::zeroed(len)))
                 .collect(),
             rows,
             capacity,
-            kv_heads,
-            head,
+            kv_heads: shape.kv_heads,
+            head: shape.head_size,
+            present_key: shape.present_key.clone(),
+            present_value: shape.present_value.clone(),
         }
     }
 
@@ -46,109 +68,130 @@ impl Pool {
     /// Copies the first `tokens` positions of row `from` into row `to`.
     pub fn move_row(&mut self, from: usize, to: usize, tokens: usize) {
         let (row, span, head) = (self.row_len(), self.capacity * self.head, self.head);
-        for (k, v) in &mut self.layers {
+        assert!(from < self.rows && to < self.rows && tokens <= self.capacity);
+        for (k, v) in &self.layers {
             for buf in [k, v] {
                 for h in 0..self.kv_heads {
-                    let src = from * row + h * span;
-                    let dst = to * row + h * span;
-                    buf.copy_within(src..src + tokens * head, dst);
+                    buf.copy(from * row + h * span, to * row + h * span, tokens * head);
                 }
             }
         }
     }
 
-    /// Runs `f` on views of rows `first..first + n` of every layer, as
-    /// (past K, past V, present K, present V): four tensors over the same
-    /// two buffers. The views live only while `f` runs (it must not keep
-    /// them), while the pool is borrowed.
-    pub fn with_rows<T>(
-        &mut self,
-        first: usize,
-        n: usize,
-        f: impl FnOnce(Vec<[DynValue; 4]>) -> Result<T, ort::Error>,
-    ) -> Result<T, ort::Error> {
+    /// The tensors that bind rows `first..first + n` of every layer to a
+    /// step, made on first use.
+    pub fn binding(&mut self, first: usize, n: usize) -> Result<&Binding, ort::Error> {
         assert!(first + n <= self.rows, "rows {first}+{n} of {}", self.rows);
-        let shape = [
-            n as i64,
-            self.kv_heads as i64,
-            self.capacity as i64,
-            self.head as i64,
-        ];
-        let offset = first * self.row_len();
-        let count = n * self.row_len();
-        let mut out = Vec::with_capacity(self.layers.len());
-        for (k, v) in &mut self.layers {
-            let (k, v) = (
-                &mut k[offset..offset + count],
-                &mut v[offset..offset + count],
-            );
-            out.push([
-                view(k, &shape)?,
-                view(v, &shape)?,
-                view(k, &shape)?,
-                view(v, &shape)?,
-            ]);
+        if !self.bindings.contains_key(&(first, n)) {
+            let shape = [
+                n as i64,
+                self.kv_heads as i64,
+                self.capacity as i64,
+                self.head as i64,
+            ];
+            let (offset, count) = (first * self.row_len(), n * self.row_len());
+            let mut past = Vec::with_capacity(self.layers.len());
+            let mut selector = OutputSelector::default();
+            for (l, (k, v)) in self.layers.iter().enumerate() {
+                past.push((
+                    k.view(offset, count, &shape)?,
+                    v.view(offset, count, &shape)?,
+                ));
+                selector = selector
+                    .preallocate(&self.present_key[l], k.view(offset, count, &shape)?)
+                    .preallocate(&self.present_value[l], v.view(offset, count, &shape)?);
+            }
+            let options = RunOptions::new()?.with_outputs(selector);
+            self.bindings.insert((first, n), Binding { past, options });
         }
-        f(out)
+        Ok(&self.bindings[&(first, n)])
     }
 }
 
-/// Inputs for a step from [`Pool::with_rows`]'s views: the past halves.
-pub fn past_inputs<'a>(
-    views: &mut [[DynValue; 4]],
-    keys: &[String],
-    values: &[String],
-) -> Vec<(String, SessionInputValue<'a>)> {
-    let mut inputs = Vec::with_capacity(views.len() * 2);
-    for (l, v) in views.iter_mut().enumerate() {
-        let [k, val, _, _] = v;
-        inputs.push((keys[l].clone(), SessionInputValue::Owned(take(k))));
-        inputs.push((values[l].clone(), SessionInputValue::Owned(take(val))));
+/// Zeroed floats that only ONNX Runtime (through views) and
+/// [`Pool::move_row`] touch, through pointers; no Rust reference to them
+/// is ever made, so views may point at them for as long as they live.
+struct Buffer {
+    ptr: NonNull<f32>,
+    len: usize,
+}
+
+impl Buffer {
+    fn layout(len: usize) -> Layout {
+        Layout::array::<f32>(len.max(1)).expect("a KV buffer's size")
     }
-    inputs
+
+    /// Zeroed pages are mapped lazily: a row costs memory once used.
+    fn zeroed(len: usize) -> Buffer {
+        let layout = Buffer::layout(len);
+        #[allow(unsafe_code)]
+        // SAFETY: the layout's size is not zero.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            NonNull::new(ptr.cast()).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Buffer { ptr, len }
+    }
+
+    /// Copies `count` floats from index `src` to index `dst`.
+    fn copy(&self, src: usize, dst: usize, count: usize) {
+        assert!(src + count <= self.len && dst + count <= self.len);
+        #[allow(unsafe_code)]
+        // SAFETY: both ranges lie inside the buffer (checked above), which
+        // lives while `self` does; `ptr::copy` allows them to overlap. No
+        // run is in progress: runs borrow the pool, as does this copy.
+        unsafe {
+            std::ptr::copy(
+                self.ptr.as_ptr().add(src),
+                self.ptr.as_ptr().add(dst),
+                count,
+            )
+        }
+    }
+
+    /// An ONNX Runtime tensor of `shape` over floats `offset..offset +
+    /// count`, which it does not own.
+    fn view(&self, offset: usize, count: usize, shape: &[i64; 4]) -> Result<DynValue, ort::Error> {
+        use ort::AsPointer;
+        assert!(offset + count <= self.len);
+        assert_eq!(shape.iter().product::<i64>(), count as i64);
+        let api = ort::api();
+        let info = ort::memory::MemoryInfo::default();
+        let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
+        #[allow(unsafe_code)]
+        // SAFETY: the range lies inside the buffer and holds exactly the
+        // shape's element count (both checked above); the value only points
+        // at it. Views live in the pool's bindings, which are dropped before
+        // the buffers, and ONNX Runtime reads or writes through them only
+        // while a run borrows the pool.
+        let status = unsafe {
+            (api.CreateTensorWithDataAsOrtValue)(
+                info.ptr(),
+                self.ptr.as_ptr().add(offset).cast(),
+                count * std::mem::size_of::<f32>(),
+                shape.as_ptr(),
+                shape.len(),
+                ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                &mut value,
+            )
+        };
+        check(status)?;
+        let ptr = NonNull::new(value)
+            .ok_or_else(|| ort::Error::new("ONNX Runtime returned no tensor"))?;
+        #[allow(unsafe_code)]
+        // SAFETY: `ptr` is the OrtValue just created, owned by nothing else;
+        // the Value releases it (not the data, which it never owned) on drop.
+        Ok(unsafe { ort::value::Value::from_ptr(ptr, Some(&ort::memory::Allocator::default())) })
+    }
 }
 
-fn take(v: &mut DynValue) -> DynValue {
-    std::mem::replace(v, placeholder())
-}
-
-fn placeholder() -> DynValue {
-    ort::value::Tensor::<f32>::from_array(([0usize], Vec::<f32>::new()))
-        .expect("an empty tensor")
-        .into_dyn()
-}
-
-/// An ONNX Runtime tensor over `data` that does not own it.
-fn view(data: &mut [f32], shape: &[i64; 4]) -> Result<DynValue, ort::Error> {
-    use ort::AsPointer;
-    let api = ort::api();
-    let info = ort::memory::MemoryInfo::default();
-    let mut value: *mut ort::sys::OrtValue = std::ptr::null_mut();
-    #[allow(unsafe_code)]
-    // SAFETY: `data` is valid for `data.len()` floats, which is exactly the
-    // shape's element count (checked by the caller's slicing); the value
-    // only points at it. Views are made only inside `Pool::with_rows`,
-    // which holds the pool borrowed mutably while its closure runs the one
-    // step they are for; they are dropped before it returns, so the
-    // buffers neither move nor are freed while a view exists.
-    let status = unsafe {
-        (api.CreateTensorWithDataAsOrtValue)(
-            info.ptr(),
-            data.as_mut_ptr().cast(),
-            std::mem::size_of_val(data),
-            shape.as_ptr(),
-            shape.len(),
-            ort::sys::ONNXTensorElementDataType::ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
-            &mut value,
-        )
-    };
-    check(status)?;
-    let ptr =
-        NonNull::new(value).ok_or_else(|| ort::Error::new("ONNX Runtime returned no tensor"))?;
-    #[allow(unsafe_code)]
-    // SAFETY: `ptr` is the OrtValue just created, owned by nothing else;
-    // the Value releases it (not the data, which it never owned) on drop.
-    Ok(unsafe { ort::value::Value::from_ptr(ptr, Some(&ort::memory::Allocator::default())) })
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: allocated in `zeroed` with this layout, freed only here.
+        unsafe {
+            std::alloc::dealloc(self.ptr.as_ptr().cast(), Buffer::layout(self.len))
+        }
+    }
 }
 
 fn check(status: ort::sys::OrtStatusPtr) -> Result<(), ort::Error> {

@@ -126,13 +126,25 @@ impl Sampler {
 
 /// The first highest logit's index.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    // The largest value sixteen lanes at a time (a loop the compiler turns
+    // into vector instructions), then where it first occurs. NaN is never
+    // the largest.
+    const LANES: usize = 16;
+    let larger = |m: f32, x: f32| if x > m { x } else { m };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = larger(*m, x);
         }
     }
-    best as u32
+    let max = lanes
+        .iter()
+        .chain(rest)
+        .copied()
+        .fold(f32::NEG_INFINITY, larger);
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// Text on its way out, held back while it could be the start of a stop
@@ -214,6 +226,23 @@ mod tests {
         assert_eq!(s.push("xa"), ("x".to_string(), false));
         assert_eq!(s.push("c"), ("ac".to_string(), false));
         assert_eq!(s.finish(), "");
+    }
+
+    #[test]
+    fn greedy_takes_the_first_of_the_largest_and_never_nan() {
+        let mut l = vec![0.0f32; 49_155];
+        assert_eq!(argmax(&l), 0);
+        l[40_000] = 2.0;
+        l[45_001] = 2.0;
+        assert_eq!(argmax(&l), 40_000);
+        // In the tail after the last whole lane of sixteen.
+        l[49_154] = 3.0;
+        assert_eq!(argmax(&l), 49_154);
+        l[7] = f32::NAN;
+        assert_eq!(argmax(&l), 49_154);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN]), 0);
+        assert_eq!(argmax(&[]), 0);
     }
 
     #[test]
