@@ -191,7 +191,7 @@ impl Stream {
     /// The next chunk of the prompt to read, if any is left.
     pub fn next_chunk(&self) -> Option<&[u32]> {
         let rest = &self.job.prompt[self.fed..];
-        (!rest.is_empty()).then(|| &rest[..rest.len().min(self.job.chunk.max(1))])
+        (!rest.is_empty()).then(|| &rest[..chunk_len(rest.len(), self.job.chunk)])
     }
 
     /// Records that the model read `n` more prompt tokens.
@@ -318,6 +318,18 @@ impl Stream {
     }
 }
 
+/// How many of `rest` prompt tokens the next chunk reads: as few chunks
+/// as `chunk` allows, of equal length (the first ones a token longer). A
+/// run reads every weight whatever its length, so a short last chunk
+/// (512 tokens, then 6) would cost nearly a whole run for a few tokens;
+/// and each chunk attends only to the ones before it, so equal chunks also
+/// do less attention than one long and one short.
+pub fn chunk_len(rest: usize, chunk: usize) -> usize {
+    let chunk = chunk.max(1);
+    let chunks = rest.div_ceil(chunk);
+    rest.div_ceil(chunks.max(1))
+}
+
 /// Runs `job` alone, a step at a time; `step` runs one decoder step with
 /// the model's session. Writes every event, the last one included, and
 /// returns the last one.
@@ -360,4 +372,28 @@ pub fn run(
         }
     }
     s.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_len;
+
+    #[test]
+    fn a_prompt_is_read_in_as_few_equal_chunks_as_the_limit_allows() {
+        let chunks = |mut rest: usize, chunk: usize| {
+            let mut out = Vec::new();
+            while rest > 0 {
+                let n = chunk_len(rest, chunk);
+                out.push(n);
+                rest -= n;
+            }
+            out
+        };
+        assert_eq!(chunks(518, 512), [259, 259]);
+        assert_eq!(chunks(518, 256), [173, 173, 172]);
+        assert_eq!(chunks(512, 256), [256, 256]);
+        assert_eq!(chunks(100, 512), [100]);
+        assert_eq!(chunks(3, 1), [1, 1, 1]);
+        assert_eq!(chunks(5, 0), [1, 1, 1, 1, 1]);
+    }
 }
