@@ -168,12 +168,26 @@ fn main() {
         others.push((genai(&req), llamacpp(&req)));
     }
     let prompt_tokens = runs[0].1.usage.prompt_tokens;
+    let run_tps = |r: &(Duration, DoneEvent, String)| {
+        (r.1.usage.completion_tokens - 1) as f64 / (r.1.timings.decode_ms / 1000.0)
+    };
     let ttft = median(runs.iter().map(|r| r.0.as_secs_f64()).collect());
-    let tps = median(
-        runs.iter()
-            .map(|r| (r.1.usage.completion_tokens - 1) as f64 / (r.1.timings.decode_ms / 1000.0))
-            .collect(),
-    );
+    let tps = median(runs.iter().map(run_tps).collect());
+    // Each round's own ratios, printed with the table.
+    let rounds: Vec<String> = runs
+        .iter()
+        .zip(&others)
+        .map(|(r, (g, l))| {
+            let ttft = r.0.as_secs_f64();
+            format!(
+                "decode {:.2}x genai, {:.2}x llama.cpp; first token {:.2}x genai, {:.2}x llama.cpp",
+                run_tps(r) / g["decode_tps"].as_f64().unwrap(),
+                run_tps(r) / l["decode_tps"].as_f64().unwrap(),
+                ttft / g["ttft_s"].as_f64().unwrap(),
+                ttft / l["ttft_s"].as_f64().unwrap(),
+            )
+        })
+        .collect();
 
     // Concurrency: k requests at once, each NEW tokens after a short chat.
     let mut npud_streams = Vec::new();
@@ -283,6 +297,9 @@ fn main() {
     }
     row("peak RSS (MiB)".into(), npud_rss, &field("peak_rss_mib"), 0);
     println!();
+    for (i, r) in rounds.iter().enumerate() {
+        println!("Round {}: {r}.", i + 1);
+    }
     println!(
         "4 streams over 1: {:.2}x. Second turn: first token after {:.3} s with {} of {} prompt tokens reused, {:.3} s cold ({:.2}x).",
         npud_streams[2] / npud_streams[0],
