@@ -91,7 +91,7 @@ fn main() {
     // POCKET_BENCH_NPUD adds lines to npud's config, to compare settings.
     let extra = std::env::var("POCKET_BENCH_NPUD").unwrap_or_default();
     let w = smollm2_world(&format!(
-        "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 512\n{extra}"
+        "memory_budget_mb = 4096\nintra_threads = {threads}\nmax_sequences = 8\ndefault_context = 1024\nprefill_chunk = 256\n{extra}"
     ));
     let pid = w.npud.as_ref().unwrap().pid();
 
