@@ -46,7 +46,10 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn new(shape: &Shape, rows: usize, capacity: usize) -> Pool {
-        let len = rows * shape.kv_heads * capacity * shape.head_size;
+        let len = [shape.kv_heads, capacity, shape.head_size]
+            .iter()
+            .try_fold(rows, |n, &d| n.checked_mul(d))
+            .expect("a KV pool's size fits in memory's address space");
         Pool {
             bindings: HashMap::new(),
             layers: (0..shape.layers)
