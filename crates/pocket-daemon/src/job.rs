@@ -92,10 +92,12 @@ impl<D: ?Sized> Job<D> {
     /// Enters `phase` with `done` of `total` bytes already there; the rate
     /// (and so the time left) counts only what is done from here.
     pub fn begin(&self, phase: Phase, done: u64, total: u64) {
+        // The phase first: whoever reads the bytes and then the phase never
+        // sees this phase's bytes with the phase before it.
+        self.set_phase(phase);
         self.done.store(done, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
         *self.rate_from.lock().expect("not poisoned") = (Instant::now(), done);
-        self.set_phase(phase);
     }
 
     pub fn done(&self) -> u64 {

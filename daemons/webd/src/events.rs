@@ -250,14 +250,21 @@ async fn job(
     path: &OwnedObjectPath,
 ) -> Option<Value> {
     let job = pocket_proto::job::proxy(bus, service, path).await.ok()?;
+    // Progress before the phase: a job enters a phase before it counts
+    // bytes in it, so bytes read first never show with the phase before.
+    let done = job.bytes_done().await.ok()?;
+    let total = job.bytes_total().await.ok()?;
+    let eta = job.eta_seconds().await.ok()?;
+    let error = short_error(&job.error_name().await.ok()?);
+    let message = job.error_message().await.ok()?;
     Some(json!({
         "id": job_id(path),
         "phase": job.phase().await.ok()?,
-        "bytes_done": job.bytes_done().await.ok()?,
-        "bytes_total": job.bytes_total().await.ok()?,
-        "eta_seconds": job.eta_seconds().await.ok()?,
-        "error": short_error(&job.error_name().await.ok()?),
-        "message": job.error_message().await.ok()?,
+        "bytes_done": done,
+        "bytes_total": total,
+        "eta_seconds": eta,
+        "error": error,
+        "message": message,
     }))
 }
 
