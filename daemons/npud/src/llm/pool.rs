@@ -163,9 +163,14 @@ impl Buffer {
         #[allow(unsafe_code)]
         // SAFETY: the range lies inside the buffer and holds exactly the
         // shape's element count (both checked above); the value only points
-        // at it. Views live in the pool's bindings, which are dropped before
-        // the buffers, and ONNX Runtime reads or writes through them only
-        // while a run borrows the pool.
+        // at it. ONNX Runtime writes a preallocated output only within its
+        // element count (a run that needs more is refused), whatever shapes
+        // a model declares. The value and its clones (a run's inputs and
+        // outputs hold some) go before the buffers: the bindings come first
+        // among the pool's fields, and `step` drops its run's outputs
+        // before it returns. ONNX Runtime reads or writes through them only
+        // during a run, which holds the pool borrowed mutably, so
+        // `move_row` never runs beside it.
         let status = unsafe {
             (api.CreateTensorWithDataAsOrtValue)(
                 info.ptr(),
