@@ -28,6 +28,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NEW: u32 = 64;
+/// Single-stream rounds: each engine's median of this many runs.
+const ROUNDS: usize = 5;
 const STREAMS: [usize; 4] = [1, 2, 4, 8];
 
 /// One request: (client-side time to the first event, the last event, the
@@ -145,8 +147,9 @@ fn main() {
     };
     // No cached prefix, and a warm session, as the other engines measure:
     // the model loaded anew, then one request that shares no prefix with
-    // what follows (a prompt as long, so that ONNX Runtime's memory has
-    // grown to it, as a warm-up grows theirs).
+    // what follows, as long as theirs: a prompt as long and as many tokens
+    // decoded, so that ONNX Runtime's memory has grown to both, as the
+    // warm-up grows theirs.
     let fresh = || {
         rt.block_on(npud.unload("smollm2")).ok();
         rt.block_on(npud.load("smollm2", "")).unwrap();
@@ -154,15 +157,15 @@ fn main() {
         generate(
             &rt,
             &npud,
-            &json!({"prompt": warm, "raw": true, "temperature": 0, "max_tokens": 2}),
+            &json!({"prompt": warm, "raw": true, "temperature": 0, "max_tokens": NEW}),
         );
     };
-    // The three engines take turns, a run each, three times: this
+    // The three engines take turns, a run each, five times: this
     // machine's speed drifts over minutes, and each ratio compares runs
     // made under the same conditions.
     let mut runs: Vec<(Duration, DoneEvent, String)> = Vec::new();
     let mut others = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..ROUNDS {
         fresh();
         runs.push(single());
         others.push((genai(&req), llamacpp(&req)));
