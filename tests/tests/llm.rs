@@ -486,6 +486,60 @@ fn a_request_reads_a_running_sequences_shared_prompt_from_its_cache() {
 }
 
 #[test]
+fn a_request_longer_than_the_rows_joins_the_batch_and_keeps_its_cache() {
+    // Rows of 256 tokens; a request with a context of 1,024 joins a
+    // running sequence, and the pool is laid out anew under it.
+    let w = world(&["tiny-int4"], "max_sequences = 2\ndefault_context = 256");
+    let m = "tiny-int4";
+    let a = json!({"messages": chat("word word word"), "temperature": 0,
+        "max_tokens": 200, "stop": ["\u{0}"]});
+    let long = chat(&"word ".repeat(500));
+    let c = json!({"messages": long, "temperature": 0, "max_tokens": 16, "num_ctx": 1024});
+    let fd = generate_fd(&w, m, &a).expect("Generate");
+    let mut lines = event_lines(fd);
+    let first = lines.next().expect("a first event").expect("a line");
+    let c_together = generate(&w, m, &c);
+    let running = held(&w, m).sequences;
+    let a_together = read_stream_from(std::iter::once(Ok(first)).chain(lines));
+    assert!(
+        c_together.done.usage.prompt_tokens > 256,
+        "{:?}",
+        c_together.done.usage
+    );
+    // The first was still running when the long one ended.
+    assert_eq!(running, 1);
+    assert_eq!(a_together.done.finish_reason, FinishReason::Length);
+    // Each answered as it does alone.
+    assert_eq!(a_together.tokens(), generate(&w, m, &a).tokens());
+    let c_alone = generate(&w, m, &c);
+    assert_eq!(c_together.tokens(), c_alone.tokens());
+    assert_eq!(c_alone.done.finish_reason, FinishReason::Length);
+    // The long conversation's next turn reads only what is new (its
+    // answer is not compared with onnxruntime-genai's: the random tiny
+    // model's logits tie closely enough that reading the first turn's
+    // answer a token at a time, not at once, flips one).
+    let second = json!([
+        {"role": "user", "content": long[0]["content"]},
+        {"role": "assistant", "content": c_alone.text()},
+        {"role": "user", "content": "Go on."}
+    ]);
+    let next = generate(
+        &w,
+        m,
+        &json!({"messages": second, "temperature": 0, "max_tokens": 4, "num_ctx": 1024}),
+    );
+    let (prompt, answer) = (
+        c_alone.done.usage.prompt_tokens,
+        c_alone.done.usage.completion_tokens,
+    );
+    assert!(
+        next.done.usage.cached_tokens >= prompt + answer - 1,
+        "cached {} of the first turn's {prompt} + {answer}",
+        next.done.usage.cached_tokens
+    );
+}
+
+#[test]
 fn a_decoder_that_returns_every_positions_logits_answers_the_same() {
     // A folder made elsewhere (onnxruntime-genai's builder) has no
     // `logits_to_keep`: npud then reads every position's logits of a

@@ -469,9 +469,9 @@ fn sampling(req: &GenerateRequest) -> Result<generate_params::Params, Error> {
 }
 
 /// Runs a generation, holding the performance profile while it runs: in
-/// the model's batching engine when it has one and the request's context
-/// fits a row, else alone on a blocking thread once one of the model's
-/// sequences is free.
+/// the model's batching engine when it has one (a shared-buffer model),
+/// else alone on a blocking thread once one of the model's sequences is
+/// free.
 async fn run_job(
     model: Arc<Loaded>,
     job: generate::Job,
@@ -488,7 +488,7 @@ async fn run_job(
     let (tx, mut done) = tokio::sync::oneshot::channel();
     let mut _sequence = None;
     match &model.batcher {
-        Some(b) if job.context <= b.capacity => {
+        Some(b) => {
             let work = crate::llm::batch::Work {
                 job,
                 events,

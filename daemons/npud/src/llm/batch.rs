@@ -18,6 +18,12 @@
 //! began before: the logits its first token is sampled from then come from
 //! the same computation as they did the first time, so a seeded request
 //! sent twice samples the same answer.
+//!
+//! A request whose context is longer than the pool's rows lays the pool
+//! out with rows as long as it needs, the cached tokens copied across, and
+//! joins the batch like any other. The pool goes back to rows of
+//! `default_context` tokens when nothing runs and no parked cache is
+//! longer than that.
 
 use super::generate::{Events, Job, Stream};
 use super::kv::last_logits;
@@ -43,18 +49,18 @@ pub struct Work {
 #[derive(Debug)]
 pub struct Batcher {
     tx: mpsc::Sender<Work>,
-    /// Tokens a row holds: requests with a larger context run alone.
-    pub capacity: usize,
 }
 
 impl Batcher {
+    /// Starts the engine of `rows` sequences, whose rows hold `capacity`
+    /// tokens unless a longer request runs.
     pub fn start(model: Weak<Loaded>, rows: usize, capacity: usize) -> Batcher {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("npud-llm".into())
-            .spawn(move || engine(model, rx, rows.max(1), capacity))
+            .spawn(move || engine(model, rx, rows.max(1), capacity.max(1)))
             .expect("spawn the engine thread");
-        Batcher { tx, capacity }
+        Batcher { tx }
     }
 
     /// Hands `work` to the engine; gives it back if the engine stopped.
@@ -125,6 +131,17 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
     let mut logits: Vec<f32> = Vec::new();
     loop {
         if active.is_empty() && filling.is_none() && queue.is_empty() {
+            // Nothing runs: rows longer than usual go once no parked
+            // cache needs them (the next turn of a long chat would).
+            if let Some(p) = pool.as_mut().filter(|p| {
+                p.capacity > capacity && parked.iter().all(|c| c.tokens.len() < capacity)
+            }) {
+                let keep: Vec<(usize, usize)> =
+                    parked.iter().map(|c| (c.row, c.tokens.len())).collect();
+                if let Err(e) = p.relayout(capacity, &keep) {
+                    tracing::warn!("the KV pool keeps its longer rows: {e}");
+                }
+            }
             match rx.recv() {
                 Ok(w) => queue.push_back(w),
                 Err(_) => return,
@@ -135,17 +152,36 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
         }
         let Some(m) = model.upgrade() else {
             for w in queue.drain(..) {
-                let mut s = Stream::new(w.job, w.events, "");
-                s.fail("NotFound", "the model was unloaded".into());
-                let _ = w.done.send(s.finish());
+                refuse(w, "", "NotFound", "the model was unloaded".into());
             }
             return;
         };
         let llm = m.llm.as_ref().expect("an LLM");
         let shape = &llm.shape;
-        let pool = pool.get_or_insert_with(|| Pool::new(shape, rows, capacity));
+        if pool.is_none() {
+            match Pool::new(shape, rows, capacity) {
+                Ok(p) => pool = Some(p),
+                Err(e) => {
+                    for w in queue.drain(..) {
+                        refuse(w, &m.provider, "InsufficientMemory", e.to_string());
+                    }
+                    continue;
+                }
+            }
+        }
+        let pool = pool.as_mut().expect("made above");
         if filling.is_none() && active.len() < rows {
             if let Some(w) = queue.pop_front() {
+                if w.job.context > pool.capacity {
+                    let keep: Vec<(usize, usize)> = (active.iter().enumerate())
+                        .map(|(i, r)| (i, r.stream.cached))
+                        .chain(parked.iter().map(|c| (c.row, c.tokens.len())))
+                        .collect();
+                    if let Err(e) = pool.relayout(w.job.context, &keep) {
+                        refuse(w, &m.provider, "InsufficientMemory", e.to_string());
+                        continue;
+                    }
+                }
                 let at = active.len();
                 let mut stream = Stream::new(w.job, w.events, &m.provider);
                 // The cache that holds most of the prompt: a parked one, or
@@ -273,7 +309,7 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
             let above = last + 1 + usize::from(filling.is_some());
             let tokens = active[i].stream.history().to_vec();
             let starts = active[i].stream.starts().to_vec();
-            if !tokens.is_empty() && tokens.len() < capacity {
+            if !tokens.is_empty() && tokens.len() < pool.capacity {
                 let row = match (
                     i == last && filling.is_none(),
                     free_row(&parked, above, rows),
@@ -305,6 +341,13 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
         count(&m, &active, &filling, &parked);
         drop(m);
     }
+}
+
+/// Ends `w` before it starts, with the error `name`.
+fn refuse(w: Work, provider: &str, name: &str, message: String) {
+    let mut s = Stream::new(w.job, w.events, provider);
+    s.fail(name, message);
+    let _ = w.done.send(s.finish());
 }
 
 /// Tells the model's [`crate::runtime::KvUse`] the sequences running and

@@ -330,7 +330,9 @@ pub fn chunk_len(rest: usize, chunk: usize) -> usize {
     rest.div_ceil(chunks.max(1))
 }
 
-/// Runs `job` alone, a step at a time; `step` runs one decoder step with
+/// Runs `job` of a grow-layout decoder alone, a step at a time (a
+/// shared-buffer decoder's jobs go to its batching engine, `batch.rs`);
+/// `step` runs one decoder step with
 /// the model's session. Writes every event, the last one included, and
 /// returns the last one.
 pub fn run(
@@ -340,14 +342,11 @@ pub fn run(
     provider: &str,
     mut step: impl FnMut(&mut Sequence, &[u32]) -> Result<Vec<f32>, ort::Error>,
 ) -> DoneEvent {
-    let mut seq = match Sequence::new(&llm.shape, job.context) {
+    let mut seq = match Sequence::new(&llm.shape) {
         Ok(s) => s,
         Err(e) => {
             let mut s = Stream::new(job, events, provider);
-            s.fail(
-                "InsufficientMemory",
-                format!("the KV cache could not be allocated: {e}"),
-            );
+            s.fail("Inference", format!("the KV cache could not be made: {e}"));
             return s.finish();
         }
     };

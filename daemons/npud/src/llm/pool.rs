@@ -5,6 +5,13 @@
 //! a prefill binds one row. Rows are kept packed: when a sequence ends, the
 //! last row's tokens move into its place.
 //!
+//! Every row holds as many tokens, as one tensor binds them all. A request
+//! that needs more than that lays the pool out anew with longer rows
+//! ([`Pool::relayout`]), its cached tokens copied across; the engine lays
+//! it out at its usual length again once nothing runs. Rows' pages are
+//! mapped as they are first written, so longer rows cost memory only for
+//! the tokens they hold.
+//!
 //! The tensors that bind a run of rows to a step are made the first time
 //! that run of rows steps, and kept: a decode step then hands ONNX Runtime
 //! the same values every token instead of making a hundred new ones.
@@ -15,6 +22,15 @@ use ort::value::DynValue;
 use std::alloc::Layout;
 use std::collections::HashMap;
 use std::ptr::NonNull;
+
+/// The memory for a pool's buffers could not be had.
+#[derive(Debug, thiserror::Error)]
+#[error("the KV cache of {rows} rows of {capacity} tokens ({mib} MiB) could not be allocated")]
+pub struct NoMemory {
+    rows: usize,
+    capacity: usize,
+    mib: u64,
+}
 
 /// A step's tensors for a run of rows.
 pub struct Binding {
@@ -45,27 +61,92 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(shape: &Shape, rows: usize, capacity: usize) -> Pool {
-        let len = [shape.kv_heads, capacity, shape.head_size]
-            .iter()
-            .try_fold(rows, |n, &d| n.checked_mul(d))
-            .expect("a KV pool's size fits in memory's address space");
-        Pool {
-            bindings: HashMap::new(),
-            layers: (0..shape.layers)
-                .map(|_| (Buffer::zeroed(len), Buffer::zeroed(len)))
-                .collect(),
+    pub fn new(shape: &Shape, rows: usize, capacity: usize) -> Result<Pool, NoMemory> {
+        Pool::with_names(
+            shape.layers,
             rows,
             capacity,
-            kv_heads: shape.kv_heads,
-            head: shape.head_size,
-            present_key: shape.present_key.clone(),
-            present_value: shape.present_value.clone(),
-        }
+            shape.kv_heads,
+            shape.head_size,
+            shape.present_key.clone(),
+            shape.present_value.clone(),
+        )
+    }
+
+    fn with_names(
+        layers: usize,
+        rows: usize,
+        capacity: usize,
+        kv_heads: usize,
+        head: usize,
+        present_key: Vec<String>,
+        present_value: Vec<String>,
+    ) -> Result<Pool, NoMemory> {
+        let len = [kv_heads, capacity, head]
+            .iter()
+            .try_fold(rows, |n, &d| n.checked_mul(d));
+        let no_memory = || NoMemory {
+            rows,
+            capacity,
+            mib: len.map_or(u64::MAX, |n| {
+                (n as u64 * 4).saturating_mul(2 * layers as u64) >> 20
+            }),
+        };
+        let len = len.ok_or_else(no_memory)?;
+        let layers = (0..layers)
+            .map(|_| Some((Buffer::zeroed(len)?, Buffer::zeroed(len)?)))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(no_memory)?;
+        Ok(Pool {
+            bindings: HashMap::new(),
+            layers,
+            rows,
+            capacity,
+            kv_heads,
+            head,
+            present_key,
+            present_value,
+        })
     }
 
     fn row_len(&self) -> usize {
         self.kv_heads * self.capacity * self.head
+    }
+
+    /// Lays the pool out with rows of `capacity` tokens, keeping the first
+    /// `tokens` positions of each `(row, tokens)` of `keep`; every other
+    /// row is left empty. The old buffers go once their tokens are copied;
+    /// without memory for the new ones, the pool stays as it was.
+    pub fn relayout(&mut self, capacity: usize, keep: &[(usize, usize)]) -> Result<(), NoMemory> {
+        let new = Pool::with_names(
+            self.layers.len(),
+            self.rows,
+            capacity,
+            self.kv_heads,
+            self.head,
+            self.present_key.clone(),
+            self.present_value.clone(),
+        )?;
+        let head = self.head;
+        for (old, fresh) in self.layers.iter().zip(&new.layers) {
+            for (from, to) in [(&old.0, &fresh.0), (&old.1, &fresh.1)] {
+                for &(row, tokens) in keep {
+                    assert!(row < self.rows && tokens <= self.capacity.min(capacity));
+                    for h in 0..self.kv_heads {
+                        to.copy_from(
+                            from,
+                            row * self.row_len() + h * self.capacity * head,
+                            row * new.row_len() + h * capacity * head,
+                            tokens * head,
+                        );
+                    }
+                }
+            }
+        }
+        // Dropped field by field: the old bindings, which point into the
+        // old buffers, go before them.
+        *self = new;
+        Ok(())
     }
 
     /// Copies the first `tokens` positions of row `from` into row `to`.
@@ -75,7 +156,12 @@ impl Pool {
         for (k, v) in &self.layers {
             for buf in [k, v] {
                 for h in 0..self.kv_heads {
-                    buf.copy(from * row + h * span, to * row + h * span, tokens * head);
+                    buf.copy_from(
+                        buf,
+                        from * row + h * span,
+                        to * row + h * span,
+                        tokens * head,
+                    );
                 }
             }
         }
@@ -124,27 +210,31 @@ impl Buffer {
         Layout::array::<f32>(len.max(1)).expect("a KV buffer's size")
     }
 
-    /// Zeroed pages are mapped lazily: a row costs memory once used.
-    fn zeroed(len: usize) -> Buffer {
-        let layout = Buffer::layout(len);
+    /// Zeroed pages are mapped lazily: a row costs memory once used. None
+    /// when the system refuses the memory.
+    fn zeroed(len: usize) -> Option<Buffer> {
+        let layout = Layout::array::<f32>(len.max(1)).ok()?;
         #[allow(unsafe_code)]
         // SAFETY: the layout's size is not zero.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr =
-            NonNull::new(ptr.cast()).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        Buffer { ptr, len }
+        Some(Buffer {
+            ptr: NonNull::new(ptr.cast())?,
+            len,
+        })
     }
 
-    /// Copies `count` floats from index `src` to index `dst`.
-    fn copy(&self, src: usize, dst: usize, count: usize) {
-        assert!(src + count <= self.len && dst + count <= self.len);
+    /// Copies `count` floats from index `src` of `from` (this buffer or
+    /// another) to index `dst` of this one.
+    fn copy_from(&self, from: &Buffer, src: usize, dst: usize, count: usize) {
+        assert!(src + count <= from.len && dst + count <= self.len);
         #[allow(unsafe_code)]
-        // SAFETY: both ranges lie inside the buffer (checked above), which
-        // lives while `self` does; `ptr::copy` allows them to overlap. No
-        // run is in progress: runs borrow the pool, as does this copy.
+        // SAFETY: both ranges lie inside their buffers (checked above),
+        // which live while the references do; `ptr::copy` allows the ranges
+        // to overlap (when `from` is this buffer). No run is in progress:
+        // runs borrow the pool, as do the move and the relayout that copy.
         unsafe {
             std::ptr::copy(
-                self.ptr.as_ptr().add(src),
+                from.ptr.as_ptr().add(src),
                 self.ptr.as_ptr().add(dst),
                 count,
             )
@@ -219,4 +309,85 @@ fn check(status: ort::sys::OrtStatusPtr) -> Result<(), ort::Error> {
         m
     };
     Err(ort::Error::new(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// K of (row, head, position, dim): its own number, and V its negative.
+    fn value(r: usize, h: usize, p: usize, d: usize) -> f32 {
+        (1000 * r + 100 * h + 10 * p + d + 1) as f32
+    }
+
+    fn at(pool: &Pool, r: usize, h: usize, p: usize, d: usize) -> usize {
+        r * pool.row_len() + h * pool.capacity * pool.head + p * pool.head + d
+    }
+
+    fn cells(pool: &Pool) -> impl Iterator<Item = (usize, usize, usize, usize)> {
+        let (rows, heads, cap, head) = (pool.rows, pool.kv_heads, pool.capacity, pool.head);
+        (0..rows).flat_map(move |r| {
+            (0..heads)
+                .flat_map(move |h| (0..cap).flat_map(move |p| (0..head).map(move |d| (r, h, p, d))))
+        })
+    }
+
+    impl Buffer {
+        fn get(&self, i: usize) -> f32 {
+            assert!(i < self.len);
+            #[allow(unsafe_code)]
+            // SAFETY: inside the buffer (checked above); nothing else
+            // touches it in these tests.
+            unsafe {
+                *self.ptr.as_ptr().add(i)
+            }
+        }
+
+        fn set(&self, i: usize, x: f32) {
+            assert!(i < self.len);
+            #[allow(unsafe_code)]
+            // SAFETY: as in `get`.
+            unsafe {
+                *self.ptr.as_ptr().add(i) = x
+            }
+        }
+    }
+
+    #[test]
+    fn a_relayout_keeps_the_tokens_it_is_told_to_and_nothing_else() {
+        let names = |p: &str| vec![format!("{p}.0"), format!("{p}.1")];
+        let mut pool = Pool::with_names(2, 3, 4, 2, 2, names("k"), names("v")).unwrap();
+        for (r, h, p, d) in cells(&pool).collect::<Vec<_>>() {
+            let i = at(&pool, r, h, p, d);
+            for (k, v) in &pool.layers {
+                k.set(i, value(r, h, p, d));
+                v.set(i, -value(r, h, p, d));
+            }
+        }
+        let check = |pool: &Pool, kept: &[(usize, usize)]| {
+            for (r, h, p, d) in cells(pool) {
+                let want = match kept.iter().any(|&(row, n)| row == r && p < n) {
+                    true => value(r, h, p, d),
+                    false => 0.0,
+                };
+                let i = at(pool, r, h, p, d);
+                for (k, v) in &pool.layers {
+                    assert_eq!(k.get(i), want, "K row {r} head {h} position {p}");
+                    assert_eq!(v.get(i), -want, "V row {r} head {h} position {p}");
+                }
+            }
+        };
+        // Longer rows: rows 0 and 2 keep 3 and 4 tokens, row 1 is emptied.
+        pool.relayout(7, &[(0, 3), (2, 4)]).unwrap();
+        assert_eq!((pool.rows, pool.capacity), (3, 7));
+        check(&pool, &[(0, 3), (2, 4)]);
+        // And back: only row 2's first 2 tokens stay.
+        pool.relayout(4, &[(2, 2)]).unwrap();
+        assert_eq!(pool.capacity, 4);
+        check(&pool, &[(2, 2)]);
+        // Rows beyond the address space are refused, the pool kept whole.
+        let err = pool.relayout(usize::MAX / 2, &[(2, 2)]).unwrap_err();
+        assert!(err.to_string().contains("could not be allocated"), "{err}");
+        check(&pool, &[(2, 2)]);
+    }
 }
