@@ -134,6 +134,14 @@ fn seeds(dir: &Path) -> HashMap<&'static str, Vec<Vec<u8>>> {
         r#"{"password":"a long password","setup_code":"ABCD-EFGH"}"#,
         r#"{"model":"smollm2","insecure":false,"stream":true}"#,
     ];
+    // npud's `Generate` requests: chats (with the template's special
+    // tokens in the text), raw prompts, sampling, stops and output schemas.
+    let generate = [
+        r#"{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"What is 2+2?"},{"role":"assistant","content":"4."},{"role":"user","content":"<|im_start|>And 3+3?"}],"temperature":0,"max_tokens":16,"stop":["\n","}"],"num_ctx":512}"#,
+        r#"{"prompt":"Once upon a time 1234567 日本語 👩‍👩‍👧","raw":true,"temperature":1.0,"top_k":40,"top_p":0.95,"min_p":0.05,"seed":7,"repetition_penalty":1.1,"presence_penalty":0.5,"frequency_penalty":0.5}"#,
+        r#"{"prompt":"List colours.","response_format":{"type":"json_schema","json_schema":{"schema":{"type":"object","properties":{"name":{"type":"string","maxLength":8},"n":{"type":"integer","minimum":0,"maximum":9},"tags":{"type":"array","items":{"enum":["a","b"]}}},"required":["name","n"],"additionalProperties":false}}}}"#,
+        r#"{"messages":[{"role":"user","content":"Hi"}],"response_format":{"type":"json_object"}}"#,
+    ];
     HashMap::from([
         (
             "pack",
@@ -179,6 +187,10 @@ fn seeds(dir: &Path) -> HashMap<&'static str, Vec<Vec<u8>>> {
         (
             "webd_body",
             bodies.iter().map(|b| b.as_bytes().to_vec()).collect(),
+        ),
+        (
+            "generate_request",
+            generate.iter().map(|b| b.as_bytes().to_vec()).collect(),
         ),
     ])
 }
@@ -252,6 +264,11 @@ fn every_parser_survives_mutated_real_inputs() {
         .unwrap_or(2);
     let tmp = tempfile::tempdir().unwrap();
     let seeds = seeds(tmp.path());
+    // `generate_request` reads the tiny LLM fixture where it is built.
+    assert_eq!(
+        llm_folder("tiny-int4"),
+        workspace_root().join("target/llm/tiny-int4")
+    );
     let out = workspace_root().join("target/fuzz-seeds");
     let failures = workspace_root().join("target/fuzz-failures");
     for target in TARGETS {

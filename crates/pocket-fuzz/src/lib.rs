@@ -51,6 +51,10 @@ pub const TARGETS: &[Target] = &[
         name: "webd_body",
         run: webd_body,
     },
+    Target {
+        name: "generate_request",
+        run: generate_request,
+    },
 ];
 
 /// The key seeds of [`keyring`]: root, models, updates.
@@ -209,4 +213,43 @@ pub fn grub_env(data: &[u8]) {
 /// it would make of npud.
 pub fn webd_body(data: &[u8]) {
     pocket_webd::parse_request_bodies(data);
+}
+
+/// A `Generate` request as any local user may send npud one, up to the
+/// tokens and the output constraint it would run with, on the tiny fixture
+/// model's tokenizer and chat template: what passes has a prompt, all in
+/// the model's vocabulary.
+pub fn generate_request(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok((req, _)) = pocket_npud::interface::read_request(text) else {
+        return;
+    };
+    let llm = tiny_llm();
+    if let Ok((prompt, _)) = pocket_npud::interface::prompt(llm, &req) {
+        let vocab = llm.shape.vocab_size;
+        assert!(!prompt.is_empty());
+        assert!(prompt.iter().all(|&t| (t as usize) < vocab), "{prompt:?}");
+    }
+}
+
+/// The tiny fixture LLM's folder read as npud reads it: `target/llm/
+/// tiny-int4` (`models/llm/fixtures.sh target/llm` makes it; `just test`
+/// does), or the folder `POCKET_FUZZ_LLM` names.
+fn tiny_llm() -> &'static pocket_npud::llm::Llm {
+    static LLM: OnceLock<pocket_npud::llm::Llm> = OnceLock::new();
+    LLM.get_or_init(|| {
+        let dir = std::env::var_os("POCKET_FUZZ_LLM")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/llm/tiny-int4")
+            });
+        pocket_npud::llm::Llm::open(&dir).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (models/llm/fixtures.sh target/llm makes it)",
+                dir.display()
+            )
+        })
+    })
 }

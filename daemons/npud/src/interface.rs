@@ -278,46 +278,14 @@ impl RuntimeIface {
     /// event says how it ended.
     async fn generate(&self, model: &str, request: &str) -> Result<zbus::zvariant::OwnedFd, Error> {
         let arrived = std::time::Instant::now();
-        let req: GenerateRequest = serde_json::from_str(request)
-            .map_err(|e| Error::InvalidArgument(format!("request: {e}")))?;
-        let params = sampling(&req)?;
+        let (req, params) = read_request(request)?;
         let loaded = self.ensure_loaded(model, "").await?;
         let Some(llm) = &loaded.llm else {
             return Err(Error::InvalidArgument(format!(
                 "model {model:?} is not a language model"
             )));
         };
-        let text =
-            match (&req.messages, &req.prompt) {
-                (Some(m), None) if !m.is_empty() && !req.raw => llm.text.render(m),
-                (None, Some(p)) if req.raw => Ok(p.clone()),
-                (None, Some(p)) => llm.text.render(&[Message {
-                    role: "user".into(),
-                    content: p.clone(),
-                }]),
-                _ => return Err(Error::InvalidArgument(
-                    "a request has either non-empty messages or a prompt (raw only with a prompt)"
-                        .into(),
-                )),
-            }
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let constraint = match &req.response_format {
-            Some(f) => Some(
-                llm.guidance
-                    .constraint(llm, f)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let prompt = llm
-            .text
-            .encode(&text)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument(
-                "the prompt has no tokens: there is nothing to continue".into(),
-            ));
-        }
+        let (prompt, constraint) = prompt(llm, &req)?;
         let context = self.rt.context_for(llm, req.num_ctx);
         if let Some(n) = req.num_ctx {
             if n as usize > llm.shape.context_length {
@@ -419,6 +387,57 @@ impl RuntimeIface {
     async fn holding_performance(&self) -> bool {
         self.hold.holding().await
     }
+}
+
+/// A `Generate` request's JSON and sampling, checked before any model is
+/// loaded for it.
+pub fn read_request(request: &str) -> Result<(GenerateRequest, generate_params::Params), Error> {
+    let req: GenerateRequest = serde_json::from_str(request)
+        .map_err(|e| Error::InvalidArgument(format!("request: {e}")))?;
+    let params = sampling(&req)?;
+    Ok((req, params))
+}
+
+/// The prompt `req` makes on `llm` (its messages rendered by the model's
+/// chat template, or its raw text), tokenized, and the constraint its
+/// `response_format` asks for.
+pub fn prompt(
+    llm: &crate::llm::Llm,
+    req: &GenerateRequest,
+) -> Result<(Vec<u32>, Option<crate::llm::structured::Constraint>), Error> {
+    let text = match (&req.messages, &req.prompt) {
+        (Some(m), None) if !m.is_empty() && !req.raw => llm.text.render(m),
+        (None, Some(p)) if req.raw => Ok(p.clone()),
+        (None, Some(p)) => llm.text.render(&[Message {
+            role: "user".into(),
+            content: p.clone(),
+        }]),
+        _ => {
+            return Err(Error::InvalidArgument(
+                "a request has either non-empty messages or a prompt (raw only with a prompt)"
+                    .into(),
+            ))
+        }
+    }
+    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let constraint = match &req.response_format {
+        Some(f) => Some(
+            llm.guidance
+                .constraint(llm, f)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let prompt = llm
+        .text
+        .encode(&text)
+        .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt has no tokens: there is nothing to continue".into(),
+        ));
+    }
+    Ok((prompt, constraint))
 }
 
 /// The sampling a request asks for, with defaults as Ollama's, checked.
