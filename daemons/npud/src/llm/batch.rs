@@ -131,10 +131,17 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
     let mut logits: Vec<f32> = Vec::new();
     loop {
         if active.is_empty() && filling.is_none() && queue.is_empty() {
-            // Nothing runs: rows longer than usual go once no parked
-            // cache needs them (the next turn of a long chat would).
+            // Nothing runs or waits: rows longer than usual go once no
+            // parked cache needs them (the next turn of a long chat would).
+            match rx.try_recv() {
+                Ok(w) => queue.push_back(w),
+                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Empty) => {}
+            }
             if let Some(p) = pool.as_mut().filter(|p| {
-                p.capacity > capacity && parked.iter().all(|c| c.tokens.len() < capacity)
+                queue.is_empty()
+                    && p.capacity > capacity
+                    && parked.iter().all(|c| c.tokens.len() < capacity)
             }) {
                 let keep: Vec<(usize, usize)> =
                     parked.iter().map(|c| (c.row, c.tokens.len())).collect();
@@ -142,9 +149,11 @@ fn engine(model: Weak<Loaded>, rx: mpsc::Receiver<Work>, rows: usize, capacity: 
                     tracing::warn!("the KV pool keeps its longer rows: {e}");
                 }
             }
-            match rx.recv() {
-                Ok(w) => queue.push_back(w),
-                Err(_) => return,
+            if queue.is_empty() {
+                match rx.recv() {
+                    Ok(w) => queue.push_back(w),
+                    Err(_) => return,
+                }
             }
         }
         while let Ok(w) = rx.try_recv() {
