@@ -234,17 +234,14 @@ pub fn generate_request(data: &[u8]) {
     }
 }
 
-/// The tiny fixture LLM's folder read as npud reads it: `target/llm/
-/// tiny-int4` (`models/llm/fixtures.sh target/llm` makes it; `just test`
-/// does), or the folder `POCKET_FUZZ_LLM` names.
+/// The tiny fixture LLM's folder `target/llm/tiny-int4` read as npud
+/// reads it (`models/llm/fixtures.sh target/llm` makes it; `just test`
+/// does).
 fn tiny_llm() -> &'static pocket_npud::llm::Llm {
     static LLM: OnceLock<pocket_npud::llm::Llm> = OnceLock::new();
     LLM.get_or_init(|| {
-        let dir = std::env::var_os("POCKET_FUZZ_LLM")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/llm/tiny-int4")
-            });
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/llm/tiny-int4");
         pocket_npud::llm::Llm::open(&dir).unwrap_or_else(|e| {
             panic!(
                 "{}: {e} (models/llm/fixtures.sh target/llm makes it)",

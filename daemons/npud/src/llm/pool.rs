@@ -89,7 +89,10 @@ impl Pool {
             rows,
             capacity,
             mib: len.map_or(u64::MAX, |n| {
-                (n as u64 * 4).saturating_mul(2 * layers as u64) >> 20
+                (n as u64)
+                    .saturating_mul(4)
+                    .saturating_mul(2 * layers as u64)
+                    >> 20
             }),
         };
         let len = len.ok_or_else(no_memory)?;
@@ -206,14 +209,21 @@ struct Buffer {
 }
 
 impl Buffer {
-    fn layout(len: usize) -> Layout {
-        Layout::array::<f32>(len.max(1)).expect("a KV buffer's size")
+    /// None when `len` floats are more than an allocation can hold.
+    fn layout(len: usize) -> Option<Layout> {
+        Layout::array::<f32>(len.max(1)).ok()
+    }
+
+    /// Whether floats `start..start + count` lie inside the buffer (an end
+    /// past the address space does not).
+    fn holds(&self, start: usize, count: usize) -> bool {
+        start.checked_add(count).is_some_and(|end| end <= self.len)
     }
 
     /// Zeroed pages are mapped lazily: a row costs memory once used. None
     /// when the system refuses the memory.
     fn zeroed(len: usize) -> Option<Buffer> {
-        let layout = Layout::array::<f32>(len.max(1)).ok()?;
+        let layout = Buffer::layout(len)?;
         #[allow(unsafe_code)]
         // SAFETY: the layout's size is not zero.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -226,7 +236,7 @@ impl Buffer {
     /// Copies `count` floats from index `src` of `from` (this buffer or
     /// another) to index `dst` of this one.
     fn copy_from(&self, from: &Buffer, src: usize, dst: usize, count: usize) {
-        assert!(src + count <= from.len && dst + count <= self.len);
+        assert!(from.holds(src, count) && self.holds(dst, count));
         #[allow(unsafe_code)]
         // SAFETY: both ranges lie inside their buffers (checked above),
         // which live while the references do; `ptr::copy` allows the ranges
@@ -245,7 +255,7 @@ impl Buffer {
     /// count`, which it does not own.
     fn view(&self, offset: usize, count: usize, shape: &[i64; 4]) -> Result<DynValue, ort::Error> {
         use ort::AsPointer;
-        assert!(offset + count <= self.len);
+        assert!(self.holds(offset, count));
         assert_eq!(shape.iter().product::<i64>(), count as i64);
         let api = ort::api();
         let info = ort::memory::MemoryInfo::default();
@@ -287,7 +297,10 @@ impl Drop for Buffer {
         #[allow(unsafe_code)]
         // SAFETY: allocated in `zeroed` with this layout, freed only here.
         unsafe {
-            std::alloc::dealloc(self.ptr.as_ptr().cast(), Buffer::layout(self.len))
+            std::alloc::dealloc(
+                self.ptr.as_ptr().cast(),
+                Buffer::layout(self.len).expect("allocated with this layout"),
+            )
         }
     }
 }
@@ -385,6 +398,9 @@ mod tests {
         pool.relayout(4, &[(2, 2)]).unwrap();
         assert_eq!(pool.capacity, 4);
         check(&pool, &[(2, 2)]);
+        // A range whose end is past the address space is outside.
+        let k = &pool.layers[0].0;
+        assert!(k.holds(k.len - 1, 1) && !k.holds(k.len, 1) && !k.holds(usize::MAX, 2));
         // Rows beyond the address space are refused, the pool kept whole.
         let err = pool.relayout(usize::MAX / 2, &[(2, 2)]).unwrap_err();
         assert!(err.to_string().contains("could not be allocated"), "{err}");
