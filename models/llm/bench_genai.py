@@ -2,10 +2,12 @@
 """onnxruntime-genai's side of `just bench` (LLM part), on the same folder
 and thread count as npud.
 
-Reads {"folder", "threads", "prompt": [ids], "new": N, "runs": R,
-"streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints JSON:
-  ttft_s, decode_tps        one Generator: the prompt, then N tokens greedy;
-                            the median of R runs (none when R is 0)
+Reads {"folder", "threads", "prompt": [ids], "prompts": [[ids], ..],
+"new": N, "streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints
+JSON:
+  ttft_s, decode_tps        one Generator a prompt: "prompt" as a warm-up,
+                            then each of "prompts" and N tokens greedy; the
+                            medians of their times (none without prompts)
   streams: {k: tps}         k Generators at once (one per request, as
                             onnxruntime-genai serves concurrent requests on
                             CPU), aggregate tokens/s
@@ -50,9 +52,10 @@ def main():
         return r
 
     one(req["prompt"])  # warm-up: ONNX Runtime's memory grows to the prompt
-    runs = [one(req["prompt"]) for _ in range(req["runs"])]
-    runs.sort(key=lambda r: r["decode_tps"])
-    median = runs[len(runs) // 2] if runs else {"ttft_s": None, "decode_tps": None}
+    runs = [one(p) for p in req["prompts"]]
+
+    def median(key):
+        return sorted(r[key] for r in runs)[len(runs) // 2] if runs else None
     streams = {}
     for k in req["streams"]:
         outs = []
@@ -64,7 +67,7 @@ def main():
             t.join()
         streams[str(k)] = sum(o["tokens"] for o in outs) / (time.perf_counter() - t0)
     json.dump({
-        "ttft_s": median["ttft_s"], "decode_tps": median["decode_tps"], "streams": streams,
+        "ttft_s": median("ttft_s"), "decode_tps": median("decode_tps"), "streams": streams,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }, sys.stdout)
 

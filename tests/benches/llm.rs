@@ -28,7 +28,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const NEW: u32 = 64;
-/// Single-stream rounds: each engine's median of this many runs.
+/// Single-stream rounds: each engine's median of this many, each the
+/// median of its answers to the three prompts.
 const ROUNDS: usize = 5;
 const STREAMS: [usize; 4] = [1, 2, 4, 8];
 
@@ -97,17 +98,25 @@ fn main() {
     ));
     let pid = w.npud.as_ref().unwrap().pid();
 
-    // A raw prompt of 512 tokens as the reference tokenizer counts them,
-    // and its text for npud (which tokenizes it the same: tests/tests/llm.rs).
-    let text: String = (0..60)
-        .map(|i| format!("Note {i}: the quick brown fox jumps over the lazy dog. "))
+    // Raw prompts of 512 tokens as the reference tokenizer counts them,
+    // and their texts for npud (which tokenizes them the same:
+    // tests/tests/llm.rs). Each begins with its own token, so that none is
+    // a cached prefix of another.
+    let prompts: Vec<(Vec<u64>, String)> = ["Note", "Entry", "Line"]
+        .iter()
+        .map(|word| {
+            let text: String = (0..60)
+                .map(|i| format!("{word} {i}: the quick brown fox jumps over the lazy dog. "))
+                .collect();
+            let r = llm_reference(&json!({"folder": folder, "texts": [text]}));
+            let mut ids: Vec<u64> = serde_json::from_value(r["texts"][0].clone()).unwrap();
+            assert!(ids.len() >= 512, "{} tokens", ids.len());
+            ids.truncate(512);
+            let r = llm_reference(&json!({"folder": folder, "decode": [ids]}));
+            (ids, r["decoded"][0].as_str().unwrap().to_string())
+        })
         .collect();
-    let r = llm_reference(&json!({"folder": folder, "texts": [text]}));
-    let mut ids: Vec<u64> = serde_json::from_value(r["texts"][0].clone()).unwrap();
-    assert!(ids.len() >= 512, "{} tokens", ids.len());
-    ids.truncate(512);
-    let r = llm_reference(&json!({"folder": folder, "decode": [ids]}));
-    let prompt_text = r["decoded"][0].as_str().unwrap().to_string();
+    let prompt_text = prompts[0].1.clone();
     let short: Vec<String> = (0..8)
         .map(|i| format!("Write a short poem about the number {i}."))
         .collect();
@@ -121,9 +130,10 @@ fn main() {
 
     // onnxruntime-genai on the same folder and threads; llama.cpp on the
     // GGUF file the folder came from, same prompts.
-    let req = json!({"folder": folder, "threads": threads, "prompt": ids, "new": NEW,
+    let prompt_ids: Vec<&Vec<u64>> = prompts.iter().map(|(ids, _)| ids).collect();
+    let req = json!({"folder": folder, "threads": threads, "prompt": prompt_ids[0], "prompts": prompt_ids, "new": NEW,
         "gguf": llm_fixtures().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
-        "runs": 1, "streams": [], "short": short_ids});
+        "streams": [], "short": short_ids});
     let llamacpp_dir = workspace_root().join("models/llm/llamacpp");
     assert!(
         llamacpp_dir.join("node_modules/node-llama-cpp").is_dir(),
@@ -141,8 +151,8 @@ fn main() {
     };
 
     let (rt, npud) = npud_client(&w);
-    let single = || {
-        let req = json!({"prompt": prompt_text, "raw": true, "temperature": 0, "max_tokens": NEW, "stop": ["\u{0}"]});
+    let single = |text: &str| {
+        let req = json!({"prompt": text, "raw": true, "temperature": 0, "max_tokens": NEW, "stop": ["\u{0}"]});
         generate(&rt, &npud, &req)
     };
     // No cached prefix, and a warm session, as the other engines measure:
@@ -160,32 +170,37 @@ fn main() {
             &json!({"prompt": warm, "raw": true, "temperature": 0, "max_tokens": NEW}),
         );
     };
-    // The three engines take turns, a run each, five times: this
-    // machine's speed drifts over minutes, and each ratio compares runs
-    // made under the same conditions.
-    let mut runs: Vec<(Duration, DoneEvent, String)> = Vec::new();
-    let mut others = Vec::new();
-    for _ in 0..ROUNDS {
-        fresh();
-        runs.push(single());
-        others.push((genai(&req), llamacpp(&req)));
-    }
-    let prompt_tokens = runs[0].1.usage.prompt_tokens;
     let run_tps = |r: &(Duration, DoneEvent, String)| {
         (r.1.usage.completion_tokens - 1) as f64 / (r.1.timings.decode_ms / 1000.0)
     };
-    let ttft = median(runs.iter().map(|r| r.0.as_secs_f64()).collect());
-    let tps = median(runs.iter().map(run_tps).collect());
+    // The three engines take turns, five times: this machine's speed
+    // drifts over minutes, and each ratio compares runs made under the
+    // same conditions. In its turn each engine answers the three prompts
+    // after its warm-up, and its round's figures are their medians.
+    let mut runs: Vec<(f64, f64)> = Vec::new();
+    let mut others = Vec::new();
+    let mut prompt_tokens = 0;
+    for _ in 0..ROUNDS {
+        fresh();
+        let answers: Vec<_> = prompts.iter().map(|(_, text)| single(text)).collect();
+        prompt_tokens = answers[0].1.usage.prompt_tokens;
+        runs.push((
+            median(answers.iter().map(|r| r.0.as_secs_f64()).collect()),
+            median(answers.iter().map(run_tps).collect()),
+        ));
+        others.push((genai(&req), llamacpp(&req)));
+    }
+    let ttft = median(runs.iter().map(|r| r.0).collect());
+    let tps = median(runs.iter().map(|r| r.1).collect());
     // Each round's own ratios, printed with the table.
     let rounds: Vec<String> = runs
         .iter()
         .zip(&others)
-        .map(|(r, (g, l))| {
-            let ttft = r.0.as_secs_f64();
+        .map(|(&(ttft, tps), (g, l))| {
             format!(
                 "decode {:.2}x genai, {:.2}x llama.cpp; first token {:.2}x genai, {:.2}x llama.cpp",
-                run_tps(r) / g["decode_tps"].as_f64().unwrap(),
-                run_tps(r) / l["decode_tps"].as_f64().unwrap(),
+                tps / g["decode_tps"].as_f64().unwrap(),
+                tps / l["decode_tps"].as_f64().unwrap(),
                 ttft / g["ttft_s"].as_f64().unwrap(),
                 ttft / l["ttft_s"].as_f64().unwrap(),
             )
@@ -235,7 +250,7 @@ fn main() {
     let npud_rss = peak_rss_mib(pid);
 
     let mut req = req;
-    req["runs"] = json!(0);
+    req["prompts"] = json!([]);
     req["streams"] = json!(STREAMS);
     // Each engine's streams, with the medians of its single runs and its
     // peak RSS over all of them.

@@ -1,10 +1,12 @@
 // llama.cpp's side of `just bench` (LLM part), on the GGUF file the folder
 // was converted from, with the same thread count and prompts as npud.
 //
-// Reads {"gguf", "threads", "prompt": [ids], "new": N, "runs": R,
-// "streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints JSON:
-//   ttft_s, decode_tps   one sequence: the prompt, then N tokens greedy; the
-//                        median of R runs (none when R is 0)
+// Reads {"gguf", "threads", "prompt": [ids], "prompts": [[ids], ..],
+// "new": N, "streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints
+// JSON:
+//   ttft_s, decode_tps   one sequence: "prompt" as a warm-up, then each of
+//                        "prompts" and N tokens greedy; the medians of their
+//                        times (none without prompts)
 //   streams: {k: tps}    k sequences of one context at once (llama.cpp
 //                        batches them), aggregate tokens/s
 //   peak_rss_mib         this process's peak RSS
@@ -35,13 +37,13 @@ const context = await model.createContext({
 const sequence = context.getSequence();
 await one(sequence, req.prompt); // warm-up, as long as the runs
 const runs = [];
-for (let i = 0; i < req.runs; i++) {
+for (const ids of req.prompts) {
     await sequence.clearHistory();
-    runs.push(await one(sequence, req.prompt));
+    runs.push(await one(sequence, ids));
 }
 await context.dispose();
-runs.sort((a, b) => a.decode_tps - b.decode_tps);
-const median = runs[Math.floor(runs.length / 2)] ?? {ttft_s: null, decode_tps: null};
+const median = (key) => runs.length === 0 ? null
+    : runs.map((r) => r[key]).sort((a, b) => a - b)[Math.floor(runs.length / 2)];
 
 const streams = {};
 for (const k of req.streams) {
@@ -60,8 +62,8 @@ const meta = JSON.parse(readFileSync(
     "utf8",
 ));
 process.stdout.write(JSON.stringify({
-    ttft_s: median.ttft_s,
-    decode_tps: median.decode_tps,
+    ttft_s: median("ttft_s"),
+    decode_tps: median("decode_tps"),
     streams,
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
     llama_cpp: meta.buildOptions.llamaCpp.release,
