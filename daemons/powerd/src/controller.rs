@@ -11,7 +11,10 @@
 //!   the power predicted at that step (all power scaled by the stepping
 //!   device's frequency ratio, an overestimate since other devices and idle
 //!   power do not scale) stays under the budget by the hysteresis. That prediction is what keeps discrete frequency
-//!   steps from oscillating around the budget.
+//!   steps from oscillating around the budget. It starts from the highest
+//!   of the last few readings: an energy counter read just before its
+//!   update, or a sensor read mid-change, gives one low reading, and one
+//!   low reading must not take a step the steady power would not allow.
 
 /// Why performance is held back; the strings are power-profiles-daemon's
 /// `PerformanceDegraded` values.
@@ -44,12 +47,17 @@ pub struct Reading {
     pub margin: f64,
 }
 
+/// How many of the latest power readings a step up is predicted from.
+const RECENT: usize = 3;
+
 #[derive(Debug, Clone)]
 pub struct Controller {
     pub fraction: f64,
     pub min_fraction: f64,
     pub hysteresis: f64,
     thermal: bool,
+    /// The latest power readings, newest last, at most [`RECENT`].
+    recent: std::collections::VecDeque<f64>,
 }
 
 impl Default for Controller {
@@ -59,6 +67,7 @@ impl Default for Controller {
             min_fraction: 0.05,
             hysteresis: 0.03,
             thermal: false,
+            recent: std::collections::VecDeque::with_capacity(RECENT),
         }
     }
 }
@@ -75,6 +84,15 @@ impl Controller {
                 .any(|(t, trip)| trip.is_some_and(|p| *t >= p - k * r.margin))
         };
         let (hot, warm) = (near(1.0), near(2.0));
+        match r.watts {
+            Some(p) => {
+                if self.recent.len() == RECENT {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(p);
+            }
+            None => self.recent.clear(),
+        }
         if hot {
             self.fraction = (self.fraction * 0.85).max(self.min_fraction);
             self.thermal = true;
@@ -87,7 +105,7 @@ impl Controller {
                 Some((up, now)) => {
                     // As if all power scaled with the stepping device:
                     // an overestimate, so the step never crosses the budget.
-                    let fits = match r.watts {
+                    let fits = match self.recent.iter().copied().reduce(f64::max) {
                         Some(p) => p * up / now.max(1e-6) <= r.budget * (1.0 - self.hysteresis),
                         None => true,
                     };
@@ -151,6 +169,28 @@ mod tests {
             "oscillates: {history:?}"
         );
         assert!(tail[0] >= 20.0 * 0.85, "held too far under: {history:?}");
+    }
+
+    #[test]
+    fn one_low_reading_does_not_take_a_step_the_steady_power_forbids() {
+        let mut c = Controller::default();
+        let load = 40.0;
+        for _ in 0..30 {
+            c.step(&reading(2.0 + load * quantized(c.fraction)), steps);
+        }
+        let (settled, p) = (c.fraction, 2.0 + load * quantized(c.fraction));
+        // The next step up would not fit at the steady power...
+        let (up, now) = steps(settled).unwrap();
+        assert!(p * up / now > 20.0 * (1.0 - c.hysteresis));
+        // ...but would at one reading just low enough.
+        let low = 20.0 * (1.0 - c.hysteresis) * now / up - 0.1;
+        assert_eq!(c.step(&reading(low), steps), Reason::PowerBudget);
+        assert_eq!(c.fraction, settled, "stepped up on one low reading");
+        // Readings that stay low are real: then it steps up.
+        for _ in 0..RECENT {
+            c.step(&reading(low), steps);
+        }
+        assert!(c.fraction > settled);
     }
 
     #[test]
