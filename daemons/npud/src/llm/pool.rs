@@ -19,8 +19,8 @@
 use super::config::Shape;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions};
 use ort::value::DynValue;
-use std::alloc::Layout;
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::ptr::NonNull;
 
 /// The memory for a pool's buffers could not be had.
@@ -209,9 +209,9 @@ struct Buffer {
 }
 
 impl Buffer {
-    /// None when `len` floats are more than an allocation can hold.
-    fn layout(len: usize) -> Option<Layout> {
-        Layout::array::<f32>(len.max(1)).ok()
+    /// The buffer's size in bytes; None past the address space.
+    fn bytes(len: usize) -> Option<NonZeroUsize> {
+        NonZeroUsize::new(len.max(1).checked_mul(std::mem::size_of::<f32>())?)
     }
 
     /// Whether floats `start..start + count` lie inside the buffer (an end
@@ -220,15 +220,33 @@ impl Buffer {
         start.checked_add(count).is_some_and(|end| end <= self.len)
     }
 
-    /// Zeroed pages are mapped lazily: a row costs memory once used. None
-    /// when the system refuses the memory.
+    /// Zeroed pages are mapped lazily: a row costs memory once used, a
+    /// small page at a time, also where the system backs memory with huge
+    /// pages (a huge page would be zeroed whole at a row's first token,
+    /// 2 MiB at a time, in the middle of a request). None when the system
+    /// refuses the memory.
     fn zeroed(len: usize) -> Option<Buffer> {
-        let layout = Buffer::layout(len)?;
+        use nix::sys::mman::{madvise, mmap_anonymous, MapFlags, MmapAdvise, ProtFlags};
+        let bytes = Buffer::bytes(len)?;
         #[allow(unsafe_code)]
-        // SAFETY: the layout's size is not zero.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: a new private anonymous mapping, at an address the system
+        // chooses; it overlaps nothing.
+        let ptr = unsafe {
+            mmap_anonymous(
+                None,
+                bytes,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE,
+            )
+        }
+        .ok()?;
+        // Refused where the kernel has no huge pages at all: nothing to do.
+        #[allow(unsafe_code)]
+        // SAFETY: advice over exactly the mapping just made; it changes no
+        // contents.
+        let _ = unsafe { madvise(ptr, bytes.get(), MmapAdvise::MADV_NOHUGEPAGE) };
         Some(Buffer {
-            ptr: NonNull::new(ptr.cast())?,
+            ptr: ptr.cast(),
             len,
         })
     }
@@ -294,14 +312,11 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
+        let bytes = Buffer::bytes(self.len).expect("mapped with this size");
         #[allow(unsafe_code)]
-        // SAFETY: allocated in `zeroed` with this layout, freed only here.
-        unsafe {
-            std::alloc::dealloc(
-                self.ptr.as_ptr().cast(),
-                Buffer::layout(self.len).expect("allocated with this layout"),
-            )
-        }
+        // SAFETY: mapped in `zeroed` with this size, unmapped only here;
+        // no view outlives the buffer (see `view`).
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), bytes.get()) };
     }
 }
 
@@ -362,6 +377,42 @@ mod tests {
             // SAFETY: as in `get`.
             unsafe {
                 *self.ptr.as_ptr().add(i) = x
+            }
+        }
+    }
+
+    #[test]
+    fn the_pool_is_kept_off_huge_pages() {
+        // Where the system backs memory with huge pages unasked (Linux's
+        // `always`), each mapping of the pool is still marked `nh`.
+        let names = |p: &str| vec![format!("{p}.0"), format!("{p}.1")];
+        let pool = Pool::with_names(2, 4, 1024, 3, 64, names("k"), names("v")).unwrap();
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let flags = |addr: usize| -> String {
+            let mut inside = false;
+            for line in smaps.lines() {
+                let range = line
+                    .split_whitespace()
+                    .next()
+                    .and_then(|r| r.split_once('-'));
+                if let Some((a, b)) = range {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+                if let Some(f) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+                    return f.to_string();
+                }
+            }
+            panic!("no mapping holds {addr:#x}");
+        };
+        for (k, v) in &pool.layers {
+            for b in [k, v] {
+                let f = flags(b.ptr.as_ptr() as usize);
+                assert!(f.split_whitespace().any(|x| x == "nh"), "VmFlags:{f}");
             }
         }
     }
