@@ -645,6 +645,46 @@ fn a_corrupt_folder_is_refused_at_load() {
     );
 }
 
+/// A model's memory, once unloaded, first waits a few seconds for a load
+/// to reuse it (a reload there adds nothing), then goes back to the
+/// system (npud's `RELEASE_AFTER`).
+#[test]
+fn an_unloaded_models_memory_waits_for_a_reload_then_goes_back() {
+    let w = world(&["smollm2-int4"], "max_sequences = 1");
+    let m = "smollm2-int4";
+    let pid = w.npud.as_ref().unwrap().pid();
+    let hi = json!({"prompt": "Hi", "raw": true, "max_tokens": 2});
+    generate(&w, m, &hi);
+    let loaded = rss_kib(pid);
+    w.ctl(&["runtime", "unload", m]).ok();
+    let kept = rss_kib(pid);
+    generate(&w, m, &hi);
+    let reloaded = rss_kib(pid);
+    w.ctl(&["runtime", "unload", m]).ok();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let back = loop {
+        let now = rss_kib(pid);
+        if now + 100 * 1024 < loaded || Instant::now() > deadline {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The weights' largest buffers are mappings of their own, unmapped at
+    // once; the rest, on the C heap, waits.
+    assert!(
+        kept > back + 64 * 1024,
+        "kept for a reload: {kept} KiB, then {back}"
+    );
+    assert!(
+        reloaded < loaded + 20 * 1024,
+        "a reload reuses it: {reloaded} against {loaded} KiB"
+    );
+    assert!(
+        back + 100 * 1024 < loaded,
+        "given back: {back} of {loaded} KiB"
+    );
+}
+
 #[test]
 fn a_load_beyond_memory_says_what_it_needs() {
     // 540 MB of weights and KV for 4 x 2048 tokens cannot fit 300 MiB.

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Loads ONNX Runtime, takes the bus name once the object is served, and
-/// runs the idle reaper.
+/// runs the idle reaper, which also gives freed model memory back to the
+/// system.
 pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
     let hold = Arc::new(peers::PerformanceHold::new(Duration::from_secs(
         cfg.performance_hold_secs,
@@ -48,6 +49,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<zbus::Connection> {
         loop {
             tick.tick().await;
             rt.reap_idle();
+            rt.release_freed();
             hold.release_if_idle(&c).await;
         }
     });

@@ -10,7 +10,7 @@ use pocket_proto::runtime::{LoadedModel, Providers, TensorSpec};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
@@ -75,7 +75,7 @@ pub struct Loaded {
     /// What the LLM's KV cache holds now.
     pub kv_use: KvUse,
     /// Last, so that it runs after everything above is freed.
-    _trim: TrimOnDrop,
+    _freed: MarkFreed,
 }
 
 /// The C allocator's policy for npud, set first thing in `main`:
@@ -105,22 +105,47 @@ pub fn tune_allocator() {
     }
 }
 
-/// Gives the C heap's free pages back to the system when dropped. A
-/// session's weights and buffers are many mid-sized allocations that glibc
-/// keeps on its heap once freed; without this, each load after an unload
-/// added about a model's size to npud's resident memory
-/// (docs/performance.md).
-struct TrimOnDrop;
+/// How long a model's freed memory waits for a load to reuse it before it
+/// goes back to the system.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(5);
 
-impl Drop for TrimOnDrop {
-    fn drop(&mut self) {
-        #[cfg(target_env = "gnu")]
-        #[allow(unsafe_code)]
-        // SAFETY: malloc_trim takes no pointer and has no precondition; it
-        // only returns the allocator's own free pages to the system.
-        unsafe {
-            nix::libc::malloc_trim(0);
+/// When model memory was freed and is still npud's. A session's weights
+/// are many mid-sized allocations that glibc keeps on its heap once freed;
+/// the next load takes them back from there. Given back to the system at
+/// once (`malloc_trim`), a load right after the unload (a model switch, a
+/// new version) had to fault in new pages instead: it took about 10%
+/// longer, and its model decoded slower (docs/performance.md). Given back
+/// after [`RELEASE_AFTER`], a reload finds its pages, and memory that
+/// nothing reuses still goes back within seconds.
+#[derive(Debug, Default)]
+struct Freed {
+    since: Mutex<Option<Instant>>,
+}
+
+impl Freed {
+    fn mark(&self, at: Instant) {
+        *self.since.lock().expect("not poisoned") = Some(at);
+    }
+
+    /// Whether freed memory has waited [`RELEASE_AFTER`] by `now`; if so,
+    /// it counts as given back from here on.
+    fn take_due(&self, now: Instant) -> bool {
+        let mut since = self.since.lock().expect("not poisoned");
+        let due = since.is_some_and(|t| now.saturating_duration_since(t) >= RELEASE_AFTER);
+        if due {
+            *since = None;
         }
+        due
+    }
+}
+
+/// Marks a model's memory freed when dropped, after everything else the
+/// model held.
+struct MarkFreed(Arc<Freed>);
+
+impl Drop for MarkFreed {
+    fn drop(&mut self) {
+        self.0.mark(Instant::now());
     }
 }
 
@@ -448,6 +473,7 @@ pub struct Runtime {
     /// each loading a copy the budget never counted.
     loads: Mutex<()>,
     threads: usize,
+    freed: Arc<Freed>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -476,6 +502,7 @@ impl Runtime {
             devices: Vec::new(),
             models: Mutex::new(HashMap::new()),
             loads: Mutex::new(()),
+            freed: Arc::default(),
             threads,
             cfg,
         };
@@ -735,7 +762,7 @@ impl Runtime {
             kv_use: KvUse::default(),
             batcher: batched
                 .map(|capacity| crate::llm::batch::Batcher::start(model.clone(), rows, capacity)),
-            _trim: TrimOnDrop,
+            _freed: MarkFreed(self.freed.clone()),
         });
         tracing::info!(model = %loaded.record.name, provider = %loaded.provider, "loaded");
         self.models
@@ -795,6 +822,31 @@ impl Runtime {
         }
         idle
     }
+
+    /// Gives the C heap's free pages back to the system once a model's
+    /// freed memory has waited [`RELEASE_AFTER`] ([`Freed`]), at a moment
+    /// when no load is under way and no model runs: the trim holds the
+    /// heap's lock while it works, and pages it gives back that a running
+    /// request takes again would be faulted in anew. Returns whether it
+    /// did. Pages that loaded models hold stay as they are.
+    pub fn release_freed(&self) -> bool {
+        let Ok(_no_load) = self.loads.try_lock() else {
+            return false;
+        };
+        let running = (self.models.lock().expect("not poisoned").values())
+            .any(|m| m.busy.load(Ordering::SeqCst) > 0);
+        if running || !self.freed.take_due(Instant::now()) {
+            return false;
+        }
+        #[cfg(target_env = "gnu")]
+        #[allow(unsafe_code)]
+        // SAFETY: malloc_trim takes no pointer and has no precondition; it
+        // only returns the allocator's own free pages to the system.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+        true
+    }
 }
 
 /// The loaded models as the budget's decisions see them.
@@ -808,4 +860,24 @@ fn held(models: &HashMap<String, Arc<Loaded>>) -> Vec<crate::budget::Held> {
             idle_ms: m.idle_ms(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_memory_goes_back_once_it_has_waited() {
+        let freed = Freed::default();
+        let t = Instant::now();
+        assert!(!freed.take_due(t + RELEASE_AFTER), "nothing was freed");
+        freed.mark(t);
+        assert!(!freed.take_due(t + RELEASE_AFTER - Duration::from_millis(1)));
+        assert!(freed.take_due(t + RELEASE_AFTER));
+        assert!(!freed.take_due(t + 2 * RELEASE_AFTER), "given back once");
+        // Memory freed again starts its own wait.
+        freed.mark(t + RELEASE_AFTER);
+        assert!(!freed.take_due(t + RELEASE_AFTER + Duration::from_secs(1)));
+        assert!(freed.take_due(t + 2 * RELEASE_AFTER));
+    }
 }
