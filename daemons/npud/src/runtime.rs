@@ -107,7 +107,7 @@ pub fn tune_allocator() {
 
 /// How long a model's freed memory waits for a load to reuse it before it
 /// goes back to the system.
-pub const RELEASE_AFTER: Duration = Duration::from_secs(5);
+const RELEASE_AFTER: Duration = Duration::from_secs(5);
 
 /// When model memory was freed and is still npud's. A session's weights
 /// are many mid-sized allocations that glibc keeps on its heap once freed;
@@ -230,6 +230,11 @@ impl Drop for InUse<'_> {
 }
 
 impl Loaded {
+    /// Whether a request is running on the model.
+    fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst) > 0
+    }
+
     /// Counts the model as in use until the guard is dropped.
     pub fn in_use(&self) -> InUse<'_> {
         self.busy.fetch_add(1, Ordering::SeqCst);
@@ -827,17 +832,17 @@ impl Runtime {
     /// freed memory has waited [`RELEASE_AFTER`] ([`Freed`]), at a moment
     /// when no load is under way and no model runs: the trim holds the
     /// heap's lock while it works, and pages it gives back that a running
-    /// request takes again would be faulted in anew. Returns whether it
-    /// did. Pages that loaded models hold stay as they are.
-    pub fn release_freed(&self) -> bool {
+    /// request takes again would be faulted in anew. Pages that loaded
+    /// models hold stay as they are.
+    pub fn release_freed(&self) {
         let Ok(_no_load) = self.loads.try_lock() else {
-            return false;
+            return;
         };
-        let running = (self.models.lock().expect("not poisoned").values())
-            .any(|m| m.busy.load(Ordering::SeqCst) > 0);
-        if running || !self.freed.take_due(Instant::now()) {
-            return false;
+        let models = self.models.lock().expect("not poisoned");
+        if models.values().any(|m| m.is_busy()) || !self.freed.take_due(Instant::now()) {
+            return;
         }
+        drop(models);
         #[cfg(target_env = "gnu")]
         #[allow(unsafe_code)]
         // SAFETY: malloc_trim takes no pointer and has no precondition; it
@@ -845,7 +850,6 @@ impl Runtime {
         unsafe {
             nix::libc::malloc_trim(0);
         }
-        true
     }
 }
 
@@ -856,7 +860,7 @@ fn held(models: &HashMap<String, Arc<Loaded>>) -> Vec<crate::budget::Held> {
         .map(|m| crate::budget::Held {
             name: m.record.name.clone(),
             bytes: m.footprint(),
-            busy: m.busy.load(Ordering::SeqCst) > 0,
+            busy: m.is_busy(),
             idle_ms: m.idle_ms(),
         })
         .collect()
