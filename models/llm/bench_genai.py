@@ -3,8 +3,8 @@
 and thread count as npud.
 
 Reads {"folder", "threads", "prompt": [ids], "prompts": [[ids], ..],
-"new": N, "streams": [1, 2, ..], "short": [[ids], ..]} on stdin; prints
-JSON:
+"new": N, "streams": [1, 2, ..], "short": [[ids], ..]} as the first line
+of stdin; prints JSON:
   ttft_s, decode_tps        one Generator a prompt: "prompt" as a warm-up,
                             then each of "prompts" and N tokens greedy; the
                             medians of their times (none without prompts)
@@ -12,6 +12,11 @@ JSON:
                             onnxruntime-genai serves concurrent requests on
                             CPU), aggregate tokens/s
   peak_rss_mib              this process's peak RSS
+
+With "serve": true instead, the Generator stays loaded after the warm-up:
+each further line of stdin is a prompt's [ids], answered at once with a
+line of {"ttft_s", "decode_tps", "tokens"}, so that its answers can
+alternate with another engine's one by one.
 """
 
 import json
@@ -26,7 +31,7 @@ import onnxruntime_genai as og
 
 
 def main():
-    req = json.load(sys.stdin)
+    req = json.loads(sys.stdin.readline())
     config = og.Config(req["folder"])
     config.overlay(json.dumps({"model": {"decoder": {"session_options": {
         "intra_op_num_threads": req["threads"], "inter_op_num_threads": 1}}}}))
@@ -52,6 +57,11 @@ def main():
         return r
 
     one(req["prompt"])  # warm-up: ONNX Runtime's memory grows to the prompt
+    if req.get("serve"):
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            print(json.dumps(one(json.loads(line))), flush=True)
+        return
     runs = [one(p) for p in req["prompts"]]
 
     def median(key):
