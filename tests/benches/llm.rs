@@ -202,12 +202,11 @@ fn main() {
     // one that answers first changing every pair. Both are warm, and the
     // two answers of a pair come seconds apart, so this machine's drift
     // (tens of percent within minutes) falls on both alike. On this host
-    // the engine that loads its model second decodes faster, whichever it
-    // is (docs/performance.md), so half the pairs follow each order of the
-    // loads. This comes first: npud's reloads in the rounds reuse the
+    // which engine loads its model first has moved the ratio by several
+    // percent (docs/performance.md), so half the pairs follow each order of
+    // the loads. This comes first: npud's reloads in the rounds reuse the
     // memory of its first load.
-    let mut pairs: Vec<(f64, f64)> = Vec::new();
-    let mut by_order = Vec::new();
+    let mut by_order: Vec<Vec<(f64, f64)>> = Vec::new();
     for (half, npud_first) in [true, false].into_iter().enumerate() {
         let unloaded = Instant::now();
         if npud_first {
@@ -240,6 +239,7 @@ fn main() {
             fresh();
         }
         let half_pairs = alternate.len() / 2;
+        let mut pairs = Vec::new();
         for (i, (ids, text)) in alternate
             .iter()
             .skip(half * half_pairs)
@@ -262,7 +262,7 @@ fn main() {
         }
         drop(ask_genai);
         server.wait().unwrap();
-        by_order.push(pairs.split_off(pairs.len() - half_pairs));
+        by_order.push(pairs);
     }
     let pairs: Vec<(f64, f64)> = by_order.concat();
     let geomean = |v: Vec<f64>| (v.iter().map(|r| r.ln()).sum::<f64>() / v.len() as f64).exp();
