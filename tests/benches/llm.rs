@@ -214,12 +214,7 @@ fn main() {
         } else {
             rt.block_on(npud.unload("smollm2")).unwrap();
         }
-        let mut server = Command::new("python3")
-            .arg(workspace_root().join("models/llm/bench_genai.py"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3");
+        let mut server = spawn_python("models/llm/bench_genai.py");
         let mut to_genai = server.stdin.take().unwrap();
         let mut from_genai = std::io::BufReader::new(server.stdout.take().unwrap());
         let mut ask_genai = move |line: String| -> Value {

@@ -42,7 +42,7 @@ pub use fixtures::{
     reference_outputs, seeded_data, Publisher,
 };
 pub use http::{HttpServer, Served};
-pub use llm::{folder_files, llm_fixtures, llm_folder, llm_reference};
+pub use llm::{folder_files, llm_fixtures, llm_folder, llm_reference, spawn_python};
 pub use simboard::{Load, Sample, SimBoard};
 pub use updatebox::{
     fw_printenv, grub_editenv_list, tool, BundleFiles, Loader, UpdateBox, COMPATIBLE,

@@ -30,14 +30,20 @@ pub fn llm_folder(name: &str) -> PathBuf {
     llm_fixtures().join(name)
 }
 
-/// Runs `models/llm/reference.py` on `request` (see its doc).
-pub fn llm_reference(request: &Value) -> Value {
-    let mut child = Command::new("python3")
-        .arg(workspace_root().join("models/llm/reference.py"))
+/// Starts the workspace's Python `script`, its stdin and stdout piped to
+/// the caller.
+pub fn spawn_python(script: &str) -> std::process::Child {
+    Command::new("python3")
+        .arg(workspace_root().join(script))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("python3");
+        .expect("python3")
+}
+
+/// Runs `models/llm/reference.py` on `request` (see its doc).
+pub fn llm_reference(request: &Value) -> Value {
+    let mut child = spawn_python("models/llm/reference.py");
     std::io::Write::write_all(
         child.stdin.as_mut().unwrap(),
         request.to_string().as_bytes(),
